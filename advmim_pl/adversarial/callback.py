@@ -1,0 +1,184 @@
+"""AdversarialTargetCallback: owns the attack settings and RNG, crafts x_a for the module's objective."""
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from advmim_pl.adversarial.attack import Objective, Perturbation, frozen_eval, perturb
+
+Distance = Literal["mse", "cosine", "kl"]
+AttackMask = Literal["same", "independent", "none"]
+
+
+@dataclass
+class AttackResult:
+    """What one attack produced: x_adv (B, C, H, W), finite () bool, delta_linf () float."""
+
+    x_adv: Tensor
+    finite: Tensor
+    delta_linf: Tensor
+
+
+class AdversarialTargetCallback(L.Callback):
+    """Crafts adversarial targets x_a on the device, under the trainer's precision.
+
+    The module asks for them mid-step through ``generate(module, x, objective)``, handing over the
+    objective it owns (feature distance to its own clean encoding for pre-training; cross-entropy for
+    classification), so the clean encoder pass is shared with the attack target.
+
+    Args:
+        eps: L-infinity budget in pixel units ([0, 1] images), e.g. 4/255.
+        steps: PGD steps K (ignored by the generic corruptions).
+        step_size: PGD step; None = 1.25*eps for one step, else 2.5*eps/steps.
+        random_start: start PGD from uniform noise in [-eps, eps].
+        perturbation: ``pgd`` or the equal-size controls ``gaussian``, ``uniform``, ``none``.
+        distance: feature distance the MIM objective uses: ``mse``, ``cosine`` or ``kl``.
+        attack_mask: mask the attack sees: the step's (``same``), a fresh one per PGD step
+            (``independent``) or none (``none``, full image).
+        warmup_epochs: linear ramp of eps and of the auxiliary weight from 0 over this many epochs.
+        on_validation: also craft targets for validation batches.
+        log_images_every_n_steps: image-grid period in optimizer steps (0 = never).
+        seed: seed of the callback's own generator (offset by the global rank).
+    """
+
+    def __init__(
+        self,
+        eps: float = 4 / 255,
+        steps: int = 1,
+        step_size: float | None = None,
+        random_start: bool = True,
+        perturbation: Perturbation = "pgd",
+        distance: Distance = "mse",
+        attack_mask: AttackMask = "same",
+        warmup_epochs: float = 0.0,
+        on_validation: bool = False,
+        log_images_every_n_steps: int = 500,
+        seed: int = 0,
+    ) -> None:
+        _require(eps >= 0, "eps", eps, "a non-negative L-inf budget in pixel units, e.g. 0.0157 (4/255)")
+        _require(steps >= 0, "steps", steps, "a non-negative number of PGD steps")
+        _require(perturbation != "pgd" or steps >= 1, "steps", steps, "at least 1 with perturbation: pgd")
+        _require(step_size is None or step_size > 0, "step_size", step_size, "positive, or null for the default")
+        _require(warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "non-negative")
+        _require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
+        for name, value, allowed in (
+            ("perturbation", perturbation, ("pgd", "gaussian", "uniform", "none")),
+            ("distance", distance, ("mse", "cosine", "kl")),
+            ("attack_mask", attack_mask, ("same", "independent", "none")),
+        ):
+            _require(value in allowed, name, value, f"one of {allowed}")
+        self.eps, self.steps, self.step_size, self.random_start = eps, steps, step_size, random_start
+        self.perturbation, self.distance, self.attack_mask = perturbation, distance, attack_mask
+        self.warmup_epochs, self.on_validation = warmup_epochs, on_validation
+        self.log_images_every_n_steps, self.seed = log_images_every_n_steps, seed
+        self.generator: torch.Generator | None = None
+        self._pending_rng: Tensor | None = None
+        self.nonfinite_batches = 0
+
+    # ---- settings ------------------------------------------------------------------------------------
+    def ramp(self, trainer: L.Trainer | None) -> float:
+        """Warm-up factor in [0, 1] from the fractional epoch (host arithmetic, no sync)."""
+        if not self.warmup_epochs or trainer is None:
+            return 1.0
+        progress = trainer.global_step / max(trainer.num_training_batches, 1)
+        return min(1.0, progress / self.warmup_epochs)
+
+    def should_log_images(self, trainer: L.Trainer) -> bool:
+        n = self.log_images_every_n_steps
+        return bool(n) and trainer.global_step % n == 0 and isinstance(trainer.logger, TensorBoardLogger)
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def ensure_generator(self, device: torch.device, rank: int = 0) -> torch.Generator:
+        """The callback's RNG on ``device``; seeded once, or restored from a checkpoint."""
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed + rank)
+        if self._pending_rng is not None:
+            self.generator.set_state(self._pending_rng)
+            self._pending_rng = None
+        return self.generator
+
+    def generate(self, pl_module: L.LightningModule, x: Tensor, objective: Objective) -> AttackResult:
+        """x (B, C, H, W) in [0, 1] -> x_a maximising ``objective`` within the (ramped) eps-ball.
+
+        The module is in eval mode during the attack (no dropout, no running-statistic updates) and
+        gets its own modes back; parameters receive no gradient.
+        """
+        rank = pl_module.trainer.global_rank if pl_module._trainer is not None else 0
+        generator = self.ensure_generator(x.device, rank)
+        eps = self.eps * self.ramp(pl_module._trainer)
+        with frozen_eval(pl_module):
+            x_adv, finite = perturb(
+                self.perturbation, objective, x, eps, self.steps, self.step_size, self.random_start, generator
+            )
+        delta = (x_adv.float() - x.float()).abs().flatten(1).amax(dim=1).mean()
+        return AttackResult(x_adv.detach(), finite, delta)
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.ensure_generator(pl_module.device, trainer.global_rank)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        visuals = getattr(pl_module, "visuals", None)
+        if visuals:
+            self._log_grids(trainer, visuals, trainer.global_step)
+            pl_module.visuals = None
+
+    def record_finite(self, finite: Tensor, trainer: L.Trainer | None) -> None:
+        """Count fallbacks to the clean target. Read on the host only at image-logging steps."""
+        if trainer is not None and self.should_log_images(trainer):
+            bad = int((~finite).sum())
+            if bad:
+                self.nonfinite_batches += bad
+                rank_zero_warn(
+                    f"AdversarialTargetCallback: non-finite attack gradient, batch fell back to clean targets "
+                    f"({self.nonfinite_batches} such batches so far). Lower the learning rate or use bf16-mixed."
+                )
+
+    @staticmethod
+    def _log_grids(trainer: L.Trainer, visuals: dict[str, Tensor], step: int) -> None:
+        """TensorBoard grids: clean, masked, reconstruction, adversarial, perturbation (amplified)."""
+        writer = trainer.logger.experiment
+        for name, images in visuals.items():
+            grid = make_grid(images[:16].float().cpu().clamp(0, 1), nrow=8)
+            writer.add_image(f"aemim/{name}", grid, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "settings": {
+                "eps": self.eps,
+                "steps": self.steps,
+                "step_size": self.step_size,
+                "random_start": self.random_start,
+                "perturbation": self.perturbation,
+                "distance": self.distance,
+                "attack_mask": self.attack_mask,
+                "warmup_epochs": self.warmup_epochs,
+                "seed": self.seed,
+            },
+            "rng": None if self.generator is None else self.generator.get_state(),
+            "nonfinite_batches": self.nonfinite_batches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["settings"]
+        current = self.state_dict()["settings"]
+        changed = {k: (v, current[k]) for k, v in saved.items() if current.get(k) != v}
+        if changed:
+            rank_zero_warn(f"AdversarialTargetCallback settings differ from the checkpoint (saved, now): {changed}")
+        self.nonfinite_batches = state_dict["nonfinite_batches"]
+        if state_dict["rng"] is not None:
+            self._pending_rng = state_dict["rng"]
+            if self.generator is not None:
+                self.ensure_generator(self.generator.device)
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"AdversarialTargetCallback: invalid {name}={value!r}; expected {expected}")

@@ -1,0 +1,157 @@
+"""Masked-encoding wrapper around any timm VisionTransformer."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from advmim_pl.models.normalize import Normalize
+from advmim_pl.models.pos_embed import sincos_2d
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MaskedViT(nn.Module):
+    """A timm ViT (``self.vit``) behind a pixel-space ``Normalize``, with two masked encodings.
+
+    - ``forward_visible``: MAE-style, the transformer sees only the kept patch tokens.
+    - ``forward_masked``: SimMIM-style, masked patch embeddings are replaced by a learned mask token.
+
+    Inputs are images in [0, 1], (B, C, H, W). Outputs are final-norm token features (B, P + N, D),
+    P prefix (cls) tokens first. ``self.vit`` stays a plain timm model, so its ``state_dict`` loads into
+    ``timm.create_model(name, num_classes=0, img_size=..., patch_size=..., in_chans=...)``.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_base_patch16_224",
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        drop_path_rate: float = 0.0,
+        sincos_pos_embed: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by patch_size {patch_size}: "
+                f"choose a patch size that divides the image size (e.g. {_divisors(img_size)})"
+            )
+        if len(mean) != in_chans:
+            raise ValueError(f"mean/std have {len(mean)} channels but in_chans is {in_chans}")
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r}; e.g. {timm.list_models('vit_*_224')[:6]}")
+        self.normalize = Normalize(mean, std)
+        self.vit = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            drop_path_rate=drop_path_rate,
+            **(model_kwargs or {}),
+        )
+        if not isinstance(self.vit, VisionTransformer) or self.vit.pos_embed is None:
+            raise ValueError(f"{name!r} is not a timm VisionTransformer with absolute position embeddings")
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self._init_weights(sincos_pos_embed)
+
+    def _init_weights(self, sincos_pos_embed: bool) -> None:
+        """MAE init: xavier-uniform linears and patch projection, normal(0.02) tokens, fixed sin-cos."""
+        for module in self.vit.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        proj = self.vit.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        for token in (self.vit.cls_token, self.vit.reg_token, self.mask_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+        if sincos_pos_embed:
+            prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+            table = sincos_2d(self.embed_dim, self.grid_size, prefix)
+            self.vit.pos_embed.data.copy_(table.unsqueeze(0))
+            self.vit.pos_embed.requires_grad_(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    @property
+    def in_chans(self) -> int:
+        return self.vit.patch_embed.proj.in_channels
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> patch embeddings (B, N, D), no positions yet."""
+        return self.vit.patch_embed(self.normalize(x))
+
+    def _add_positions(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch embeddings (B, N, D) -> prefix tokens (B, P, D), patch tokens (B, N, D) with positions."""
+        vit = self.vit
+        pos = vit.pos_embed
+        if vit.no_embed_class:
+            prefix_pos, patch_pos = pos[:, :0], pos
+        else:
+            prefix_pos, patch_pos = pos[:, : self.num_prefix_tokens], pos[:, self.num_prefix_tokens :]
+        prefix = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
+        prefix = torch.cat(prefix, dim=1) if prefix else patches[:, :0]
+        prefix = prefix.expand(patches.shape[0], -1, -1)
+        if prefix_pos.shape[1]:
+            prefix = prefix + prefix_pos
+        return prefix, patches + patch_pos
+
+    def _transform(self, prefix: Tensor, patches: Tensor) -> Tensor:
+        """Transformer blocks and final norm over (B, P + N', D) tokens."""
+        vit = self.vit
+        x = vit.pos_drop(torch.cat([prefix, patches], dim=1))
+        return vit.norm(vit.blocks(vit.norm_pre(x)))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """All tokens, no masking: (B, C, H, W) -> (B, P + N, D)."""
+        return self._transform(*self._add_positions(self._embed(x)))
+
+    def forward_visible(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Encode only kept patches: x (B, C, H, W), keep (B, K) patch indices -> (B, P + K, D)."""
+        prefix, patches = self._add_positions(self._embed(x))
+        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return self._transform(prefix, visible)
+
+    def forward_masked(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Encode all patches with masked ones replaced: mask (B, N), 1 = masked -> (B, P + N, D)."""
+        patches = self._embed(x)
+        w = mask.unsqueeze(-1).to(patches.dtype)
+        patches = patches * (1 - w) + self.mask_token.to(patches.dtype) * w
+        prefix, patches = self._add_positions(patches)
+        return self._transform(prefix, patches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0][:6]

@@ -1,0 +1,5 @@
+"""LightningModules."""
+
+from advmim_pl.modules.pretrain import PretrainModule
+
+__all__ = ["PretrainModule"]

@@ -1,0 +1,232 @@
+"""PretrainModule: MAE or SimMIM pre-training, with the AEMIM auxiliary task as an option."""
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from advmim_pl.adversarial.attack import frozen_eval
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.mim.losses import feature_distance, upsample_mask
+from advmim_pl.mim.methods import MAE, Mask, MIMMethod
+from advmim_pl.models.branch_norm import add_branch_norms, branch
+from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
+from advmim_pl.modules.schedule import scaled_lr, warmup_cosine, weight_decay_groups
+
+
+def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
+    """AdamW with the MAE recipe's betas (0.9, 0.95); lr and weight decay are set per group."""
+    return torch.optim.AdamW(params, betas=(0.9, 0.95))
+
+
+class PretrainModule(L.LightningModule):
+    """Masked-image-modeling pre-training of a timm ViT, optionally with AEMIM adversarial targets.
+
+    Without the plug-in (``adversarial: false``) a step is exactly the host method: one masked clean
+    pass of encoder and decoder. With it, an ``AdversarialTargetCallback`` must be on the trainer; per
+    step: clean pass, K attack passes (encoder forward + input backward, target = this step's clean
+    encoding, no extra pass), and one auxiliary pass through the aux branch and decoder.
+
+    Args:
+        method: host method (``advmim_pl.mim.MAE`` or ``advmim_pl.mim.SimMIM``) with its options.
+        encoder: timm ViT name, e.g. ``vit_base_patch16_224``.
+        img_size: input side in pixels (linked from the DataModule).
+        patch_size: patch side in pixels; must divide ``img_size``.
+        in_chans: image channels (linked from the DataModule).
+        mean: per-channel mean of the pixel-space Normalize inside the model (linked from the data).
+        std: per-channel std of that Normalize (linked from the data).
+        drop_path_rate: stochastic depth of the encoder.
+        sincos_pos_embed: fixed 2-D sin-cos position embeddings instead of learned ones.
+        encoder_kwargs: extra timm ``create_model`` arguments, e.g. ``{depth: 6, embed_dim: 192}``.
+        batch_size: per-device batch size (linked from the data), for the lr scaling rule.
+        optimizer: optimizer factory; lr and weight decay are set per parameter group.
+        base_lr: lr per ``lr_reference_batch`` images; absolute lr = base_lr * total batch / reference.
+        lr_reference_batch: 256 for MAE, 512 for SimMIM.
+        weight_decay: on weights only; none on biases, norms, positions and tokens.
+        warmup_epochs: linear lr warm-up length; then half-cycle cosine per step.
+        min_lr: final lr of the cosine.
+        adversarial: enable the AEMIM auxiliary task (needs the callback).
+        aux_weight: lambda, weight of the auxiliary reconstruction loss.
+        aux_input: what the auxiliary branch encodes: ``adversarial`` (x_a) or ``clean`` (x).
+        aux_target: what it reconstructs: ``adversarial`` (x_a) or ``clean`` (x).
+        branch_params: ``norm`` gives the aux branch its own normalisation layers; ``none`` shares all.
+        aux_decoder: ``separate`` auxiliary decoder or the ``shared`` clean one.
+    """
+
+    def __init__(
+        self,
+        method: MIMMethod = lazy_instance(MAE),
+        encoder: str = "vit_base_patch16_224",
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        drop_path_rate: float = 0.0,
+        sincos_pos_embed: bool = True,
+        encoder_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 64,
+        optimizer: OptimizerCallable = mae_adamw,
+        base_lr: float = 1.5e-4,
+        lr_reference_batch: int = 256,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 40.0,
+        min_lr: float = 0.0,
+        adversarial: bool = False,
+        aux_weight: float = 1.0,
+        aux_input: Literal["adversarial", "clean"] = "adversarial",
+        aux_target: Literal["adversarial", "clean"] = "adversarial",
+        branch_params: Literal["norm", "none"] = "norm",
+        aux_decoder: Literal["separate", "shared"] = "separate",
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("lr_reference_batch", lr_reference_batch)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name, value in (("base_lr", base_lr), ("weight_decay", weight_decay), ("aux_weight", aux_weight),
+                            ("warmup_epochs", warmup_epochs), ("min_lr", min_lr)):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
+        self.save_hyperparameters(ignore=["method", "optimizer"])
+        self.method = method
+        self.optimizer_factory = optimizer
+        self.encoder = MaskedViT(
+            encoder, img_size, patch_size, in_chans, mean, std, drop_path_rate, sincos_pos_embed, encoder_kwargs
+        )
+        self.decoder = method.make_decoder(self.encoder)
+        self.aux_decoder = None
+        if adversarial:
+            if branch_params == "norm":
+                add_branch_norms(self.encoder)
+            if aux_decoder == "separate":
+                self.aux_decoder = method.make_decoder(self.encoder)
+        self.attack: AdversarialTargetCallback | None = None
+        self.visuals: dict[str, Tensor] | None = None
+
+    # ---- fit-time wiring ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        callbacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
+        if self.hparams.adversarial and not callbacks:
+            raise RuntimeError(
+                "PretrainModule(adversarial=True) needs an AdversarialTargetCallback on the trainer. Add\n"
+                "  trainer:\n    callbacks:\n      - class_path: advmim_pl.adversarial.AdversarialTargetCallback\n"
+                "or start from configs/mae_adv.yaml; set model.init_args.adversarial: false for the baseline."
+            )
+        if callbacks and not self.hparams.adversarial:
+            raise RuntimeError(
+                "An AdversarialTargetCallback is on the trainer but the module was built without the plug-in: "
+                "set model.init_args.adversarial: true, or remove the callback for the baseline."
+            )
+        self.attack = callbacks[0] if callbacks else None
+
+    # ---- the step ------------------------------------------------------------------------------------
+    def _aux_decoder(self) -> torch.nn.Module:
+        return self.decoder if self.aux_decoder is None else self.aux_decoder
+
+    def feature_objective(self, x: Tensor, mask: Mask, clean_latent: Tensor) -> Callable[[Tensor], Tensor]:
+        """The attack objective: distance of the aux branch's features of x_adv to the clean features.
+
+        x (B, C, H, W); clean_latent (B, T, D) is this step's clean encoding under ``mask`` (reused as the
+        stop-gradient target for ``attack_mask: same``). Returns objective(x_adv) -> (B,).
+        """
+        attack, method, encoder = self.attack, self.method, self.encoder
+        target = clean_latent.detach()
+        if attack.attack_mask == "none":
+            mask = method.full_view(encoder, x.shape[0], x.device)
+            with torch.no_grad():
+                target = method.encode(encoder, x, mask)
+
+        def objective(x_adv: Tensor) -> Tensor:
+            step_mask, step_target = mask, target
+            if attack.attack_mask == "independent":
+                step_mask = method.sample_mask(encoder, x.shape[0], x.device, attack.generator)
+                with torch.no_grad():
+                    step_target = method.encode(encoder, x, step_mask)
+            with branch(encoder, "aux"):
+                features = method.encode(encoder, x_adv, step_mask)
+            return feature_distance(features, step_target, attack.distance)
+
+        return objective
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x = batch[0]
+        method, encoder = self.method, self.encoder
+        mask = method.sample_mask(encoder, x.shape[0], x.device)
+        latent = method.encode(encoder, x, mask)
+        pred = method.decode(self.decoder, latent, mask)
+        loss_clean = method.loss(pred, x, mask, encoder)
+        self.log("train/loss_clean", loss_clean)
+        loss, x_adv = loss_clean, None
+        if self.hparams.adversarial:
+            loss_aux, x_adv = self._aux_loss(x, mask, latent)
+            loss = loss_clean + self.hparams.aux_weight * self.attack.ramp(self.trainer) * loss_aux
+        self.log("train/loss", loss, prog_bar=True)
+        if self.attack is not None and self.attack.should_log_images(self.trainer):
+            self.visuals = self._visuals(x, mask, pred, x_adv)
+        return loss
+
+    def _aux_loss(self, x: Tensor, mask: Mask, latent: Tensor) -> tuple[Tensor, Tensor]:
+        """AEMIM auxiliary reconstruction. Returns (L_aux, x_adv (B, C, H, W))."""
+        method, encoder, attack = self.method, self.encoder, self.attack
+        objective = self.feature_objective(x, mask, latent)
+        result = attack.generate(self, x, objective)
+        attack.record_finite(result.finite, self.trainer)
+        x_in = result.x_adv if self.hparams.aux_input == "adversarial" else x
+        x_tgt = result.x_adv if self.hparams.aux_target == "adversarial" else x
+        with branch(encoder, "aux"):
+            latent_aux = method.encode(encoder, x_in, mask)
+        loss_aux = method.loss(method.decode(self._aux_decoder(), latent_aux, mask), x_tgt, mask, encoder)
+        self.log("train/loss_aux", loss_aux)
+        self.log("attack/delta_linf", result.delta_linf)
+        self.log("attack/nonfinite_batches", (~result.finite).float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            with torch.no_grad(), frozen_eval(self):
+                self.log("attack/objective_clean", objective(x).mean())
+                self.log("attack/objective_adv", objective(result.x_adv).mean())
+        return loss_aux, result.x_adv
+
+    def _visuals(self, x: Tensor, mask: Mask, pred: Tensor, x_adv: Tensor | None) -> dict[str, Tensor]:
+        """Image grids for TensorBoard: clean, masked, reconstruction, adversarial, amplified perturbation."""
+        encoder = self.encoder
+        pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
+        visuals = {
+            "clean": x,
+            "masked": x * (1 - pixel_mask),
+            "reconstruction": self.method.to_image(pred.detach(), x, mask, encoder),
+        }
+        if x_adv is not None:
+            delta = x_adv.float() - x.float()
+            scale = delta.abs().amax().clamp_min(1e-12)
+            visuals["adversarial"] = x_adv
+            visuals["perturbation"] = 0.5 + 0.5 * delta / scale
+        return {k: v.detach() for k, v in visuals.items()}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x = batch[0]
+        generator = torch.Generator(device=x.device).manual_seed(batch_idx)
+        mask = self.method.sample_mask(self.encoder, x.shape[0], x.device, generator)
+        pred = self.method.decode(self.decoder, self.method.encode(self.encoder, x, mask), mask)
+        self.log("val/loss", self.method.loss(pred, x, mask, self.encoder), prog_bar=True, sync_dist=True)
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        trainer, hp = self.trainer, self.hparams
+        total_batch = hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        lr = scaled_lr(hp.base_lr, total_batch, hp.lr_reference_batch)
+        groups = weight_decay_groups(self, hp.weight_decay)
+        for group in groups:
+            group["lr"] = lr
+        optimizer = self.optimizer_factory(groups)
+        total_steps = max(int(trainer.estimated_stepping_batches), 1)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        warmup_steps = math.ceil(hp.warmup_epochs * total_steps / epochs)
+        min_ratio = hp.min_lr / lr if lr > 0 else 0.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
