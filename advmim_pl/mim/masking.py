@@ -10,7 +10,11 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
 
 
 def random_masking(
-    batch: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Uniform per-sample masking (MAE).
 

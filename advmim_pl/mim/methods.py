@@ -74,9 +74,7 @@ class MAE(MIMMethod):
     ) -> None:
         _check_ratio(mask_ratio)
         if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(
-                f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4"
-            )
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
@@ -148,7 +146,11 @@ class SimMIM(MIMMethod):
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
         self._block(encoder)
         return SimMIMDecoder(
-            encoder.embed_dim, encoder.grid_size, encoder.patch_size, encoder.in_chans, encoder.num_prefix_tokens
+            encoder.embed_dim,
+            encoder.grid_size,
+            encoder.patch_size,
+            encoder.in_chans,
+            encoder.num_prefix_tokens,
         )
 
     def sample_mask(self, encoder: MaskedViT, batch: int, device: torch.device, generator=None) -> Mask:

@@ -56,20 +56,14 @@ def branch(module: nn.Module, name: Branch) -> Iterator[None]:
             m.active = active
 
 
-def clean_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """``module.state_dict()`` with the clean branch under the original names and the aux branch dropped."""
-    state = {}
-    for key, value in module.state_dict().items():
-        parts = key.split(".")
-        if "aux" in parts and _is_branch_key(module, parts, "aux"):
-            continue
-        if "clean" in parts and _is_branch_key(module, parts, "clean"):
-            parts.remove("clean")
-        state[".".join(parts)] = value
-    return state
+def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with each ``BranchNorm``'s clean copy under the original names and the aux copy dropped.
 
-
-def _is_branch_key(module: nn.Module, parts: list[str], branch_name: str) -> bool:
-    """Whether ``parts`` addresses a tensor inside a ``BranchNorm``'s ``branch_name`` copy."""
-    index = parts.index(branch_name)
-    return isinstance(module.get_submodule(".".join(parts[:index])), BranchNorm)
+    ``BranchNorm`` stores its copies under the key segments ``clean`` and ``aux``; timm never uses those
+    segment names, so the mapping works on plain checkpoint dictionaries too.
+    """
+    return {
+        ".".join(part for part in key.split(".") if part != "clean"): value
+        for key, value in state.items()
+        if "aux" not in key.split(".")
+    }

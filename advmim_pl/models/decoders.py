@@ -32,9 +32,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         table = sincos_2d(decoder_dim, grid_size, num_prefix_tokens).unsqueeze(0)
         self.pos_embed = nn.Parameter(table, requires_grad=False)
-        self.blocks = nn.Sequential(
-            *[Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
-        )
+        self.blocks = nn.Sequential(*[Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.pred = nn.Linear(decoder_dim, patch_size**2 * in_chans)
         for module in self.modules():
@@ -62,7 +60,12 @@ class SimMIMDecoder(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, grid_size: tuple[int, int], patch_size: int, in_chans: int, num_prefix_tokens: int
+        self,
+        embed_dim: int,
+        grid_size: tuple[int, int],
+        patch_size: int,
+        in_chans: int,
+        num_prefix_tokens: int,
     ) -> None:
         super().__init__()
         self.grid_size = grid_size

@@ -88,15 +88,28 @@ class PretrainModule(L.LightningModule):
         for name, value in (("batch_size", batch_size), ("lr_reference_batch", lr_reference_batch)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (("base_lr", base_lr), ("weight_decay", weight_decay), ("aux_weight", aux_weight),
-                            ("warmup_epochs", warmup_epochs), ("min_lr", min_lr)):
+        for name, value in (
+            ("base_lr", base_lr),
+            ("weight_decay", weight_decay),
+            ("aux_weight", aux_weight),
+            ("warmup_epochs", warmup_epochs),
+            ("min_lr", min_lr),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
         self.save_hyperparameters(ignore=["method", "optimizer"])
         self.method = method
         self.optimizer_factory = optimizer
         self.encoder = MaskedViT(
-            encoder, img_size, patch_size, in_chans, mean, std, drop_path_rate, sincos_pos_embed, encoder_kwargs
+            encoder,
+            img_size,
+            patch_size,
+            in_chans,
+            mean,
+            std,
+            drop_path_rate,
+            sincos_pos_embed,
+            encoder_kwargs,
         )
         self.decoder = method.make_decoder(self.encoder)
         self.aux_decoder = None
@@ -138,7 +151,7 @@ class PretrainModule(L.LightningModule):
         target = clean_latent.detach()
         if attack.attack_mask == "none":
             mask = method.full_view(encoder, x.shape[0], x.device)
-            with torch.no_grad():
+            with torch.no_grad(), frozen_eval(self):
                 target = method.encode(encoder, x, mask)
 
         def objective(x_adv: Tensor) -> Tensor:
@@ -183,7 +196,13 @@ class PretrainModule(L.LightningModule):
         loss_aux = method.loss(method.decode(self._aux_decoder(), latent_aux, mask), x_tgt, mask, encoder)
         self.log("train/loss_aux", loss_aux)
         self.log("attack/delta_linf", result.delta_linf)
-        self.log("attack/nonfinite_batches", (~result.finite).float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        self.log(
+            "attack/nonfinite_batches",
+            (~result.finite).float(),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+        )
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
             with torch.no_grad(), frozen_eval(self):
                 self.log("attack/objective_clean", objective(x).mean())

@@ -1,0 +1,139 @@
+"""The ``advmim`` command: LightningCLI for fit/validate/test/predict, plus ``export``."""
+
+import argparse
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
+
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def shipped_configs() -> list[str]:
+    """Relative paths of the YAML configs shipped inside the package."""
+    root = Path(str(files("advmim_pl.configs")))
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml"))
+
+
+def resolve_config(name: str) -> str:
+    """An existing path is used as is; otherwise ``name`` (with or without .yaml, with or without a
+    leading ``configs/``) is looked up among the shipped configs."""
+    if Path(name).exists():
+        return name
+    root = Path(str(files("advmim_pl.configs")))
+    stem = name.removeprefix("configs/")
+    for candidate in (stem, f"{stem}.yaml"):
+        if (root / candidate).is_file():
+            return str(root / candidate)
+    listing = "\n  ".join(shipped_configs())
+    raise SystemExit(f"advmim: config {name!r} is neither a file nor a shipped config. Shipped configs:\n  {listing}")
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Rewrite every ``--config NAME`` / ``-c NAME`` / ``--config=NAME`` with ``resolve_config``."""
+    out, expect_value = [], False
+    for arg in argv:
+        if expect_value:
+            out.append(resolve_config(arg))
+            expect_value = False
+        elif arg in CONFIG_FLAGS:
+            out.append(arg)
+            expect_value = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+class AdvMIMCLI(LightningCLI):
+    """LightningCLI with the project's defaults.
+
+    - ``attack:`` (optional) configures the ``AdversarialTargetCallback``; setting it turns the
+      plug-in on in the module (``model.init_args.adversarial`` is derived from it), leaving it null
+      gives the plain MIM baseline.
+    - ``checkpoint:`` (last + best on ``val/loss``), ``lr_monitor:`` and ``progress_bar:`` are always on.
+    - Image size, channels, normalisation and batch size flow from the DataModule to the model.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        trainer_defaults = {
+            "precision": "bf16-mixed",
+            "inference_mode": False,  # attacks in validation/test need autograd
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "advmim"},
+            },
+        }
+        kwargs["trainer_defaults"] = {**trainer_defaults, **kwargs.get("trainer_defaults", {})}
+        super().__init__(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_subclass_arguments(AdversarialTargetCallback, "attack", required=False)
+        parser.link_arguments("attack", "model.init_args.adversarial", compute_fn=lambda attack: attack is not None)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-{epoch:03d}-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        for source, target in (
+            ("img_size", "img_size"),
+            ("channels", "in_chans"),
+            ("mean", "mean"),
+            ("std", "std"),
+            ("batch_size", "batch_size"),
+        ):
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        attack = self._get(self.config_init, "attack")
+        if attack is not None:
+            callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [*callbacks, attack]
+        return super().instantiate_trainer(**kwargs)
+
+
+def export_main(argv: list[str]) -> None:
+    """``advmim export CKPT OUTPUT``: the clean encoder as a timm safetensors file."""
+    from advmim_pl.export import export_encoder
+
+    parser = argparse.ArgumentParser(prog="advmim export", description=export_main.__doc__)
+    parser.add_argument("ckpt_path", help="pre-training checkpoint (.ckpt)")
+    parser.add_argument("output", help="output .safetensors path")
+    args = parser.parse_args(argv)
+    try:
+        path = export_encoder(args.ckpt_path, args.output)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise SystemExit(f"advmim export: {err}") from None
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        export_main(argv[1:])
+        return
+    AdvMIMCLI(args=resolve_config_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Common data-module options, transforms and the in-memory uint8 dataset.
+
+Every data module yields batches ``(images, labels)``: images float32 in [0, 1] with shape
+(B, channels, img_size, img_size), labels int64 (B,). Normalisation is left to the model
+(``advmim_pl.models.normalize.Normalize`` with the module's ``mean``/``std``), so attack budgets
+stay in pixel units.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+# torchvision's rgb_to_grayscale weights, used to derive grey statistics from RGB ones.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+def stats_for_channels(
+    mean: Sequence[float], std: Sequence[float], channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Adapt per-channel (mean, std) of a dataset to the ``channels`` the module outputs.
+
+    Grey statistics (length 1) are replicated to 3 channels, like the images. RGB statistics
+    (length 3) become luminance-weighted grey ones: exact for the mean, an upper bound for the std.
+    """
+    if len(mean) == channels:
+        return tuple(mean), tuple(std)
+    if len(mean) == 1:
+        return tuple(mean) * channels, tuple(std) * channels
+    return (sum(w * m for w, m in zip(_LUMA, mean, strict=True)),), (
+        sum(w * s for w, s in zip(_LUMA, std, strict=True)),
+    )
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as a uint8 tensor (N, C, H, W) with int labels (N,).
+
+    ``transform`` is applied per sample and maps a (C, H, W) uint8 image to the output image.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+class ImageDataModule(LightningDataModule):
+    """Options, transforms and loaders shared by all image data modules.
+
+    Train transform (MAE augmentation): RandomResizedCrop(img_size, crop_scale, bicubic), then an
+    optional random horizontal flip. Val/test transform: resize the shorter side to img_size
+    (bicubic), then center crop img_size. Grey images are replicated to 3 channels when
+    ``channels=3`` and RGB images converted to grey when ``channels=1``.
+
+    Subclasses define ``num_classes`` and the dataset's per-channel statistics ``dataset_mean`` and
+    ``dataset_std`` (length 1 or 3), from which ``__init__`` derives ``mean`` and ``std`` (length
+    ``channels``); their ``setup`` sets ``train_set``, ``val_set`` and ``test_set``.
+    """
+
+    num_classes: int
+    dataset_mean: tuple[float, ...]
+    dataset_std: tuple[float, ...]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        img_size: int = 224,
+        channels: int = 3,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        hflip: bool = True,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if img_size <= 0:
+            raise ValueError(f"img_size must be > 0, got {img_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.img_size = img_size
+        self.channels = channels
+        self.crop_scale = crop_scale
+        self.hflip = hflip
+        self.pin_memory = pin_memory
+        self.mean, self.std = stats_for_channels(self.dataset_mean, self.dataset_std, channels)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _to_output(self) -> list[v2.Transform]:
+        """Channel conversion and uint8 (C, H, W) -> float32 [0, 1] plain tensor."""
+        to_channels = v2.RGB() if self.channels == 3 else v2.Grayscale(num_output_channels=1)
+        return [to_channels, v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
+
+    def train_transform(self) -> v2.Compose:
+        """PIL image or uint8 (C, H, W) -> augmented float32 (channels, img_size, img_size)."""
+        crop = v2.RandomResizedCrop(
+            self.img_size, scale=self.crop_scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        )
+        flip = [v2.RandomHorizontalFlip()] if self.hflip else []
+        return v2.Compose([v2.ToImage(), crop, *flip, *self._to_output()])
+
+    def eval_transform(self) -> v2.Compose:
+        """PIL image or uint8 (C, H, W) -> float32 (channels, img_size, img_size), deterministic."""
+        resize = v2.Resize(self.img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(self.img_size), *self._to_output()])
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before requesting a dataloader")
+        if train and len(dataset) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(dataset)} images, fewer than batch_size={self.batch_size}; "
+                "with drop_last=True no batch would be produced"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.accelerator.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches with drop_last=True, so every batch has batch_size images."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in order, last batch possibly smaller."""
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in order, last batch possibly smaller."""
+        return self._loader(self.test_set, train=False)
+
+
+class InMemoryDataModule(ImageDataModule):
+    """Data module whose splits fit in memory as uint8 tensors; subclasses implement ``load_splits``.
+
+    The train split is used for training, the eval split for both validation and test.
+    """
+
+    def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return (train_images, train_labels, eval_images, eval_labels); images uint8 (N, C, H, W)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once and wrap them in TensorImageDatasets."""
+        if self.train_set is not None:
+            return
+        train_images, train_labels, eval_images, eval_labels = self.load_splits()
+        self.train_set = TensorImageDataset(train_images, train_labels, self.train_transform())
+        self.val_set = TensorImageDataset(eval_images, eval_labels, self.eval_transform())
+        self.test_set = self.val_set

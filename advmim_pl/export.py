@@ -1,0 +1,81 @@
+"""Export the pre-trained clean encoder (psi_e and phi_c) as a plain timm ViT state dict (safetensors)."""
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from advmim_pl.models.branch_norm import clean_state_dict
+
+ENCODER_PREFIX = "encoder.vit."
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU, with a clear error for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, OSError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is truncated or not a checkpoint ({type(err).__name__}: {err}); "
+            "use another one, e.g. the previous last.ckpt"
+        ) from None
+
+
+def encoder_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A PretrainModule state dict -> the clean timm encoder's state dict (aux norms and decoders dropped)."""
+    encoder = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    if not encoder:
+        raise ValueError(f"no '{ENCODER_PREFIX}*' tensors found: not a PretrainModule checkpoint")
+    return clean_state_dict(encoder)
+
+
+def timm_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``timm.create_model`` arguments that rebuild the encoder of a module with these hyperparameters."""
+    return {
+        "model_name": hparams["encoder"],
+        "num_classes": 0,
+        "img_size": hparams["img_size"],
+        "patch_size": hparams["patch_size"],
+        "in_chans": hparams["in_chans"],
+        **(hparams.get("encoder_kwargs") or {}),
+    }
+
+
+def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
+    """Write the clean encoder of a pre-training checkpoint to ``output`` (safetensors).
+
+    The file loads with ``timm.create_model(**kwargs).load_state_dict(load_file(output))``, strict; the
+    create-model arguments and the pixel normalisation (mean, std) are stored in the file's metadata.
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters", {})
+    state = encoder_state_dict(checkpoint["state_dict"])
+    kwargs = timm_kwargs(hparams)
+    timm.create_model(**kwargs).load_state_dict(state, strict=True)
+    metadata = {
+        "timm_kwargs": json.dumps(kwargs),
+        "mean": json.dumps(list(hparams["mean"])),
+        "std": json.dumps(list(hparams["std"])),
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(output), metadata=metadata)
+    return output
+
+
+def load_exported(path: str | Path) -> torch.nn.Module:
+    """Rebuild the timm ViT from an exported file (expects [0, 1] images normalised with its mean/std)."""
+    with safe_open(str(path), "pt") as f:
+        kwargs = json.loads(f.metadata()["timm_kwargs"])
+    model = timm.create_model(**kwargs)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model

@@ -1,0 +1,1 @@
+"""YAML configs shipped with the package; `advmim fit --config NAME` finds them by name."""

@@ -1,0 +1,284 @@
+"""The AEMIM plug-in on a PretrainModule: the example is adversarial, the model is left untouched,
+branch-specific norms separate the two losses, bad settings are refused."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.mim.methods import MAE, SimMIM
+from advmim_pl.models.branch_norm import BranchNorm, branch
+from advmim_pl.modules.pretrain import PretrainModule
+
+MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)
+CPU = torch.device("cpu")
+
+
+def make_method(name: str):
+    if name == "mae":
+        return MAE(mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    return SimMIM(mask_ratio=0.5, mask_patch_size=8)
+
+
+def make_module(method: str = "mae", seed: int = 0, **kwargs) -> PretrainModule:
+    torch.manual_seed(seed)
+    options = dict(
+        encoder="vit_base_patch16_224",
+        img_size=32,
+        patch_size=4,
+        in_chans=1,
+        mean=(0.5,),
+        std=(0.25,),
+        encoder_kwargs=dict(MICRO_VIT),
+        batch_size=8,
+        base_lr=0.05,
+        warmup_epochs=0.0,
+        adversarial=True,
+    )
+    options.update(kwargs)
+    return PretrainModule(method=make_method(method), **options)
+
+
+def smooth_images(batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 1, 8, 8, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    return x.clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Micro PretrainModule(adversarial=True) per method, trained a few optimizer steps with a Trainer."""
+    cache = {}
+
+    def get(method: str) -> PretrainModule:
+        if method not in cache:
+            module = make_module(method)
+            data = TensorDataset(smooth_images(48, seed=1), torch.zeros(48, dtype=torch.long))
+            callback = AdversarialTargetCallback(eps=4 / 255, steps=1, log_images_every_n_steps=0)
+            trainer = L.Trainer(
+                max_steps=6,
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                log_every_n_steps=1,
+                default_root_dir=tmp_path_factory.mktemp(method),
+                callbacks=[callback],
+            )
+            trainer.fit(module, DataLoader(data, batch_size=8))
+            assert trainer.global_step == 6
+            assert module.attack is callback
+            assert torch.isfinite(trainer.callback_metrics["train/loss_aux"])
+            assert trainer.callback_metrics["attack/delta_linf"].item() <= 4 / 255 + 1e-6
+            cache[method] = module.eval()
+        return cache[method]
+
+    return get
+
+
+def attack_score(module, x, mask, latent, perturbation, distance, attack_mask) -> float:
+    """Mean feature distance (the module's objective) after one attack, scored on identical masks."""
+    callback = AdversarialTargetCallback(
+        eps=8 / 255, steps=3, perturbation=perturbation, distance=distance, attack_mask=attack_mask, seed=3
+    )
+    module.attack = callback
+    objective = module.feature_objective(x, mask, latent)
+    x_adv = callback.generate(module, x, objective).x_adv
+    assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
+    # `independent` draws a fresh mask per call from the callback's generator: reseed it so that the
+    # PGD and the noise examples are scored on the same masks, averaged over a few of them
+    callback.generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        return torch.stack([objective(x_adv).mean() for _ in range(4)]).mean().item()
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+@pytest.mark.parametrize("distance", ["mse", "cosine", "kl"])
+def test_pgd_example_is_more_adversarial_than_noise(trained, method, distance, attack_mask):
+    module = trained(method)
+    x = smooth_images(8, seed=7)
+    mask = module.method.sample_mask(module.encoder, 8, CPU, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        latent = module.method.encode(module.encoder, x, mask)
+    pgd = attack_score(module, x, mask, latent, "pgd", distance, attack_mask)
+    noise = attack_score(module, x, mask, latent, "uniform", distance, attack_mask)
+    assert pgd > 0 and noise > 0
+    assert pgd > 2 * noise, (pgd, noise)  # observed >= 3.3x
+
+
+def model_snapshot(module):
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    grads = {k: None if v.grad is None else v.grad.clone() for k, v in module.named_parameters()}
+    modes = {k: m.training for k, m in module.named_modules()}
+    return params, buffers, grads, modes
+
+
+def assert_same_snapshot(a, b):
+    for before, after in zip(a[:2], b[:2], strict=True):
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key]), key
+    for key, grad in a[2].items():
+        if grad is None:
+            assert b[2][key] is None, key
+        else:
+            assert b[2][key] is not None and torch.equal(grad, b[2][key]), key
+    assert a[3] == b[3]
+
+
+def prepare_untouched_case(method):
+    """Module in a mixed train/eval pattern with drop-path (which would draw from the global RNG in
+    train mode), some grads set, a batch and its clean training-mode encoding."""
+    module = make_module(method, drop_path_rate=0.2)
+    module.train()
+    module.decoder.eval()
+    module.encoder.vit.blocks[0].eval()  # block 1 (drop-path rate 0.2) stays in train mode
+    params = list(module.parameters())
+    for i, p in enumerate(params):
+        if i % 3 == 0:
+            p.grad = torch.randn_like(p)
+    x = smooth_images(4, seed=2)
+    mask = module.method.sample_mask(module.encoder, 4, CPU, torch.Generator().manual_seed(0))
+    latent = module.method.encode(module.encoder, x, mask)  # with its own graph, as in training_step
+    return module, x, mask, latent
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+@pytest.mark.parametrize("perturbation", ["pgd", "gaussian", "uniform"])
+def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation, attack_mask):
+    module, x, mask, latent = prepare_untouched_case(method)
+    callback = AdversarialTargetCallback(eps=8 / 255, steps=2, perturbation=perturbation, attack_mask=attack_mask)
+    module.attack = callback
+    objective = module.feature_objective(x, mask, latent)
+    before = model_snapshot(module)
+    rng = torch.get_rng_state()
+    result = callback.generate(module, x, objective)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same_snapshot(before, model_snapshot(module))
+    assert bool(result.finite)
+    assert 0 < result.delta_linf.item() <= 8 / 255 + 1e-6
+    assert not result.x_adv.requires_grad
+
+
+@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+def test_objective_and_attack_together_leave_rng_untouched(attack_mask):
+    module, x, mask, latent = prepare_untouched_case("mae")
+    module.attack = AdversarialTargetCallback(eps=8 / 255, steps=2, attack_mask=attack_mask)
+    rng = torch.get_rng_state()
+    before = model_snapshot(module)
+    module.attack.generate(module, x, module.feature_objective(x, mask, latent))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same_snapshot(before, model_snapshot(module))
+
+
+@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+def test_attack_is_reproducible_from_callback_seed(attack_mask):
+    module, x, mask, latent = prepare_untouched_case("simmim")
+    module.eval()
+    outputs = []
+    for _ in range(2):
+        module.attack = AdversarialTargetCallback(eps=8 / 255, steps=2, attack_mask=attack_mask, seed=11)
+        outputs.append(module.attack.generate(module, x, module.feature_objective(x, mask, latent)).x_adv)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def branch_losses(module):
+    """(L_clean, L_aux) of one step, as PretrainModule.training_step builds them (no trainer)."""
+    method, encoder = module.method, module.encoder
+    module.attack = AdversarialTargetCallback(eps=8 / 255, steps=1)
+    x = smooth_images(4, seed=3)
+    mask = method.sample_mask(encoder, 4, CPU, torch.Generator().manual_seed(1))
+    latent = method.encode(encoder, x, mask)
+    loss_clean = method.loss(method.decode(module.decoder, latent, mask), x, mask, encoder)
+    result = module.attack.generate(module, x, module.feature_objective(x, mask, latent))
+    with branch(encoder, "aux"):
+        latent_aux = method.encode(encoder, result.x_adv, mask)
+    loss_aux = method.loss(method.decode(module._aux_decoder(), latent_aux, mask), result.x_adv, mask, encoder)
+    return loss_clean, loss_aux
+
+
+def grads_of(module, loss):
+    module.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {k: None if p.grad is None else p.grad.clone() for k, p in module.named_parameters()}
+
+
+def nonzero(grad) -> bool:
+    return grad is not None and bool(grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_branch_norms_separate_the_losses(method):
+    module = make_module(method, branch_params="norm").train()
+    assert any(isinstance(m, BranchNorm) for m in module.encoder.modules())
+    loss_clean, loss_aux = branch_losses(module)
+    aux_names = [k for k, _ in module.named_parameters() if ".aux." in k]
+    clean_norm_names = [k for k, _ in module.named_parameters() if ".clean." in k]
+    assert aux_names and len(aux_names) == len(clean_norm_names)
+
+    g_aux = grads_of(module, loss_aux)
+    assert any(nonzero(g_aux[k]) for k in aux_names)
+    assert not any(nonzero(g_aux[k]) for k in clean_norm_names)
+    assert not any(nonzero(g) for k, g in g_aux.items() if k.startswith("decoder."))
+    assert any(nonzero(g) for k, g in g_aux.items() if k.startswith("aux_decoder."))
+
+    g_clean = grads_of(module, loss_clean)
+    assert not any(nonzero(g_clean[k]) for k in aux_names)
+    assert any(nonzero(g_clean[k]) for k in clean_norm_names)
+    assert not any(nonzero(g) for k, g in g_clean.items() if k.startswith("aux_decoder."))
+    # the shared encoder weights get gradient from both
+    shared = "encoder.vit.blocks.0.attn.qkv.weight"
+    assert nonzero(g_aux[shared]) and nonzero(g_clean[shared])
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_shared_encoder_without_branch_params(method):
+    module = make_module(method, branch_params="none").train()
+    assert not any(isinstance(m, BranchNorm) for m in module.modules())
+    assert not any(".aux." in k or ".clean." in k for k in module.state_dict())
+    loss_clean, loss_aux = branch_losses(module)
+    norm_params = [
+        f"encoder.{name}.{p}"
+        for name, m in module.encoder.named_modules()
+        if isinstance(m, torch.nn.LayerNorm)
+        for p in ("weight", "bias")
+    ]
+    g_aux, g_clean = grads_of(module, loss_aux), grads_of(module, loss_clean)
+    reached_aux = {k for k in norm_params if nonzero(g_aux[k])}
+    reached_clean = {k for k in norm_params if nonzero(g_clean[k])}
+    assert reached_aux and reached_aux == reached_clean
+
+
+def test_shared_aux_decoder():
+    module = make_module("mae", aux_decoder="shared")
+    assert module.aux_decoder is None and module._aux_decoder() is module.decoder
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(eps=-1), "eps"),
+        (dict(steps=-1), "steps"),
+        (dict(distance="l3"), "distance"),
+        (dict(perturbation="salt"), "perturbation"),
+        (dict(attack_mask="random"), "attack_mask"),
+        (dict(step_size=0.0), "step_size"),
+        (dict(steps=0), "steps"),  # pgd needs at least one step
+        (dict(warmup_epochs=-0.5), "warmup_epochs"),
+    ],
+)
+def test_bad_callback_settings(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        AdversarialTargetCallback(**kwargs)
+
+
+def test_zero_steps_allowed_for_noise_controls():
+    callback = AdversarialTargetCallback(steps=0, perturbation="gaussian")
+    assert callback.steps == 0
