@@ -103,6 +103,14 @@ class AdvMIMCLI(LightningCLI):
         ):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        """Constructor checks (sizes, paths, options) become one-line configuration errors, not tracebacks."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:
+            cause = err.__cause__ or err
+            raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
+
     def instantiate_trainer(self, **kwargs):
         attack = self._get(self.config_init, "attack")
         if attack is not None:
@@ -127,12 +135,16 @@ def export_main(argv: list[str]) -> None:
     print(f"wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        export_main(argv[1:])
-        return
-    AdvMIMCLI(args=resolve_config_args(argv))
+def main(argv: list[str] | None = None) -> AdvMIMCLI | None:
+    """Entry point of ``advmim``; ``argv`` defaults to the command line (tests pass a list)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["export"]:
+        export_main(args[1:])
+        return None
+    if argv is None:
+        sys.argv[1:] = resolve_config_args(args)
+        return AdvMIMCLI()
+    return AdvMIMCLI(args=resolve_config_args(args))
 
 
 if __name__ == "__main__":

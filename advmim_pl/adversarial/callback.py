@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -49,16 +50,16 @@ class AdversarialTargetCallback(L.Callback):
 
     def __init__(
         self,
-        eps: float = 4 / 255,
-        steps: int = 1,
-        step_size: float | None = None,
+        eps: NonNegativeFloat = 4 / 255,
+        steps: NonNegativeInt = 1,
+        step_size: PositiveFloat | None = None,
         random_start: bool = True,
         perturbation: Perturbation = "pgd",
         distance: Distance = "mse",
         attack_mask: AttackMask = "same",
-        warmup_epochs: float = 0.0,
+        warmup_epochs: NonNegativeFloat = 0.0,
         on_validation: bool = False,
-        log_images_every_n_steps: int = 500,
+        log_images_every_n_steps: NonNegativeInt = 500,
         seed: int = 0,
     ) -> None:
         _require(eps >= 0, "eps", eps, "a non-negative L-inf budget in pixel units, e.g. 0.0157 (4/255)")

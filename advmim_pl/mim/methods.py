@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from torch import Tensor, nn
 
 from advmim_pl.mim.losses import mae_loss, patchify, simmim_loss, unpatchify, upsample_mask
@@ -66,11 +67,11 @@ class MAE(MIMMethod):
 
     def __init__(
         self,
-        mask_ratio: float = 0.75,
+        mask_ratio: OpenUnitInterval = 0.75,
         norm_pix_loss: bool = True,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
+        decoder_dim: PositiveInt = 512,
+        decoder_depth: NonNegativeInt = 8,
+        decoder_heads: PositiveInt = 16,
     ) -> None:
         _check_ratio(mask_ratio)
         if decoder_dim % decoder_heads or decoder_dim % 4:
@@ -126,7 +127,7 @@ class SimMIM(MIMMethod):
     a multiple of the encoder's patch size and divide the image size.
     """
 
-    def __init__(self, mask_ratio: float = 0.6, mask_patch_size: int = 32) -> None:
+    def __init__(self, mask_ratio: OpenUnitInterval = 0.6, mask_patch_size: PositiveInt = 32) -> None:
         _check_ratio(mask_ratio)
         if mask_patch_size <= 0:
             raise ValueError(f"mask_patch_size must be positive, got {mask_patch_size}")

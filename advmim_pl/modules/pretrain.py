@@ -7,6 +7,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
@@ -56,33 +57,35 @@ class PretrainModule(L.LightningModule):
         aux_target: what it reconstructs: ``adversarial`` (x_a) or ``clean`` (x).
         branch_params: ``norm`` gives the aux branch its own normalisation layers; ``none`` shares all.
         aux_decoder: ``separate`` auxiliary decoder or the ``shared`` clean one.
+        compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
     """
 
     def __init__(
         self,
         method: MIMMethod = lazy_instance(MAE),
         encoder: str = "vit_base_patch16_224",
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
+        img_size: PositiveInt = 224,
+        patch_size: PositiveInt = 16,
+        in_chans: PositiveInt = 3,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        drop_path_rate: float = 0.0,
+        drop_path_rate: ClosedUnitInterval = 0.0,
         sincos_pos_embed: bool = True,
         encoder_kwargs: dict[str, Any] | None = None,
-        batch_size: int = 64,
+        batch_size: PositiveInt = 64,
         optimizer: OptimizerCallable = mae_adamw,
-        base_lr: float = 1.5e-4,
-        lr_reference_batch: int = 256,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 40.0,
-        min_lr: float = 0.0,
+        base_lr: NonNegativeFloat = 1.5e-4,
+        lr_reference_batch: PositiveInt = 256,
+        weight_decay: NonNegativeFloat = 0.05,
+        warmup_epochs: NonNegativeFloat = 40.0,
+        min_lr: NonNegativeFloat = 0.0,
         adversarial: bool = False,
-        aux_weight: float = 1.0,
+        aux_weight: NonNegativeFloat = 1.0,
         aux_input: Literal["adversarial", "clean"] = "adversarial",
         aux_target: Literal["adversarial", "clean"] = "adversarial",
         branch_params: Literal["norm", "none"] = "norm",
         aux_decoder: Literal["separate", "shared"] = "separate",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("lr_reference_batch", lr_reference_batch)):
@@ -122,6 +125,12 @@ class PretrainModule(L.LightningModule):
         self.visuals: dict[str, Tensor] | None = None
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            for part in (self.encoder.vit.blocks, self.decoder, self.aux_decoder):
+                if part is not None:
+                    part.compile()
+
     def on_fit_start(self) -> None:
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
         if self.hparams.adversarial and not callbacks:
