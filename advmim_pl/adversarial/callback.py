@@ -12,6 +12,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from advmim_pl.adversarial.attack import Objective, Perturbation, frozen_eval, perturb
+from advmim_pl.schedule import steps_per_epoch
 
 Distance = Literal["mse", "cosine", "kl"]
 AttackMask = Literal["same", "independent", "none"]
@@ -80,14 +81,15 @@ class AdversarialTargetCallback(L.Callback):
         self.log_images_every_n_steps, self.seed = log_images_every_n_steps, seed
         self.generator: torch.Generator | None = None
         self._pending_rng: Tensor | None = None
-        self.nonfinite_batches = 0
+        self._nonfinite = torch.zeros((), dtype=torch.long)
+        self._warned = 0
 
     # ---- settings ------------------------------------------------------------------------------------
     def ramp(self, trainer: L.Trainer | None) -> float:
         """Warm-up factor in [0, 1] from the fractional epoch (host arithmetic, no sync)."""
         if not self.warmup_epochs or trainer is None:
             return 1.0
-        progress = trainer.global_step / max(trainer.num_training_batches, 1)
+        progress = trainer.global_step / steps_per_epoch(trainer)
         return min(1.0, progress / self.warmup_epochs)
 
     def should_log_images(self, trainer: L.Trainer) -> bool:
@@ -132,15 +134,23 @@ class AdversarialTargetCallback(L.Callback):
             pl_module.visuals = None
 
     def record_finite(self, finite: Tensor, trainer: L.Trainer | None) -> None:
-        """Count fallbacks to the clean target. Read on the host only at image-logging steps."""
-        if trainer is not None and self.should_log_images(trainer):
-            bad = int((~finite).sum())
-            if bad:
-                self.nonfinite_batches += bad
-                rank_zero_warn(
-                    f"AdversarialTargetCallback: non-finite attack gradient, batch fell back to clean targets "
-                    f"({self.nonfinite_batches} such batches so far). Lower the learning rate or use bf16-mixed."
-                )
+        """Count batches that fell back to the clean target, on the device; the host reads the count
+        (and warns when it grew) only at the trainer's logging steps."""
+        self._nonfinite = self._nonfinite.to(finite.device) + (~finite).long()
+        if trainer is None or (trainer.global_step + 1) % trainer.log_every_n_steps:
+            return
+        count = int(self._nonfinite)
+        if count > self._warned:
+            self._warned = count
+            rank_zero_warn(
+                f"AdversarialTargetCallback: {count} batch(es) so far had a non-finite attack gradient and "
+                "fell back to clean targets. Lower the learning rate or use bf16-mixed."
+            )
+
+    @property
+    def nonfinite_batches(self) -> int:
+        """Batches whose attack gradient was non-finite (this run, including restored counts)."""
+        return int(self._nonfinite)
 
     @staticmethod
     def _log_grids(trainer: L.Trainer, visuals: dict[str, Tensor], step: int) -> None:
@@ -173,7 +183,8 @@ class AdversarialTargetCallback(L.Callback):
         changed = {k: (v, current[k]) for k, v in saved.items() if current.get(k) != v}
         if changed:
             rank_zero_warn(f"AdversarialTargetCallback settings differ from the checkpoint (saved, now): {changed}")
-        self.nonfinite_batches = state_dict["nonfinite_batches"]
+        self._nonfinite = torch.tensor(state_dict["nonfinite_batches"])
+        self._warned = self.nonfinite_batches
         if state_dict["rng"] is not None:
             self._pending_rng = state_dict["rng"]
             if self.generator is not None:

@@ -17,7 +17,7 @@ from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
-from advmim_pl.modules.schedule import scaled_lr, warmup_cosine, weight_decay_groups
+from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 
 def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -250,9 +250,8 @@ class PretrainModule(L.LightningModule):
         for group in groups:
             group["lr"] = lr
         optimizer = self.optimizer_factory(groups)
-        total_steps = max(int(trainer.estimated_stepping_batches), 1)
-        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        warmup_steps = math.ceil(hp.warmup_epochs * total_steps / epochs)
+        total_steps = max(int(trainer.estimated_stepping_batches), 1)  # also sets num_training_batches
+        warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch(trainer)) if hp.warmup_epochs else 0
         min_ratio = hp.min_lr / lr if lr > 0 else 0.0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)

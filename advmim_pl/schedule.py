@@ -18,6 +18,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def steps_per_epoch(trainer) -> int:
+    """Optimizer steps in one epoch of ``trainer`` (Lightning steps on the last batch of a short accumulation)."""
+    if trainer.num_training_batches == math.inf and trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # what trainer.estimated_stepping_batches does when it needs the length
+    if trainer.num_training_batches == math.inf:
+        raise ValueError("warm-up in epochs needs a training DataLoader with a length; set warmup_epochs: 0")
+    return max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
+
+
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 

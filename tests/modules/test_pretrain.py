@@ -1,0 +1,214 @@
+"""PretrainModule with and without the AEMIM plug-in, through a real Lightning Trainer."""
+
+import lightning as L
+import pytest
+import timm
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
+
+from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.export import encoder_state_dict, export_encoder, load_exported
+from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.models.branch_norm import branch, clean_state_dict
+from advmim_pl.modules import PretrainModule
+from advmim_pl.schedule import warmup_cosine
+
+MICRO = dict(
+    encoder="vit_base_patch16_224",
+    img_size=32,
+    patch_size=4,
+    in_chans=1,
+    mean=(0.5,),
+    std=(0.25,),
+    encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=4),
+    batch_size=8,
+    base_lr=1e-2,
+    warmup_epochs=0,
+)
+
+
+def micro_module(method: str = "mae", seed: int = 0, **overrides) -> PretrainModule:
+    torch.manual_seed(seed)
+    host = MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4) if method == "mae" else SimMIM(mask_patch_size=8)
+    return PretrainModule(method=host, **{**MICRO, **overrides})
+
+
+def loader(n: int = 24, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 32, 32, generator=g)
+    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=8, shuffle=False)
+
+
+def trainer(max_steps: int, callbacks=(), precision: str | None = "32-true", **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        precision=precision,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kwargs,
+    )
+
+
+def fit_from_seed(module: PretrainModule, steps: int, callbacks=()) -> PretrainModule:
+    """Seed the global RNG (masks) after construction, so models with extra parameters see the same masks."""
+    L.seed_everything(0)
+    trainer(steps, callbacks).fit(module, loader())
+    return module
+
+
+def test_lambda_zero_gives_the_baseline_update():
+    base = fit_from_seed(micro_module(), 4)
+    plug = fit_from_seed(
+        micro_module(adversarial=True, aux_weight=0.0), 4, [AdversarialTargetCallback(eps=8 / 255, steps=2)]
+    )
+    plug_encoder = clean_state_dict(plug.encoder.state_dict())
+    for name, value in base.encoder.state_dict().items():
+        torch.testing.assert_close(plug_encoder[name], value, msg=name)
+    for name, value in base.decoder.state_dict().items():
+        torch.testing.assert_close(plug.decoder.state_dict()[name], value, msg=name)
+    # and the plug-in with lambda > 0 does change the update
+    plug = fit_from_seed(micro_module(adversarial=True), 4, [AdversarialTargetCallback(eps=8 / 255, steps=2)])
+    blocks = "vit.blocks.0.attn.qkv.weight"
+    assert not torch.allclose(plug.encoder.state_dict()[blocks], base.encoder.state_dict()[blocks])
+
+
+class RecordingAttack(AdversarialTargetCallback):
+    """Keeps every crafted x_a and the autocast dtype the attack ran under, to compare runs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.crafted, self.autocast = [], []
+
+    def generate(self, pl_module, x, objective):
+        device = x.device.type
+        self.autocast.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        result = super().generate(pl_module, x, objective)
+        self.crafted.append(result.x_adv.clone())
+        return result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_mixed_precision_has_no_nan(dtype, method):
+    # Lightning maps '16-mixed' on CPU to bf16, so fp16 autocast (with a CPU GradScaler) is requested directly
+    name = "bf16-mixed" if dtype == torch.bfloat16 else "16-mixed"
+    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+    L.seed_everything(0)
+    module = micro_module(method, adversarial=True)
+    attack = RecordingAttack(steps=2)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].detach())
+
+    t = trainer(6, [attack, Record()], precision=None, plugins=[MixedPrecision(name, "cpu", scaler)])
+    t.fit(module, loader())
+    assert attack.autocast == [dtype] * 6  # the attack ran under the trainer's precision
+    assert len(losses) == 6 and all(torch.isfinite(v) for v in losses)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_resume_continues_the_attack_rng(tmp_path):
+    # mid-grey images and uniform noise: x_a depends on the callback's RNG stream only
+    grey = DataLoader(TensorDataset(torch.full((24, 1, 32, 32), 0.5), torch.zeros(24, dtype=torch.long)), batch_size=8)
+    settings = dict(perturbation="uniform", eps=8 / 255)
+    straight = RecordingAttack(**settings)
+    trainer(6, [straight]).fit(micro_module(adversarial=True), grey)
+
+    first = RecordingAttack(**settings)
+    t = trainer(3, [first])
+    t.fit(micro_module(adversarial=True), grey)
+    t.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = RecordingAttack(**settings)
+    trainer(6, [resumed]).fit(micro_module(adversarial=True, seed=1), grey, ckpt_path=tmp_path / "half.ckpt")
+
+    assert len(resumed.crafted) == 3
+    for a, b in zip(straight.crafted, first.crafted + resumed.crafted, strict=True):
+        assert torch.equal(a, b)
+    # a fresh callback (no restore) would have drawn different noise
+    assert not torch.equal(straight.crafted[3], first.crafted[0])
+
+
+def test_plugin_without_callback_fails_at_start():
+    with pytest.raises(RuntimeError, match="needs an AdversarialTargetCallback"):
+        trainer(1).fit(micro_module(adversarial=True), loader())
+    with pytest.raises(RuntimeError, match="built without the plug-in"):
+        trainer(1, [AdversarialTargetCallback()]).fit(micro_module(), loader())
+
+
+def test_nonfinite_attack_gradient_falls_back_and_never_reaches_weights():
+    L.seed_everything(0)
+    module = micro_module(adversarial=True)
+    objective = module.feature_objective
+
+    def poisoned(x, mask, latent):
+        clean = objective(x, mask, latent)
+        return lambda x_adv: clean(x_adv) * torch.tensor(float("nan"))
+
+    module.feature_objective = poisoned
+    attack = RecordingAttack(steps=1)
+    with pytest.warns(UserWarning, match="non-finite attack gradient"):
+        trainer(3, [attack]).fit(module, loader())
+    assert attack.nonfinite_batches == 3
+    assert all(
+        torch.equal(x_adv, x) for x_adv, x in zip(attack.crafted, loader().dataset.tensors[0].split(8), strict=True)
+    )
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_export_keeps_only_the_clean_branch(tmp_path):
+    L.seed_everything(0)
+    module = micro_module(adversarial=True)
+    t = trainer(5, [AdversarialTargetCallback(steps=1)])
+    t.fit(module, loader())
+    t.save_checkpoint(tmp_path / "adv.ckpt")
+    path = export_encoder(tmp_path / "adv.ckpt", tmp_path / "encoder.safetensors")
+
+    model = load_exported(path).eval()
+    plain = timm.create_model(
+        "vit_base_patch16_224", num_classes=0, img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=4
+    )
+    plain.load_state_dict(encoder_state_dict(module.state_dict()), strict=True)
+    x = torch.rand(4, 1, 32, 32)
+    module.eval()
+    with torch.no_grad():
+        exported = model.forward_features(module.encoder.normalize(x))
+        clean = module.encoder.forward_features(x)
+        with branch(module.encoder, "aux"):
+            aux = module.encoder.forward_features(x)
+    torch.testing.assert_close(exported, clean)
+    assert not torch.allclose(exported, aux, atol=1e-4)  # the aux norms were trained apart
+
+
+def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
+    module = micro_module(base_lr=1.5e-4, lr_reference_batch=256, warmup_epochs=1, weight_decay=0.05)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    # 4 batches of 8 per epoch, accumulation 2: 2 optimizer steps per epoch, warm-up 2, the cosine ends at max_steps 6
+    trainer(6, [Record()], accumulate_grad_batches=2, max_epochs=4).fit(module, loader(n=32))
+    peak = 1.5e-4 * 8 * 2 / 256
+    assert lrs == pytest.approx([peak * warmup_cosine(batch // 2, 2, 6) for batch in range(12)])
+    groups = module.trainer.optimizers[0].param_groups
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    no_decay = {id(p) for p in groups[1]["params"]}
+    named = dict(module.named_parameters())
+    for name in (
+        "encoder.vit.cls_token",
+        "encoder.mask_token",
+        "encoder.vit.blocks.0.norm1.weight",
+        "encoder.vit.blocks.0.attn.qkv.bias",
+        "decoder.mask_token",
+    ):
+        assert id(named[name]) in no_decay, name
+    assert id(named["encoder.vit.pos_embed"]) not in no_decay | {id(p) for p in groups[0]["params"]}  # frozen
