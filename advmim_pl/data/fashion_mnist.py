@@ -44,19 +44,22 @@ def find_idx_file(root: str | Path, name: str) -> Path | None:
     return None
 
 
+def require_idx_file(root: str | Path, name: str) -> Path:
+    """``find_idx_file``, or FileNotFoundError naming the path and how to get the data."""
+    path = find_idx_file(root, name)
+    if path is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST file {Path(root) / name}(.gz) not found. On Debian/Ubuntu install it with "
+            "'apt-get install dataset-fashion-mnist' (root /usr/share/datasets/fashion-mnist), "
+            "or set download: true to fetch it with torchvision."
+        )
+    return path
+
+
 def load_fashion_mnist(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, 28, 28) and labels uint8 (N,) of ``split`` ("train" or "t10k") under root."""
-    arrays = []
-    for name in IDX_NAMES[split]:
-        path = find_idx_file(root, name)
-        if path is None:
-            raise FileNotFoundError(
-                f"Fashion-MNIST file {Path(root) / name}(.gz) not found. On Debian/Ubuntu install it with "
-                "'apt-get install dataset-fashion-mnist' (root /usr/share/datasets/fashion-mnist), "
-                "or set download: true to fetch it with torchvision."
-            )
-        arrays.append(read_idx(path))
-    return arrays[0], arrays[1]
+    images, labels = (read_idx(require_idx_file(root, name)) for name in IDX_NAMES[split])
+    return images, labels
 
 
 def _as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -112,6 +115,9 @@ class FashionMNISTDataModule(_FashionMNISTModule):
         super().__init__(batch_size, num_workers, img_size, channels, crop_scale, hflip, pin_memory)
         if limit_train is not None and limit_train <= 0:
             raise ValueError(f"limit_train must be > 0 or None, got {limit_train}")
+        if not download:  # fail at configuration time, before any training starts
+            for name in (name for split_names in IDX_NAMES.values() for name in split_names):
+                require_idx_file(root, name)
         self.root = root
         self.download = download
         self.limit_train = limit_train

@@ -151,9 +151,8 @@ def test_synthetic_is_deterministic_and_learnable():
 
 
 def test_missing_fashion_mnist_root_names_path(tmp_path):
-    dm = FashionMNISTDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
     with pytest.raises(FileNotFoundError, match="nowhere.*apt-get install dataset-fashion-mnist"):
-        dm.setup("fit")
+        FashionMNISTDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
 
 
 @pytest.mark.parametrize("arg", ["train_root", "val_root"])

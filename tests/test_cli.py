@@ -1,0 +1,185 @@
+"""The advmim command: shipped configs, composition, errors, the quickstart and the export."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.cli import AdvMIMCLI, main, resolve_config, resolve_config_args, shipped_configs
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+JOBS = sorted(p for p in CONFIGS.glob("*.yaml"))
+ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
+
+
+def leaves(tree, prefix=()):
+    """{(key, path, ...): value} for every scalar or list in a nested YAML mapping."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, (*prefix, key)).items()}
+    return {prefix: tree}
+
+
+def printed_config(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def assert_contains(config: dict, expected: dict) -> None:
+    composed = leaves(config)
+    for key, value in leaves(expected).items():
+        got = composed[key]
+        if isinstance(value, float) or isinstance(got, float):
+            assert got == pytest.approx(value), key
+        else:
+            assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+def test_every_config_is_shipped_and_resolvable():
+    names = shipped_configs()
+    assert {p.name for p in JOBS} <= set(names)
+    assert {f"ablations/{p.name}" for p in ABLATIONS} <= set(names)
+    assert Path(resolve_config("quickstart_adv")).read_text() == (CONFIGS / "quickstart_adv.yaml").read_text()
+    assert Path(resolve_config("configs/ablations/eps_8.yaml")).is_file()
+
+
+@pytest.mark.parametrize("config", JOBS, ids=lambda p: p.name)
+def test_job_configs_parse_with_their_values(config, capsys):
+    printed = printed_config(capsys, "-c", config.name)
+    assert_contains(printed, yaml.safe_load(config.read_text()))
+    assert (printed["attack"] is not None) == config.name.endswith("_adv.yaml")
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda p: p.name)
+def test_ablations_compose_on_a_job(ablation, capsys):
+    printed = printed_config(capsys, "-c", "mae_adv.yaml", "-c", f"ablations/{ablation.name}")
+    assert_contains(printed, yaml.safe_load(ablation.read_text()))
+    base = printed_config(capsys, "-c", "mae_adv.yaml")
+    changed = {k for k, v in leaves(printed).items() if leaves(base).get(k) != v}
+    assert changed == set(leaves(yaml.safe_load(ablation.read_text()))) - {
+        k for k, v in leaves(yaml.safe_load(ablation.read_text())).items() if leaves(base).get(k) == v
+    }
+
+
+@pytest.mark.parametrize("extra, adversarial", [([], True), (["--attack", "null"], False)])
+def test_the_attack_section_switches_the_plugin(extra, adversarial):
+    cli = AdvMIMCLI(args=resolve_config_args(["-c", "quickstart_adv.yaml", *extra]), run=False)
+    assert cli.model.hparams.adversarial is adversarial
+    assert (cli.model.aux_decoder is not None) is adversarial
+    attacks = [c for c in cli.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
+    assert len(attacks) == int(adversarial)
+    # values flow from the data module to the model
+    assert (cli.model.hparams.img_size, cli.model.hparams.in_chans) == (
+        cli.datamodule.img_size,
+        cli.datamodule.channels,
+    )
+    assert tuple(cli.model.hparams.mean) == tuple(cli.datamodule.mean)
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "no_such_config.yaml"])
+    message = str(exit_info.value.code)
+    assert "no_such_config.yaml" in message and "quickstart_adv.yaml" in message and "ablations/eps_8.yaml" in message
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model.init_args.no_such_key", "1"], "no_such_key"),
+        (["--data.init_args.batch_size", "abc"], "batch_size"),
+        (["--attack.init_args.eps", "-1"], "eps"),
+        (["--attack.init_args.steps", "-2"], "steps"),
+        (["--attack.init_args.distance", "l3"], "distance"),
+        (["--model.init_args.method.init_args.mask_ratio", "1.5"], "mask_ratio"),
+    ],
+)
+def test_bad_values_are_cli_errors_naming_the_key(args, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "quickstart_adv.yaml", *args])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model.init_args.patch_size", "5"], "patch_size 5"),
+        (["--data", "advmim_pl.data.FashionMNISTDataModule", "--data.init_args.root", "/no/such/dir"], "/no/such/dir"),
+    ],
+)
+def test_invalid_setups_fail_before_training(args, named, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "quickstart.yaml", *args])
+    assert "invalid configuration" in str(exit_info.value.code) and named in str(exit_info.value.code)
+    assert not (tmp_path / "runs").exists()
+
+
+def scalars(log_dir: str) -> EventAccumulator:
+    events = EventAccumulator(log_dir, size_guidance={"images": 0})
+    events.Reload()
+    return events
+
+
+def test_quickstart_lowers_the_reconstruction_loss(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "-c", "quickstart.yaml", "--trainer.max_epochs", "2", "--data.init_args.num_workers", "0"])
+    losses = [e.value for e in scalars(cli.trainer.logger.log_dir).Scalars("train/loss_clean")]
+    assert len(losses) >= 10
+    assert losses[-1] < 0.75 * losses[0]
+
+
+def test_aemim_quickstart_logs_attack_and_grids_and_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        [
+            "fit",
+            "-c",
+            "quickstart_adv.yaml",
+            "--trainer.max_steps",
+            "12",
+            "--trainer.log_every_n_steps",
+            "4",
+            "--trainer.limit_val_batches",
+            "2",
+            "--attack.init_args.log_images_every_n_steps",
+            "5",
+            "--data.init_args.num_workers",
+            "0",
+        ]
+    )
+    events = scalars(cli.trainer.logger.log_dir)
+    assert {f"aemim/{n}" for n in ("clean", "masked", "reconstruction", "adversarial", "perturbation")} <= set(
+        events.Tags()["images"]
+    )
+    clean = [e.value for e in events.Scalars("attack/objective_clean")]
+    adv = [e.value for e in events.Scalars("attack/objective_adv")]
+    assert len(adv) == 3 and all(a > c for a, c in zip(adv, clean, strict=True))
+    assert all(0 < e.value <= 4 / 255 + 1e-6 for e in events.Scalars("attack/delta_linf"))
+    assert {"train/loss_clean", "train/loss_aux", "train/loss"} <= set(events.Tags()["scalars"])
+
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    main(["export", str(last), str(tmp_path / "encoder.safetensors")])
+    state = load_file(tmp_path / "encoder.safetensors")
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, in_chans=1, depth=6
+    ).eval()
+    model.load_state_dict(state, strict=True)
+    module = cli.model.eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(module.encoder.normalize(x)), module.encoder(x))
+
+
+def test_export_of_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match="truncated or not a checkpoint"):
+        main(["export", str(bad), str(tmp_path / "out.safetensors")])
