@@ -1,0 +1,5 @@
+"""Robustness evaluation: corruption suite."""
+
+from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+
+__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt"]

@@ -1,23 +1,26 @@
 """Common corruptions (ImageNet-C style) applied on the fly to batches of images.
 
 ``corrupt(images, name, severity, generator)`` takes float images (B, C, H, W) in [0, 1] with C = 1 or 3, on
-any device, and returns a corrupted batch of the same shape, dtype and device, clamped to [0, 1].
+any device, and returns a corrupted batch of the same shape, dtype and device, clamped to [0, 1]. The input
+range check reads the batch's min and max back to the host.
 
 Severity parameters follow Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common
 Corruptions and Perturbations" (ICLR 2019), i.e. the tables in ``make_imagenet_c.py`` of
-github.com/hendrycks/robustness (``ImageNet-C/create_c``). Those values are for 224 x 224 images; see
-``SEVERITY_PARAMETERS`` for the tables used here. The one departure is ``elastic_transform``: the ImageNet-C
-table is not ordered by strength (severities 1-2 are dominated by a large random affine warp, 3-5 by a small
-elastic field), so its parameters come from the size-independent re-implementation of the same corruption
-by Michaelis et al., "Benchmarking Robustness in Object Detection" (2019), package ``imagecorruptions``,
-which keeps the ImageNet-C elastic field and makes its strength grow with severity.
+github.com/hendrycks/robustness (``ImageNet-C/create_c``), written for 224 x 224 images; ``SEVERITY_PARAMETERS``
+lists the values used. The one departure is ``elastic_transform``: the ImageNet-C table is not ordered by
+strength (severities 1-2 move the corners of a random affine warp by up to 24 and 49 px, severities 3-5 by
+5 px, plus a ~1-2 px elastic field), so its parameters come from ``imagecorruptions`` (Michaelis et al.,
+"Benchmarking Robustness in Object Detection", 2019), which keeps the ImageNet-C elastic field, drops the
+affine part and makes the displacement grow with severity.
 
 Image size. Spatial parameters (blur sigmas, the defocus radius, the elastic displacement and its smoothness)
-are given in pixels of a 224-px image and are multiplied by ``s = min(H, W) / 224``, so that corrupting a
-small image looks like corrupting a 224-px image and then downsampling it. The defocus disk is anti-aliased
-by its pixel-area coverage so that radii below one pixel (3 * 32 / 224 = 0.43 px at severity 1 on 32-px
-images) still blur. Pixelate's factor is already relative to the image size; the noises, contrast,
-brightness and JPEG need no scaling.
+are given in pixels of a 224-px image and multiplied by ``s = min(H, W) / 224``, so that corrupting a small
+image looks like corrupting a 224-px image and then downsampling it. The defocus disk averages the bilinear
+interpolant of the image, so that radii below one pixel (3 * 32 / 224 = 0.43 px at severity 1 on 32-px
+images) still blur. ``gaussian_blur`` uses torchvision's sampled Gaussian kernel, which for sigmas below about
+0.5 px (severities 1-3 on 32-px images: 0.14, 0.29, 0.43 px) blurs less than the scaled-down 224-px blur, and
+is nearly the identity at severities 1-2. Pixelate's factor is already relative to the image size; the
+noises, contrast, brightness and JPEG need no scaling.
 
 Randomness (the noises and the elastic field) is drawn only from ``generator``, on the generator's device,
 and then moved to the images' device; ``generator=None`` uses the global RNG of the images' device.
@@ -91,25 +94,32 @@ def _randn(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | None)
 
 def _gaussian_kernel_size(sigma: float, truncate: float, max_size: int) -> int:
     """Odd kernel size covering +-truncate * sigma, at most ``max_size`` (reflect padding needs pad < size)."""
-    half = min(math.ceil(truncate * sigma), max_size - 1)
-    return 2 * max(half, 1) + 1
+    half = min(max(math.ceil(truncate * sigma), 1), max_size - 1)
+    return 2 * half + 1
 
 
 def defocus_kernel(radius: float, alias_sigma: float, supersample: int = 16) -> Tensor:
     """Normalised disk kernel (K, K) of ``radius`` px, softened by a Gaussian of ``alias_sigma`` px.
 
-    As ImageNet-C's ``disk``, but each pixel holds the fraction of its area inside the disk (estimated on a
-    ``supersample`` x ``supersample`` grid of sub-pixel points) instead of a 0/1 test of its centre, so the
-    kernel changes smoothly with the radius and a sub-pixel radius still blurs. K = 2 * (ceil(radius) + g) + 1
-    with g the half-width of the Gaussian; the kernel sums to 1 and is symmetric under flips and transposition.
+    ImageNet-C's ``disk`` marks the pixels whose centre lies in the disk, which degenerates to the identity for
+    radii below one pixel (3 * 32 / 224 = 0.43 px at severity 1 on 32-px images). Here the kernel is the mean
+    of the image's bilinear interpolant over the disk: the disk is filled with a ``supersample`` x
+    ``supersample`` grid of points per pixel and each point spreads bilinear (tent) weights onto its four
+    neighbouring pixels. For large radii this is the anti-aliased flat disk; for small ones a mild blur.
+    K = 2 * (ceil(radius) + g) + 1 with g the half-width of the Gaussian; the kernel sums to 1 and is
+    symmetric under flips and transposition.
     """
     g = max(math.ceil(3 * alias_sigma), 1)  # Gaussian half-width (ImageNet-C: 3 x 3)
     half = math.ceil(radius) + g
-    size = 2 * half + 1
-    sub = (torch.arange(supersample, dtype=torch.float64) + 0.5) / supersample - 0.5  # sub-pixel offsets
-    coords = ((torch.arange(size, dtype=torch.float64) - half)[:, None] + sub).reshape(-1)  # (size * S,)
-    inside = (coords[:, None] ** 2 + coords[None, :] ** 2 <= radius**2).to(torch.float64)
-    disk = inside.reshape(size, supersample, size, supersample).mean(dim=(1, 3))  # (size, size) coverage
+    step = 1 / supersample
+    axis = torch.arange(-math.ceil(radius / step), math.ceil(radius / step) + 1, dtype=torch.float64) * step
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    inside = xs**2 + ys**2 <= radius**2
+    xs, ys = xs[inside], ys[inside]  # (N,) points filling the disk
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64)  # (K,)
+    tent_x = (1 - (xs[:, None] - offsets).abs()).clamp(min=0)  # (N, K) bilinear weight of each column
+    tent_y = (1 - (ys[:, None] - offsets).abs()).clamp(min=0)  # (N, K) and of each row
+    disk = tent_y.T @ tent_x  # (K, K)
 
     taps = torch.arange(-g, g + 1, dtype=torch.float64)
     gauss = torch.exp(-(taps**2) / (2 * alias_sigma**2))
@@ -192,11 +202,25 @@ def _elastic_transform(x: Tensor, alpha: float, generator: torch.Generator | Non
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _block_average(size: int, blocks: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """For one axis of ``size`` pixels split into ``blocks`` <= size blocks: the (blocks, size) matrix that
+    averages each block and the (size,) block index of each pixel (nearest-neighbour, pixel centres)."""
+    index = ((torch.arange(size, device=x.device) + 0.5) * blocks / size).floor().long()
+    members = F.one_hot(index, blocks).T.to(x.dtype)  # (blocks, size)
+    return members / members.sum(dim=1, keepdim=True), index
+
+
 def _pixelate(x: Tensor, factor: float, generator: torch.Generator | None) -> Tensor:
+    # Down to int(factor * side) (as ImageNet-C) with a box filter, back up with nearest neighbour. Each box
+    # covers exactly the pixels that nearest neighbour later fills from it, so blocks are 1/factor rounded down
+    # or up pixels wide; for an integer 1/factor this is average pooling followed by nearest upsampling.
+    # (Resizing with torch's "area" mode instead misaligns the boxes with the nearest-neighbour blocks for
+    # fractional factors, which makes severity 1 (0.6) change the image more than severity 2 (0.5).)
     h, w = x.shape[-2:]
-    small = (max(int(h * factor), 1), max(int(w * factor), 1))  # int() as ImageNet-C
-    x = F.interpolate(x, size=small, mode="area")  # box filter (PIL BOX); exact average pooling for integer factors
-    return F.interpolate(x, size=(h, w), mode="nearest-exact")
+    rows, row_index = _block_average(h, max(int(h * factor), 1), x)
+    cols, col_index = _block_average(w, max(int(w * factor), 1), x)
+    small = rows @ x @ cols.T  # (B, C, h', w')
+    return small[..., row_index, :][..., col_index]
 
 
 def _jpeg_compression(x: Tensor, quality: int, generator: torch.Generator | None) -> Tensor:
