@@ -113,6 +113,11 @@ class AdversarialTargetCallback(L.Callback):
         The module is in eval mode during the attack (no dropout, no running-statistic updates) and
         gets its own modes back; parameters receive no gradient.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "AdversarialTargetCallback needs autograd, but this loop runs under torch.inference_mode: "
+                "set trainer.inference_mode: false (the advmim CLI's default)"
+            )
         rank = pl_module.trainer.global_rank if pl_module._trainer is not None else 0
         generator = self.ensure_generator(x.device, rank)
         eps = self.eps * self.ramp(pl_module._trainer)

@@ -11,8 +11,8 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveIn
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from advmim_pl.adversarial.attack import frozen_eval
-from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.adversarial.attack import Objective, frozen_eval
+from advmim_pl.adversarial.callback import AdversarialTargetCallback, AttackResult
 from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
@@ -131,8 +131,12 @@ class PretrainModule(L.LightningModule):
                 if part is not None:
                     part.compile()
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        """Find the attack callback; for fit, refuse a module/callback mismatch before training starts."""
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
+        self.attack = callbacks[0] if callbacks else None
+        if stage != "fit":
+            return
         if self.hparams.adversarial and not callbacks:
             raise RuntimeError(
                 "PretrainModule(adversarial=True) needs an AdversarialTargetCallback on the trainer. Add\n"
@@ -144,7 +148,6 @@ class PretrainModule(L.LightningModule):
                 "An AdversarialTargetCallback is on the trainer but the module was built without the plug-in: "
                 "set model.init_args.adversarial: true, or remove the callback for the baseline."
             )
-        self.attack = callbacks[0] if callbacks else None
 
     # ---- the step ------------------------------------------------------------------------------------
     def _aux_decoder(self) -> torch.nn.Module:
@@ -185,38 +188,41 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss_clean", loss_clean)
         loss, x_adv = loss_clean, None
         if self.hparams.adversarial:
-            loss_aux, x_adv = self._aux_loss(x, mask, latent)
+            loss_aux, result, objective = self._aux_loss(x, mask, latent)
+            x_adv = result.x_adv
             loss = loss_clean + self.hparams.aux_weight * self.attack.ramp(self.trainer) * loss_aux
+            self._log_attack(x, loss_aux, result, objective)
         self.log("train/loss", loss, prog_bar=True)
         if self.attack is not None and self.attack.should_log_images(self.trainer):
             self.visuals = self._visuals(x, mask, pred, x_adv)
         return loss
 
-    def _aux_loss(self, x: Tensor, mask: Mask, latent: Tensor) -> tuple[Tensor, Tensor]:
-        """AEMIM auxiliary reconstruction. Returns (L_aux, x_adv (B, C, H, W))."""
-        method, encoder, attack = self.method, self.encoder, self.attack
+    def _aux_loss(self, x: Tensor, mask: Mask, latent: Tensor) -> tuple[Tensor, AttackResult, Objective]:
+        """AEMIM auxiliary reconstruction under ``mask``, attacking from this step's clean ``latent``.
+
+        Returns (L_aux, the attack result, the objective it maximised).
+        """
+        method, encoder = self.method, self.encoder
         objective = self.feature_objective(x, mask, latent)
-        result = attack.generate(self, x, objective)
-        attack.record_finite(result.finite, self.trainer)
+        result = self.attack.generate(self, x, objective)
         x_in = result.x_adv if self.hparams.aux_input == "adversarial" else x
         x_tgt = result.x_adv if self.hparams.aux_target == "adversarial" else x
         with branch(encoder, "aux"):
             latent_aux = method.encode(encoder, x_in, mask)
         loss_aux = method.loss(method.decode(self._aux_decoder(), latent_aux, mask), x_tgt, mask, encoder)
+        return loss_aux, result, objective
+
+    def _log_attack(self, x: Tensor, loss_aux: Tensor, result: AttackResult, objective: Objective) -> None:
+        """Training metrics of the plug-in; the objective before/after costs two no-grad encoder passes, so it
+        is computed on the trainer's logging steps only."""
+        self.attack.record_finite(result.finite, self.trainer)
         self.log("train/loss_aux", loss_aux)
         self.log("attack/delta_linf", result.delta_linf)
-        self.log(
-            "attack/nonfinite_batches",
-            (~result.finite).float(),
-            reduce_fx="sum",
-            on_step=False,
-            on_epoch=True,
-        )
+        self.log("attack/nonfinite_batches", (~result.finite).float(), reduce_fx="sum", on_step=False, on_epoch=True)
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
             with torch.no_grad(), frozen_eval(self):
                 self.log("attack/objective_clean", objective(x).mean())
                 self.log("attack/objective_adv", objective(result.x_adv).mean())
-        return loss_aux, result.x_adv
 
     def _visuals(self, x: Tensor, mask: Mask, pred: Tensor, x_adv: Tensor | None) -> dict[str, Tensor]:
         """Image grids for TensorBoard: clean, masked, reconstruction, adversarial, amplified perturbation."""
@@ -235,11 +241,18 @@ class PretrainModule(L.LightningModule):
         return {k: v.detach() for k, v in visuals.items()}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Clean reconstruction loss under a mask fixed per batch index (comparable across epochs); with the
+        callback's ``on_validation``, also the auxiliary loss on freshly crafted targets."""
         x = batch[0]
         generator = torch.Generator(device=x.device).manual_seed(batch_idx)
         mask = self.method.sample_mask(self.encoder, x.shape[0], x.device, generator)
-        pred = self.method.decode(self.decoder, self.method.encode(self.encoder, x, mask), mask)
+        latent = self.method.encode(self.encoder, x, mask)
+        pred = self.method.decode(self.decoder, latent, mask)
         self.log("val/loss", self.method.loss(pred, x, mask, self.encoder), prog_bar=True, sync_dist=True)
+        if self.attack is not None and self.attack.on_validation:
+            loss_aux, result, _ = self._aux_loss(x, mask, latent)
+            self.log("val/loss_aux", loss_aux, sync_dist=True)
+            self.log("val/delta_linf", result.delta_linf, sync_dist=True)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

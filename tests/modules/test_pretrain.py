@@ -212,3 +212,15 @@ def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
     ):
         assert id(named[name]) in no_decay, name
     assert id(named["encoder.vit.pos_embed"]) not in no_decay | {id(p) for p in groups[0]["params"]}  # frozen
+
+
+def test_validation_batches_get_adversarial_targets_when_asked():
+    module = micro_module(adversarial=True)
+    attack = RecordingAttack(on_validation=True, eps=8 / 255)
+    t = trainer(3, [attack], inference_mode=False, limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=0)
+    t.fit(module, loader(), loader(n=16, seed=1))
+    assert len(attack.crafted) == 3 + 2  # three training batches, two validation batches
+    assert 0 < t.callback_metrics["val/delta_linf"] <= 8 / 255 + 1e-6
+    assert torch.isfinite(t.callback_metrics["val/loss_aux"])
+    with pytest.raises(RuntimeError, match="inference_mode: false"):  # trainer.validate runs under inference mode
+        trainer(1, [AdversarialTargetCallback(on_validation=True)]).validate(module, loader(n=16))
