@@ -5,10 +5,13 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
 
 CONFIG_FLAGS = ("--config", "-c")
 
@@ -56,7 +59,9 @@ class AdvMIMCLI(LightningCLI):
     - ``attack:`` (optional) configures the ``AdversarialTargetCallback``; setting it turns the
       plug-in on in the module (``model.init_args.adversarial`` is derived from it), leaving it null
       gives the plain MIM baseline.
-    - ``checkpoint:`` (last + best on ``val/loss``), ``lr_monitor:`` and ``progress_bar:`` are always on.
+    - ``checkpoint:`` (last + best on ``val/loss``), ``nonfinite:`` (skip non-finite steps), ``lr_monitor:`` and
+      ``progress_bar:`` are always on; checkpoints are read through ``SafeCheckpointIO``.
+    - ``--ckpt_path last`` resumes the newest run in ``runs/`` and keeps logging into it.
     - Image size, channels, normalisation and batch size flow from the DataModule to the model.
     """
 
@@ -91,6 +96,7 @@ class AdvMIMCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
@@ -103,6 +109,30 @@ class AdvMIMCLI(LightningCLI):
         ):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters with a bare ``torch.load``; check the file first so
+        that a truncated checkpoint is a one-line error."""
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        ckpt_path = config.get("ckpt_path") if isinstance(config, Namespace) else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` resumes the newest run under the logger's folder, logging into that run."""
+        config = self.config.get(str(self.subcommand), self.config)
+        if config.get("ckpt_path") != "last":
+            return
+        logger = config.trainer.logger
+        if not (isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")):
+            return  # Lightning's own "last" lookup (in the checkpoint callback's folder)
+        runs = Path(logger.init_args.save_dir) / logger.init_args.name
+        found = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
+        if not found:
+            raise SystemExit(f"advmim: --ckpt_path last: no {runs}/version_*/checkpoints/last.ckpt to resume from")
+        config.ckpt_path = str(found[-1])
+        logger.init_args.version = int(found[-1].parts[-3].split("_")[1])
+
     def instantiate_classes(self) -> None:
         """Constructor checks (sizes, paths, options) become one-line configuration errors, not tracebacks."""
         try:
@@ -112,9 +142,14 @@ class AdvMIMCLI(LightningCLI):
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
 
     def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
         attack = self._get(self.config_init, "attack")
         if attack is not None:
-            callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            callbacks = trainer_config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             kwargs["callbacks"] = [*callbacks, attack]
         return super().instantiate_trainer(**kwargs)
@@ -130,7 +165,7 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         path = export_encoder(args.ckpt_path, args.output)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, CheckpointError, ValueError, KeyError) as err:
         raise SystemExit(f"advmim export: {err}") from None
     print(f"wrote {path}")
 
@@ -141,10 +176,13 @@ def main(argv: list[str] | None = None) -> AdvMIMCLI | None:
     if args[:1] == ["export"]:
         export_main(args[1:])
         return None
-    if argv is None:
-        sys.argv[1:] = resolve_config_args(args)
-        return AdvMIMCLI()
-    return AdvMIMCLI(args=resolve_config_args(args))
+    try:
+        if argv is None:
+            sys.argv[1:] = resolve_config_args(args)
+            return AdvMIMCLI()
+        return AdvMIMCLI(args=resolve_config_args(args))
+    except CheckpointError as err:
+        raise SystemExit(f"advmim: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Export the pre-trained clean encoder (psi_e and phi_c) as a plain timm ViT state dict (safetensors)."""
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from advmim_pl.models.branch_norm import clean_state_dict
+from advmim_pl.reliability import read_checkpoint
 
 ENCODER_PREFIX = "encoder.vit."
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a Lightning checkpoint on the CPU, with a clear error for missing or damaged files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, OSError) as err:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is truncated or not a checkpoint ({type(err).__name__}: {err}); "
-            "use another one, e.g. the previous last.ckpt"
-        ) from None
 
 
 def encoder_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -56,7 +42,7 @@ def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
     The file loads with ``timm.create_model(**kwargs).load_state_dict(load_file(output))``, strict; the
     create-model arguments and the pixel normalisation (mean, std) are stored in the file's metadata.
     """
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters", {})
     state = encoder_state_dict(checkpoint["state_dict"])
     kwargs = timm_kwargs(hparams)

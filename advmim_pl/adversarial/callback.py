@@ -121,10 +121,17 @@ class AdversarialTargetCallback(L.Callback):
         rank = pl_module.trainer.global_rank if pl_module._trainer is not None else 0
         generator = self.ensure_generator(x.device, rank)
         eps = self.eps * self.ramp(pl_module._trainer)
-        with frozen_eval(pl_module):
-            x_adv, finite = perturb(
-                self.perturbation, objective, x, eps, self.steps, self.step_size, self.random_start, generator
-            )
+        try:
+            with frozen_eval(pl_module):
+                x_adv, finite = perturb(
+                    self.perturbation, objective, x, eps, self.steps, self.step_size, self.random_start, generator
+                )
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory while crafting adversarial targets for a batch of {x.shape[0]} with "
+                f"{self.steps} PGD step(s): lower data.init_args.batch_size (and raise "
+                "trainer.accumulate_grad_batches to keep the total batch) or use fewer attack steps"
+            ) from err
         delta = (x_adv.float() - x.float()).abs().flatten(1).amax(dim=1).mean()
         return AttackResult(x_adv.detach(), finite, delta)
 

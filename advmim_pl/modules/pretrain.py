@@ -21,8 +21,8 @@ from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight
 
 
 def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
-    """AdamW with the MAE recipe's betas (0.9, 0.95); lr and weight decay are set per group."""
-    return torch.optim.AdamW(params, betas=(0.9, 0.95))
+    """Fused AdamW with the MAE recipe's betas (0.9, 0.95); lr and weight decay are set per group."""
+    return torch.optim.AdamW(params, betas=(0.9, 0.95), fused=True)
 
 
 class PretrainModule(L.LightningModule):
@@ -123,6 +123,8 @@ class PretrainModule(L.LightningModule):
                 self.aux_decoder = method.make_decoder(self.encoder)
         self.attack: AdversarialTargetCallback | None = None
         self.visuals: dict[str, Tensor] | None = None
+        self.mask_generator: torch.Generator | None = None
+        self._pending_mask_rng: Tensor | None = None
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -133,6 +135,7 @@ class PretrainModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Find the attack callback; for fit, refuse a module/callback mismatch before training starts."""
+        self._mask_rng()
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
         self.attack = callbacks[0] if callbacks else None
         if stage != "fit":
@@ -148,6 +151,25 @@ class PretrainModule(L.LightningModule):
                 "An AdversarialTargetCallback is on the trainer but the module was built without the plug-in: "
                 "set model.init_args.adversarial: true, or remove the callback for the baseline."
             )
+
+    def _mask_rng(self) -> torch.Generator:
+        """The generator of training masks, on the module's device: seeded from the global seed and the rank,
+        saved in checkpoints, so a resumed run draws the masks the uninterrupted run would have drawn."""
+        if self.mask_generator is None or self.mask_generator.device != self.device:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self.mask_generator = torch.Generator(device=self.device).manual_seed(torch.initial_seed() + rank)
+        if self._pending_mask_rng is not None:
+            self.mask_generator.set_state(self._pending_mask_rng)
+            self._pending_mask_rng = None
+        return self.mask_generator
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mask_rng"] = self._mask_rng().get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_mask_rng = checkpoint.get("mask_rng")
+        if self.mask_generator is not None:
+            self._mask_rng()
 
     # ---- the step ------------------------------------------------------------------------------------
     def _aux_decoder(self) -> torch.nn.Module:
@@ -181,7 +203,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
         method, encoder = self.method, self.encoder
-        mask = method.sample_mask(encoder, x.shape[0], x.device)
+        mask = method.sample_mask(encoder, x.shape[0], x.device, self._mask_rng())
         latent = method.encode(encoder, x, mask)
         pred = method.decode(self.decoder, latent, mask)
         loss_clean = method.loss(pred, x, mask, encoder)

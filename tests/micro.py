@@ -1,0 +1,48 @@
+"""Micro pre-training setups shared by tests: a 2-block, 64-wide ViT on 32-px grey images, batch 8."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.modules import PretrainModule
+
+MICRO = dict(
+    encoder="vit_base_patch16_224",
+    img_size=32,
+    patch_size=4,
+    in_chans=1,
+    mean=(0.5,),
+    std=(0.25,),
+    encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=4),
+    batch_size=8,
+    base_lr=1e-2,
+    warmup_epochs=0,
+)
+
+
+def micro_module(method: str = "mae", seed: int = 0, **overrides) -> PretrainModule:
+    torch.manual_seed(seed)
+    host = MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4) if method == "mae" else SimMIM(mask_patch_size=8)
+    return PretrainModule(method=host, **{**MICRO, **overrides})
+
+
+def loader(n: int = 24, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 32, 32, generator=g)
+    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=8, shuffle=False)
+
+
+def trainer(max_steps: int, callbacks=(), precision: str | None = "32-true", **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        precision=precision,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kwargs,
+    )
