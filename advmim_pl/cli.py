@@ -6,7 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -153,6 +153,12 @@ class AdvMIMCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             kwargs["callbacks"] = [*callbacks, attack]
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """``trainer.enable_progress_bar: false`` also drops the always-on progress bar."""
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def export_main(argv: list[str]) -> None:
