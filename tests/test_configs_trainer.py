@@ -1,0 +1,180 @@
+"""configs/trainer/*.yaml: each composes on a job, and the strategies they name really get built."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from timm.models.vision_transformer import Block
+from torch.distributed.fsdp import ShardingStrategy
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+from advmim_pl.cli import AdvMIMCLI, main, resolve_config_args
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "trainer"
+TRAINER_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+# environment variables a launcher may have left in the test process; each test starts without them
+LAUNCHER_ENV = (
+    "TORCHELASTIC_RUN_ID",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_NNODES",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_NODELIST",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NAME",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_env(monkeypatch):
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def leaves(tree, prefix=()):
+    """{(key, path, ...): value} for every scalar or list in a nested YAML mapping."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, (*prefix, key)).items()}
+    return {prefix: tree}
+
+
+def printed_config(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def cli(*args: str) -> AdvMIMCLI:
+    return AdvMIMCLI(args=resolve_config_args(["-c", "quickstart_adv.yaml", *args]), run=False)
+
+
+def test_the_five_trainer_configs_exist_and_every_key_is_commented():
+    assert [p.stem for p in TRAINER_CONFIGS] == ["ddp", "fsdp", "gpu", "multinode", "tpu"]
+    for path in TRAINER_CONFIGS:
+        for line in path.read_text().splitlines():
+            body = line.split("#", 1)[0]
+            if body.strip() and not body.strip().startswith("- ") and body.rstrip().endswith(":"):
+                continue  # a section header ("trainer:", "init_args:") or a key whose value is a list below
+            if body.strip():
+                assert "#" in line, f"{path.name}: uncommented key {line.strip()!r}"
+
+
+@pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.name)
+def test_trainer_configs_compose_on_a_job(config, capsys):
+    printed = printed_config(capsys, "-c", "quickstart_adv.yaml", "-c", f"trainer/{config.name}")
+    composed = leaves(printed)
+    for key, value in leaves(yaml.safe_load(config.read_text())).items():
+        assert composed[key] == value, key
+    # the job itself is untouched: same data, same attack
+    base = leaves(printed_config(capsys, "-c", "quickstart_adv.yaml"))
+    for key in (("data", "init_args", "batch_size"), ("attack", "init_args", "eps"), ("model", "init_args", "encoder")):
+        assert composed[key] == base[key]
+    if config.stem == "tpu":  # the only model key a trainer file sets; the rest of the optimizer is the job's
+        optimizer = printed["model"]["init_args"]["optimizer"]
+        assert optimizer["class_path"] == "torch.optim.AdamW" and optimizer["init_args"]["betas"] == [0.9, 0.95]
+
+
+def test_ddp_config_builds_a_ddp_trainer_on_cpu():
+    built = cli("-c", "trainer/ddp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    strategy = built.trainer.strategy
+    assert isinstance(strategy, DDPStrategy)
+    expected = yaml.safe_load((CONFIGS / "ddp.yaml").read_text())["trainer"]["strategy"]["init_args"]
+    assert expected.keys() == {"find_unused_parameters", "gradient_as_bucket_view", "static_graph"}
+    assert {k: strategy._ddp_kwargs[k] for k in expected} == expected  # reaches torch's DistributedDataParallel
+    assert expected["gradient_as_bucket_view"] is True and expected["static_graph"] is False
+    assert built.trainer.world_size == 1
+    assert strategy.process_group_backend is None  # chosen at setup: gloo on CPU, nccl on CUDA
+    # the plug-in is on the trainer under DDP too
+    assert any(type(c).__name__ == "AdversarialTargetCallback" for c in built.trainer.callbacks)
+
+
+class StrategyOnlyCLI(AdvMIMCLI):
+    """Builds everything from the config but the Trainer: Lightning refuses FSDP without CUDA devices."""
+
+    def instantiate_trainer(self, **kwargs):
+        self.strategy = self._get(self.config_init, "trainer")["strategy"]
+        return None
+
+
+def test_fsdp_config_builds_a_block_wrapping_full_shard_strategy():
+    built = StrategyOnlyCLI(
+        args=resolve_config_args(["-c", "quickstart_adv.yaml", "-c", "trainer/fsdp.yaml"]), run=False
+    )
+    strategy = built.strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy)
+    # the policy wraps exactly the transformer blocks: every encoder block and every block of both MAE decoders
+    model = built.model
+    wrapped = set(policy._run_policy(model, ignored_modules=set(), root_kwargs={})) - {model}
+    blocks = [*model.encoder.vit.blocks, *model.decoder.blocks, *model.aux_decoder.blocks]
+    assert len(blocks) == 6 + 2 + 2
+    assert wrapped == set(blocks) and all(isinstance(b, Block) for b in blocks)
+
+
+def test_fsdp_config_is_refused_on_cpu_with_a_clear_error():
+    with pytest.raises(SystemExit, match="requires a GPU accelerator"):
+        cli("-c", "trainer/fsdp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+
+
+def test_multinode_config_under_slurm_takes_the_ranks_from_srun(monkeypatch):
+    # what srun sets for task 3 of `--nodes=2 --ntasks-per-node=2` (CPU stand-in for 2 x 8 GPUs)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_NODELIST", "node[07-08]")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_JOB_NAME", "advmim")
+    base = ("-c", "trainer/multinode.yaml", "--trainer.accelerator", "cpu")
+    trainer = cli(*base, "--trainer.devices", "2").trainer
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (4, 3, 1, 1)
+    assert trainer.strategy.cluster_environment.main_address == "node07"
+    assert isinstance(trainer.strategy, DDPStrategy)
+    # devices that disagree with --ntasks-per-node are refused when the launcher starts, before any training
+    trainer = cli(*base, "--trainer.devices", "1").trainer
+    with pytest.raises(ValueError, match="ntasks-per-node=2"):
+        trainer.strategy.cluster_environment.validate_settings(trainer.num_devices, trainer.num_nodes)
+
+
+@pytest.mark.parametrize("inside_slurm", [False, True])
+def test_multinode_config_under_torchrun_takes_the_ranks_from_torchrun(inside_slurm, monkeypatch):
+    # what torchrun sets for local process 0 on node 1 of `--nnodes 2 --nproc_per_node 1`
+    for name, value in dict(
+        TORCHELASTIC_RUN_ID="advmim",
+        RANK="1",
+        LOCAL_RANK="0",
+        GROUP_RANK="1",
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29500",
+    ).items():
+        monkeypatch.setenv(name, value)
+    if inside_slurm:  # torchrun started by one srun task per node: scripts/torchrun_multinode.sh hides SLURM
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
+        monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
+    args = ("-c", "trainer/multinode.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    trainer = cli(*args).trainer
+    assert isinstance(trainer.strategy.cluster_environment, TorchElasticEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.node_rank) == (2, 1, 1)
+    # devices x num_nodes that disagree with torchrun's world size are refused when the launcher starts
+    with pytest.raises(ValueError, match="does not match the world size"):
+        trainer.strategy.cluster_environment.validate_settings(num_devices=2, num_nodes=2)
