@@ -9,6 +9,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
@@ -62,7 +63,8 @@ class AdvMIMCLI(LightningCLI):
     - ``checkpoint:`` (last + best on ``val/loss``), ``nonfinite:`` (skip non-finite steps), ``lr_monitor:`` and
       ``progress_bar:`` are always on; checkpoints are read through ``SafeCheckpointIO``.
     - ``--ckpt_path last`` resumes the newest run in ``runs/`` and keeps logging into it.
-    - Image size, channels, normalisation and batch size flow from the DataModule to the model.
+    - Image size, channels, normalisation and batch size flow from the DataModule to the model, and so does
+      ``num_classes`` for the classification modules.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -108,6 +110,9 @@ class AdvMIMCLI(LightningCLI):
             ("batch_size", "batch_size"),
         ):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+        # Classification modules take num_classes from the data. jsonargparse skips an instantiation link whose
+        # target the chosen model class does not have (PretrainModule) or whose source object lacks the attribute.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``--ckpt_path``'s hyperparameters with a bare ``torch.load``; check the file first so
@@ -134,10 +139,11 @@ class AdvMIMCLI(LightningCLI):
         logger.init_args.version = int(found[-1].parts[-3].split("_")[1])
 
     def instantiate_classes(self) -> None:
-        """Constructor checks (sizes, paths, options) become one-line configuration errors, not tracebacks."""
+        """Constructor checks (sizes, paths, options, devices the machine lacks) become one-line configuration
+        errors, not tracebacks."""
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError, MisconfigurationException) as err:
             cause = err.__cause__ or err
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
 
@@ -176,8 +182,9 @@ def export_main(argv: list[str]) -> None:
     print(f"wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> AdvMIMCLI | None:
-    """Entry point of ``advmim``; ``argv`` defaults to the command line (tests pass a list)."""
+def run(argv: list[str] | None = None) -> AdvMIMCLI | None:
+    """Run an ``advmim`` command; ``argv`` defaults to the command line. Returns the CLI (None for ``export``),
+    so that tests and notebooks can look at the trainer and the model afterwards."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["export"]:
         export_main(args[1:])
@@ -189,6 +196,11 @@ def main(argv: list[str] | None = None) -> AdvMIMCLI | None:
         return AdvMIMCLI(args=resolve_config_args(args))
     except CheckpointError as err:
         raise SystemExit(f"advmim: {err}") from None
+
+
+def main() -> None:
+    """The ``advmim`` console script: runs the command line and exits with status 0 on success."""
+    run()
 
 
 if __name__ == "__main__":

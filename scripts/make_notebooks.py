@@ -20,7 +20,7 @@ QUICKSTART = [
         "import matplotlib.pyplot as plt\n"
         "import torch\n\n"
         "from advmim_pl.adversarial import perturb\n"
-        "from advmim_pl.cli import main\n"
+        "from advmim_pl.cli import run\n"
         "from advmim_pl.mim.losses import upsample_mask\n"
         "from advmim_pl.modules import PretrainModule\n\n"
         "CHECKPOINT = None  # e.g. 'runs/advmim/version_0/checkpoints/last.ckpt'\n"
@@ -29,7 +29,7 @@ QUICKSTART = [
     new_code_cell(
         "workdir = tempfile.mkdtemp()\n"
         "os.chdir(workdir)  # runs/ goes here\n"
-        "cli = main(['fit', '-c', 'quickstart_adv.yaml', '--trainer.max_epochs', '1',\n"
+        "cli = run(['fit', '-c', 'quickstart_adv.yaml', '--trainer.max_epochs', '1',\n"
         "            '--trainer.enable_progress_bar', 'false', '--data.init_args.num_workers', '0'])\n"
         "module, data = cli.model, cli.datamodule\n"
         "if CHECKPOINT:\n"

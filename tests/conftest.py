@@ -13,7 +13,9 @@ def pytest_configure(config):
 
 
 MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)
-MICRO_ENCODER = dict(name="vit_base_patch16_224", img_size=32, patch_size=4, in_chans=1, mean=(0.5,), std=(0.25,))
+MICRO_ENCODER = dict(
+    name="vit_base_patch16_224", img_size=32, patch_size=4, in_chans=1, mean=(0.5,), std=(0.25,), mask_token=True
+)
 
 
 @pytest.fixture

@@ -6,11 +6,12 @@ import pytest
 import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from timm.models.vision_transformer import Block
 from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from advmim_pl.cli import AdvMIMCLI, main, resolve_config_args
+from advmim_pl.cli import AdvMIMCLI, resolve_config_args, run
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "trainer"
 TRAINER_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -38,8 +39,11 @@ LAUNCHER_ENV = (
 
 @pytest.fixture(autouse=True)
 def no_launcher_env(monkeypatch):
+    """No launcher variables leak in, and the process-wide rank a simulated cluster sets does not leak out
+    (a non-zero rank would silence every later rank_zero_warn)."""
     for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
 
 
 def leaves(tree, prefix=()):
@@ -51,7 +55,7 @@ def leaves(tree, prefix=()):
 
 def printed_config(capsys, *args) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--print_config"])
+        run(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 

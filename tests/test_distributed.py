@@ -6,7 +6,6 @@ Spawned processes unpickle the module and callbacks, so everything they use is d
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 import yaml
 from lightning.pytorch.strategies import DDPStrategy
@@ -131,11 +130,6 @@ def test_ddp_ranks_craft_targets_for_their_own_shards_and_stay_in_sync(tmp_path,
     assert any(name.startswith("aux_decoder.") for name in changed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MaskedViT always creates SimMIM's mask_token, which MAE never uses; DDP with "
-    "find_unused_parameters: false then fails at the second step, so configs/trainer/ddp.yaml sets it true",
-)
 def test_mae_gives_every_trainable_parameter_a_gradient():
     """What ``find_unused_parameters: false`` needs: every trainable parameter gets a gradient each step."""
     missing = []

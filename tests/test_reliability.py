@@ -14,7 +14,7 @@ from micro import loader, micro_module, trainer
 
 from advmim_pl import adversarial
 from advmim_pl.adversarial import AdversarialTargetCallback
-from advmim_pl.cli import main
+from advmim_pl.cli import run
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, read_checkpoint
 
 
@@ -68,7 +68,7 @@ def test_truncated_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="bad.ckpt' is truncated or not a checkpoint"):
         read_checkpoint(bad)
     with pytest.raises(SystemExit, match="truncated or not a checkpoint"):
-        main(["fit", "-c", "quickstart.yaml", "--trainer.max_steps", "1", "--ckpt_path", str(bad)])
+        run(["fit", "-c", "quickstart.yaml", "--trainer.max_steps", "1", "--ckpt_path", str(bad)])
 
 
 SAVER = """
@@ -97,9 +97,9 @@ def test_a_kill_during_a_save_never_leaves_a_half_written_checkpoint(tmp_path):
 def test_ckpt_path_last_resumes_the_newest_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "-c", "quickstart.yaml", "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "1"]
-    main([*args, "--trainer.max_steps", "2"])
-    main([*args, "--trainer.max_steps", "2"])  # a second, newer run
-    cli = main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    run([*args, "--trainer.max_steps", "2"])
+    run([*args, "--trainer.max_steps", "2"])  # a second, newer run
+    cli = run([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
     assert Path(cli.trainer.logger.log_dir).name == "version_1"  # logs continue in the resumed run
     assert cli.trainer.global_step == 4
     assert not (tmp_path / "runs" / "advmim" / "version_2").exists()

@@ -98,7 +98,7 @@ class AdversarialTargetCallback(L.Callback):
 
     # ---- generation ---------------------------------------------------------------------------------
     def ensure_generator(self, device: torch.device, rank: int = 0) -> torch.Generator:
-        """The callback's RNG on ``device``; seeded once, or restored from a checkpoint."""
+        """The callback's RNG on ``device``, made at the first draw: seeded, or restored from a checkpoint."""
         if self.generator is None or self.generator.device != torch.device(device):
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.seed + rank)
@@ -136,9 +136,6 @@ class AdversarialTargetCallback(L.Callback):
         return AttackResult(x_adv.detach(), finite, delta)
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.ensure_generator(pl_module.device, trainer.global_rank)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         visuals = getattr(pl_module, "visuals", None)
         if visuals:
@@ -185,7 +182,9 @@ class AdversarialTargetCallback(L.Callback):
                 "warmup_epochs": self.warmup_epochs,
                 "seed": self.seed,
             },
-            "rng": None if self.generator is None else self.generator.get_state(),
+            "rng": self._pending_rng
+            if self._pending_rng is not None or self.generator is None
+            else self.generator.get_state(),
             "nonfinite_batches": self.nonfinite_batches,
         }
 
@@ -197,10 +196,8 @@ class AdversarialTargetCallback(L.Callback):
             rank_zero_warn(f"AdversarialTargetCallback settings differ from the checkpoint (saved, now): {changed}")
         self._nonfinite = torch.tensor(state_dict["nonfinite_batches"])
         self._warned = self.nonfinite_batches
-        if state_dict["rng"] is not None:
-            self._pending_rng = state_dict["rng"]
-            if self.generator is not None:
-                self.ensure_generator(self.generator.device)
+        # applied at the next draw, on the batch's device (Lightning restores before moving the model)
+        self._pending_rng = state_dict["rng"]
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

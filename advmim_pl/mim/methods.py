@@ -33,6 +33,8 @@ def _check_ratio(mask_ratio: float) -> None:
 class MIMMethod(ABC):
     """Interface every host method implements."""
 
+    uses_mask_token: bool = False  # whether ``encode`` needs the encoder's learned mask token
+
     @abstractmethod
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
         """A freshly initialised decoder for ``encoder``."""
@@ -126,6 +128,8 @@ class SimMIM(MIMMethod):
     ``mask_patch_size`` is the side of a masked square in pixels (32 at 224 px in the paper); it must be
     a multiple of the encoder's patch size and divide the image size.
     """
+
+    uses_mask_token = True
 
     def __init__(self, mask_ratio: OpenUnitInterval = 0.6, mask_patch_size: PositiveInt = 32) -> None:
         _check_ratio(mask_ratio)

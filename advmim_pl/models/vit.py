@@ -19,7 +19,8 @@ class MaskedViT(nn.Module):
     """A timm ViT (``self.vit``) behind a pixel-space ``Normalize``, with two masked encodings.
 
     - ``forward_visible``: MAE-style, the transformer sees only the kept patch tokens.
-    - ``forward_masked``: SimMIM-style, masked patch embeddings are replaced by a learned mask token.
+    - ``forward_masked``: SimMIM-style, masked patch embeddings are replaced by a learned mask token
+      (built only with ``mask_token=True``, so that methods which never use it leave no unused parameter).
 
     Inputs are images in [0, 1], (B, C, H, W). Outputs are final-norm token features (B, P + N, D),
     P prefix (cls) tokens first. ``self.vit`` stays a plain timm model, so its ``state_dict`` loads into
@@ -37,6 +38,7 @@ class MaskedViT(nn.Module):
         drop_path_rate: float = 0.0,
         sincos_pos_embed: bool = True,
         model_kwargs: dict[str, Any] | None = None,
+        mask_token: bool = False,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -46,8 +48,10 @@ class MaskedViT(nn.Module):
             )
         if len(mean) != in_chans:
             raise ValueError(f"mean/std have {len(mean)} channels but in_chans is {in_chans}")
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm model {name!r}; e.g. {timm.list_models('vit_*_224')[:6]}")
+        vits = timm.list_models(module="vision_transformer")
+        if name not in vits:
+            examples = [m for m in vits if m.endswith("patch16_224")][:5]
+            raise ValueError(f"encoder {name!r} is not a timm VisionTransformer model name; e.g. {examples}")
         self.normalize = Normalize(mean, std)
         self.vit = timm.create_model(
             name,
@@ -61,7 +65,7 @@ class MaskedViT(nn.Module):
         )
         if not isinstance(self.vit, VisionTransformer) or self.vit.pos_embed is None:
             raise ValueError(f"{name!r} is not a timm VisionTransformer with absolute position embeddings")
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token else None
         self._init_weights(sincos_pos_embed)
 
     def _init_weights(self, sincos_pos_embed: bool) -> None:
@@ -143,6 +147,8 @@ class MaskedViT(nn.Module):
 
     def forward_masked(self, x: Tensor, mask: Tensor) -> Tensor:
         """Encode all patches with masked ones replaced: mask (B, N), 1 = masked -> (B, P + N, D)."""
+        if self.mask_token is None:
+            raise RuntimeError("forward_masked needs MaskedViT(mask_token=True)")
         patches = self._embed(x)
         w = mask.unsqueeze(-1).to(patches.dtype)
         patches = patches * (1 - w) + self.mask_token.to(patches.dtype) * w

@@ -113,6 +113,7 @@ class PretrainModule(L.LightningModule):
             drop_path_rate,
             sincos_pos_embed,
             encoder_kwargs,
+            mask_token=method.uses_mask_token,
         )
         self.decoder = method.make_decoder(self.encoder)
         self.aux_decoder = None
@@ -135,7 +136,6 @@ class PretrainModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Find the attack callback; for fit, refuse a module/callback mismatch before training starts."""
-        self._mask_rng()
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
         self.attack = callbacks[0] if callbacks else None
         if stage != "fit":
@@ -153,8 +153,9 @@ class PretrainModule(L.LightningModule):
             )
 
     def _mask_rng(self) -> torch.Generator:
-        """The generator of training masks, on the module's device: seeded from the global seed and the rank,
-        saved in checkpoints, so a resumed run draws the masks the uninterrupted run would have drawn."""
+        """The generator of training masks, on the module's device (made at the first draw): seeded from the global
+        seed and the rank, saved in checkpoints, so a resumed run draws the masks the uninterrupted run would
+        have drawn."""
         if self.mask_generator is None or self.mask_generator.device != self.device:
             rank = self.trainer.global_rank if self._trainer is not None else 0
             self.mask_generator = torch.Generator(device=self.device).manual_seed(torch.initial_seed() + rank)
@@ -167,9 +168,8 @@ class PretrainModule(L.LightningModule):
         checkpoint["mask_rng"] = self._mask_rng().get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # applied at the next draw: Lightning restores before it moves the model to its device
         self._pending_mask_rng = checkpoint.get("mask_rng")
-        if self.mask_generator is not None:
-            self._mask_rng()
 
     # ---- the step ------------------------------------------------------------------------------------
     def _aux_decoder(self) -> torch.nn.Module:
@@ -240,7 +240,14 @@ class PretrainModule(L.LightningModule):
         self.attack.record_finite(result.finite, self.trainer)
         self.log("train/loss_aux", loss_aux)
         self.log("attack/delta_linf", result.delta_linf)
-        self.log("attack/nonfinite_batches", (~result.finite).float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        self.log(
+            "attack/nonfinite_batches",
+            (~result.finite).float(),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
             with torch.no_grad(), frozen_eval(self):
                 self.log("attack/objective_clean", objective(x).mean())

@@ -12,7 +12,7 @@ from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.export import encoder_state_dict, export_encoder, load_exported
 from advmim_pl.models.branch_norm import branch, clean_state_dict
 from advmim_pl.modules import PretrainModule
-from advmim_pl.schedule import warmup_cosine
+from advmim_pl.schedule import warmup_cosine, weight_decay_groups
 
 
 def fit_from_seed(module: PretrainModule, steps: int, callbacks=()) -> PretrainModule:
@@ -165,13 +165,16 @@ def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
     named = dict(module.named_parameters())
     for name in (
         "encoder.vit.cls_token",
-        "encoder.mask_token",
         "encoder.vit.blocks.0.norm1.weight",
         "encoder.vit.blocks.0.attn.qkv.bias",
         "decoder.mask_token",
     ):
         assert id(named[name]) in no_decay, name
     assert id(named["encoder.vit.pos_embed"]) not in no_decay | {id(p) for p in groups[0]["params"]}  # frozen
+    assert "encoder.mask_token" not in named  # MAE has no use for SimMIM's token, so DDP finds no unused parameter
+    simmim = micro_module("simmim")
+    assert simmim.encoder.mask_token is not None
+    assert any(p is simmim.encoder.mask_token for p in weight_decay_groups(simmim, 0.05)[1]["params"])
 
 
 def test_validation_batches_get_adversarial_targets_when_asked():
