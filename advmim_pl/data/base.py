@@ -14,6 +14,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from advmim_pl.data.device import DeviceBatches
+from advmim_pl.data.resumable import ResumableSampler, SeededSamples, global_seed
+
 # torchvision's rgb_to_grayscale weights, used to derive grey statistics from RGB ones.
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -85,6 +88,7 @@ class ImageDataModule(LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
+        self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if num_workers < 0:
@@ -135,15 +139,40 @@ class ImageDataModule(LightningDataModule):
                 f"the training set has {len(dataset)} images, fewer than batch_size={self.batch_size}; "
                 "with drop_last=True no batch would be produced"
             )
-        return DataLoader(
-            dataset,
+        kwargs = dict(
             batch_size=self.batch_size,
-            shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+        if not train:
+            return DataLoader(dataset, **kwargs)
+        # an order and augmentation that a resumed run continues exactly (advmim_pl.data.resumable)
+        sampler = ResumableSampler(len(dataset), self.batch_size, global_seed(), self._position)
+        return DataLoader(SeededSamples(dataset), sampler=sampler, **kwargs)
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained) for the training order: from a restored checkpoint once,
+        else the trainer's current epoch from its start."""
+        if self._resume_at is not None:
+            position, self._resume_at = self._resume_at, None
+            return position
+        return (self.trainer.current_epoch if self.trainer is not None else 0), 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints by Lightning: where the training order stands."""
+        if self.trainer is None:
+            return {}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restored by Lightning before training starts; the next epoch iteration resumes mid-epoch."""
+        if state_dict:
+            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches with drop_last=True, so every batch has batch_size images."""
@@ -162,7 +191,30 @@ class InMemoryDataModule(ImageDataModule):
     """Data module whose splits fit in memory as uint8 tensors; subclasses implement ``load_splits``.
 
     The train split is used for training, the eval split for both validation and test.
+
+    With ``device_resident: true`` the train split's uint8 tensor is copied once to the trainer's device
+    and ``train_dataloader`` returns a ``DeviceBatches`` iterable instead of a DataLoader: each epoch's
+    permutation comes from a generator seeded with the global seed (``PL_GLOBAL_SEED``, 0 if unset) and
+    the epoch, batches are sliced on the device (drop_last) and random-resized-crop, flip and channel
+    conversion run batched there (``advmim_pl.data.device``; continuous crop boxes, no antialiasing).
+    ``num_workers`` and ``pin_memory`` then apply to validation and test only, which keep the DataLoader.
+    Under DDP each rank takes its own share of the same permutation.
     """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        img_size: int = 224,
+        channels: int = 3,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        hflip: bool = True,
+        pin_memory: bool = True,
+        device_resident: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, img_size, channels, crop_scale, hflip, pin_memory)
+        self.device_resident = device_resident
+        self._resident: tuple[Tensor, Tensor] | None = None
 
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return (train_images, train_labels, eval_images, eval_labels); images uint8 (N, C, H, W)."""
@@ -176,3 +228,26 @@ class InMemoryDataModule(ImageDataModule):
         self.train_set = TensorImageDataset(train_images, train_labels, self.train_transform())
         self.val_set = TensorImageDataset(eval_images, eval_labels, self.eval_transform())
         self.test_set = self.val_set
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        """Shuffled full batches: a DataLoader, or with ``device_resident`` batches made on the device."""
+        if not self.device_resident:
+            return super().train_dataloader()
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before requesting a dataloader")
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self._resident is None or self._resident[0].device != device:
+            self._resident = (self.train_set.images.to(device), self.train_set.labels.to(device))
+        return DeviceBatches(
+            *self._resident,
+            batch_size=self.batch_size,
+            out_size=self.img_size,
+            channels=self.channels,
+            scale=self.crop_scale,
+            hflip=self.hflip,
+            seed=global_seed(),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
+        )

@@ -1,0 +1,377 @@
+"""Training-step throughput of MAE, MAE+AEMIM (PGD-1, PGD-3), SimMIM and SimMIM+AEMIM PGD-1, in one run.
+
+Every configuration trains through the real PretrainModule, AdversarialTargetCallback and Lightning
+Trainer on one synthetic batch already in device memory (yielded again for every step: no loading,
+no collation, no host-device copy). Per configuration it reports images/s, ms/step, peak device memory,
+the FLOPs of one training step (forward + attack + backward, counted with FlopCounterMode on a separate
+one-step fit) and the achieved TFLOP/s, plus AEMIM / host-method ratios of time, memory and FLOPs.
+Results go to benchmarks/results/throughput_<device>_<model>_<img>px_bs<batch>[_compile][_<precision>].{json,md}.
+
+    python benchmarks/throughput.py --model vit_base_patch16_224 --img-size 224 --patch-size 16 \\
+        --batch-size 256 [--compile] [--precision bf16-mixed] [--steps 20] [--warmup 5]
+    python benchmarks/throughput.py --model vit_tiny_patch16_224 --img-size 32 --patch-size 4 \\
+        --batch-size 64 --steps 5 --warmup 2   # CPU smoke run, a few minutes on 2 cores
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.modules import PretrainModule
+
+REPO = Path(__file__).resolve().parents[1]
+# name: (host method, PGD steps of the AEMIM plug-in or None, baseline for the ratios)
+CONFIGS = {
+    "MAE": ("mae", None, None),
+    "MAE+AEMIM PGD-1": ("mae", 1, "MAE"),
+    "MAE+AEMIM PGD-3": ("mae", 3, "MAE"),
+    "SimMIM": ("simmim", None, None),
+    "SimMIM+AEMIM PGD-1": ("simmim", 1, "SimMIM"),
+}
+MIB = 2**20
+RATIOS = {"time_ratio": "ms_per_step", "mem_ratio": "peak_mem_mib", "flop_ratio": "gflop_per_step"}
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one timm's attention runs on.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: (
+        sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *_, out_shape=None, **__: (
+        sdpa_backward_flop_count(g, q, k, v)
+    ),
+}
+
+
+class StepClock(L.Callback):
+    """Timestamp at the start of every training batch, after synchronising the device.
+
+    The interval between two starts is one whole loop iteration: forward, attack, backward, optimizer
+    and scheduler step, Lightning's hooks, and fetching the next (device-resident) batch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+
+class RepeatedBatch:
+    """One (images, labels) batch in device memory, yielded ``length`` times per epoch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, length: int) -> None:
+        self.batch, self.length = (images, labels), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for _ in range(self.length):
+            yield self.batch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decoder_choice(args: argparse.Namespace) -> dict:
+    """MAE decoder size: the reference 512-d, 8 blocks, 16 heads for ViT-B and wider encoders, else 128/2/4."""
+    with torch.device("meta"):
+        vit = timm.create_model(
+            args.model, pretrained=False, num_classes=0, img_size=args.img_size, patch_size=args.patch_size
+        )
+    reference = vit.embed_dim >= 768
+    dim, depth, heads = (512, 8, 16) if reference else (128, 2, 4)
+    choice = {
+        "dim": args.decoder_dim or dim,
+        "depth": args.decoder_depth if args.decoder_depth is not None else depth,
+        "heads": args.decoder_heads or heads,
+        "encoder_embed_dim": vit.embed_dim,
+    }
+    automatic = (choice["dim"], choice["depth"], choice["heads"]) == (dim, depth, heads)
+    choice["why"] = (
+        ("MAE reference decoder (ViT-B and up)" if reference else "small decoder for an encoder narrower than ViT-B")
+        if automatic
+        else "set on the command line"
+    )
+    return choice
+
+
+def make_method(kind: str, args: argparse.Namespace, decoder: dict):
+    if kind == "mae":
+        return MAE(decoder_dim=decoder["dim"], decoder_depth=decoder["depth"], decoder_heads=decoder["heads"])
+    return SimMIM(mask_patch_size=simmim_mask_patch(args))
+
+
+def simmim_mask_patch(args: argparse.Namespace) -> int:
+    """SimMIM mask squares of 2x2 patches (32 px at patch 16, as in the paper) when they tile the image."""
+    return 2 * args.patch_size if args.img_size % (2 * args.patch_size) == 0 else args.patch_size
+
+
+def make_trainer(args: argparse.Namespace, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        # past the last step: no periodic metric syncs nor the module's logging-step objective passes
+        log_every_n_steps=max_steps + 1,
+    )
+
+
+def run_fit(name: str, args: argparse.Namespace, decoder: dict, max_steps: int, compile: bool, clock=None):
+    """Fit a fresh, identically initialised module of configuration ``name`` for ``max_steps`` steps."""
+    kind, attack_steps, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    module = PretrainModule(
+        method=make_method(kind, args, decoder),
+        encoder=args.model,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        in_chans=3,
+        batch_size=args.batch_size,
+        warmup_epochs=0,
+        adversarial=attack_steps is not None,
+        compile=compile,
+    )
+    callbacks = [clock] if clock is not None else []
+    if attack_steps is not None:
+        callbacks.append(AdversarialTargetCallback(steps=attack_steps, log_images_every_n_steps=0))
+    trainer = make_trainer(args, max_steps, callbacks)
+    device = trainer.strategy.root_device
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g, device=device)
+    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    trainer.fit(module, RepeatedBatch(images, labels, max_steps))
+
+
+class GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks on module inputs make
+    ``torch.autograd.grad`` with respect to a leaf input (the attack's x_adv) fail; counts go to 'Global'."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def count_flops(name: str, args: argparse.Namespace, decoder: dict) -> int:
+    """FLOPs of one training step (matmuls, convolutions, attention; forward, attack and backward)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    counter.mod_tracker = GlobalOnly()
+    with counter:
+        run_fit(name, args, decoder, max_steps=1, compile=False)
+    return counter.get_total_flops()
+
+
+def release(device: torch.device) -> None:
+    """Free the previous fit's memory, restart the peak-memory count and forget compiled graphs (each fit
+    compiles fresh modules; without the reset their recompilations pile up against dynamo's cache limit)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(name: str, args: argparse.Namespace, decoder: dict, device: torch.device) -> dict:
+    flops = count_flops(name, args, decoder)
+    release(device)
+    clock = StepClock(device)
+    run_fit(name, args, decoder, args.warmup + args.steps + 1, args.compile, clock)
+    intervals = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
+    seconds = statistics.median(intervals)
+    result = {
+        "ms_per_step": 1000 * seconds,
+        "ms_per_step_mean": 1000 * statistics.mean(intervals),
+        "ms_per_step_all": [1000 * s for s in intervals],
+        "images_per_s": args.batch_size / seconds,
+        "gflop_per_step": flops / 1e9,
+        "gflop_per_image": flops / 1e9 / args.batch_size,
+        "tflop_per_s": flops / seconds / 1e12,
+        "peak_mem_mib": torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None,
+        "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB,
+        "load_avg_1min": os.getloadavg()[0],  # other processes on the machine distort timings
+    }
+    release(device)
+    return result
+
+
+def add_ratios(results: dict) -> None:
+    """time / memory / FLOP ratios of each AEMIM configuration to its host method."""
+    for name, result in results.items():
+        base = results.get(CONFIGS[name][2] or "")
+        for key, field in RATIOS.items():
+            ok = base is not None and result[field] is not None and base[field]
+            result[key] = result[field] / base[field] if ok else None
+
+
+def device_info(device: torch.device) -> tuple[str, str]:
+    """(device description, file-name slug)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return name, name.lower().replace(" ", "-")
+    cores, cpu = os.cpu_count(), platform.processor() or platform.machine()
+    return f"CPU {cpu}, {cores} cores, torch threads: {torch.get_num_threads()}", f"cpu-{cores}core"
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """(short commit or 'unknown', whether tracked files differ from it)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+    except OSError:
+        return "unknown", None
+    if commit.returncode:
+        return "unknown", None
+    return commit.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(report: dict) -> str:
+    setup, decoder = report["setup"], report["setup"]["mae_decoder"]
+    loads = [r["load_avg_1min"] for r in report["results"].values()]
+    load = (min(loads), max(loads))
+    lines = [
+        f"# Training-step throughput: {setup['model']}, {setup['img_size']} px, patch {setup['patch_size']}, "
+        f"batch {setup['batch_size']}",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}, lightning {report['lightning']}, "
+        f"timm {report['timm']}; commit {report['commit']}{' (+ local changes)' if report['dirty'] else ''}",
+        f"- precision {setup['precision']}, compile {setup['compile']}, {setup['steps']} timed steps after "
+        f"{setup['warmup']} warm-up steps; median step",
+        f"- MAE decoder {decoder['dim']}-d, {decoder['depth']} blocks, {decoder['heads']} heads ({decoder['why']}; "
+        f"encoder {decoder['encoder_embed_dim']}-d); mask ratio 0.75. SimMIM mask squares "
+        f"{setup['simmim_mask_patch']} px, ratio 0.6",
+        "- AEMIM: AdversarialTargetCallback defaults (eps 4/255, same mask, random start), separate aux decoder, "
+        "branch norms",
+        f"- machine load (1-min average after each timed fit): {load[0]:.1f} to {load[1]:.1f} "
+        "(above the number of cores, other processes distort the timings)",
+        "",
+        "| configuration | images/s | ms/step | peak mem (MiB) | GFLOP/img | TFLOP/s | time x | mem x | FLOP x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        lines.append(
+            f"| {name} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {fmt(r['peak_mem_mib'], ',.0f')} | "
+            f"{r['gflop_per_image']:.3f} | {r['tflop_per_s']:.3f} | {fmt(r['time_ratio'], '.2f')} | "
+            f"{fmt(r['mem_ratio'], '.2f')} | {fmt(r['flop_ratio'], '.2f')} |"
+        )
+    lines += ["", *[f"- {note}" for note in report["notes"]], ""]
+    return "\n".join(lines)
+
+
+NOTES = [
+    "ms/step: median interval between the starts of consecutive training batches, device synchronised at "
+    "each (whole loop iteration: forward, attack, backward, AdamW + scheduler step, hooks, next batch).",
+    "GFLOP/img and TFLOP/s: FlopCounterMode over one real training step of the same (uncompiled) module "
+    "in a separate one-step fit; counts matmuls, convolutions and attention (2 FLOPs per multiply-add), "
+    "not element-wise ops or the optimizer.",
+    "time x, mem x, FLOP x: ratio to the host method (MAE, or SimMIM); FLOP x is the arithmetic floor of "
+    "the time ratio.",
+    "log_every_n_steps is past the last step, so the module's logging-step extras (objective of clean and "
+    "adversarial images, 2 no-grad encoder passes every log_every_n_steps steps) are not timed.",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--compile", action="store_true", help="PretrainModule(compile=True)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
+    parser.add_argument("--decoder-dim", type=int, default=None, help="MAE decoder width (default: by encoder)")
+    parser.add_argument("--decoder-depth", type=int, default=None)
+    parser.add_argument("--decoder-heads", type=int, default=None)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    names = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = make_trainer(args, 1, []).strategy.root_device
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    decoder = decoder_choice(args)
+    results = {}
+    for name in names:
+        results[name] = measure(name, args, decoder, device)
+        print(f"{name}: {results[name]['ms_per_step']:.1f} ms/step", flush=True)
+    add_ratios(results)
+
+    description, slug = device_info(device)
+    commit, dirty = git_commit()
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "configs", "decoder_dim", "decoder_depth")}
+    setup.pop("decoder_heads")
+    setup.update(mae_decoder=decoder, simmim_mask_patch=simmim_mask_patch(args))
+    report = {
+        "device": description,
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "timm": timm.__version__,
+        "commit": commit,
+        "dirty": dirty,
+        "setup": setup,
+        "memory": "torch.cuda.max_memory_allocated per timed fit (reset between configurations)"
+        if device.type == "cuda"
+        else "n/a: no allocator peak on this device; process_maxrss_mib is the process-wide high-water mark",
+        "results": results,
+        "notes": NOTES,
+    }
+    suffix = ("_compile" if args.compile else "") + ("" if args.precision == "bf16-mixed" else f"_{args.precision}")
+    stem = f"throughput_{slug}_{args.model}_{args.img_size}px_bs{args.batch_size}{suffix}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"wrote {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
