@@ -1,6 +1,7 @@
 """The ``advmim`` command: LightningCLI for fit/validate/test/predict, plus ``export``."""
 
 import argparse
+import inspect
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -111,7 +112,9 @@ class AdvMIMCLI(LightningCLI):
         ):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         # Classification modules take num_classes from the data. jsonargparse skips an instantiation link whose
-        # target the chosen model class does not have (PretrainModule) or whose source object lacks the attribute.
+        # target the chosen model class lacks (PretrainModule) or whose source object lacks the attribute, but it
+        # still reports the link as applied, and Lightning then writes num_classes into the model's hparams (which
+        # breaks --ckpt_path on its checkpoints): instantiate_classes drops it again (_drop_unaccepted_num_classes).
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
@@ -146,6 +149,16 @@ class AdvMIMCLI(LightningCLI):
         except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError, MisconfigurationException) as err:
             cause = err.__cause__ or err
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
+        self._drop_unaccepted_num_classes()
+
+    def _drop_unaccepted_num_classes(self) -> None:
+        """Remove the ``num_classes`` the data -> model link leaves in the hparams of a model that does not take
+        it (public ``save_hyperparameters``, so checkpoints and hparams.yaml stay loadable)."""
+        model = getattr(self, "model", None)
+        if model is None or "num_classes" not in model.hparams:
+            return
+        if "num_classes" not in inspect.signature(type(model).__init__).parameters:
+            model.save_hyperparameters(ignore=["num_classes"])  # drops it from hparams and hparams_initial
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})

@@ -1,0 +1,304 @@
+"""LinearProbeModule and FinetuneModule: init_from, the frozen probe, layer decay, Mixup, adversarial
+fine-tuning, the CLI link of num_classes, and a real linear-probe signal on Fashion-MNIST."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from micro import MICRO, loader, micro_module, trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.cli import AdvMIMCLI, resolve_config_args
+from advmim_pl.data import BundledSampleDataModule
+from advmim_pl.export import export_encoder
+from advmim_pl.mim import MAE
+from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
+from advmim_pl.modules.classify import read_encoder_weights
+from advmim_pl.schedule import warmup_cosine
+
+ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
+PLAIN = dict(randaugment=False, mixup_alpha=0.0, cutmix_alpha=0.0)  # fine-tuning without augmentation
+
+
+def labelled(n: int = 24, seed: int = 0, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def save(module: L.LightningModule, path) -> str:
+    """A checkpoint with the keys ``read_encoder_weights`` reads, without running a trainer."""
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def plugin_checkpoint(tmp_path_factory) -> tuple[str, PretrainModule]:
+    """A PretrainModule trained 3 steps with the plug-in (aux norms present), saved by a Trainer."""
+    path = tmp_path_factory.mktemp("pretrain") / "adv.ckpt"
+    L.seed_everything(0)
+    module = micro_module(adversarial=True)
+    t = trainer(3, [AdversarialTargetCallback(eps=8 / 255)])
+    t.fit(module, loader())
+    t.save_checkpoint(path)
+    return str(path), module.eval()
+
+
+# ---- init_from ---------------------------------------------------------------------------------------
+def test_plugin_checkpoint_and_export_load_with_equal_features(plugin_checkpoint, tmp_path):
+    path, pretrained = plugin_checkpoint
+    assert any(".aux." in k for k in torch.load(path, weights_only=False)["state_dict"])  # the plug-in's norms
+    probe = LinearProbeModule(10, **ENCODER, init_from=path)
+    assert set(read_encoder_weights(path).state) == set(probe.encoder.vit.state_dict())  # nothing missing/extra
+    exported = LinearProbeModule(10, **ENCODER, init_from=str(export_encoder(path, tmp_path / "enc.safetensors")))
+    # the reference MAE layout: {"model": timm keys + mask_token + decoder_*}
+    reference = {
+        **read_encoder_weights(path).state,
+        "mask_token": torch.zeros(1, 1, 64),
+        "decoder_pred.weight": torch.zeros(3),
+    }
+    torch.save({"model": reference}, tmp_path / "mae_reference.pth")
+    plain = LinearProbeModule(10, **ENCODER, init_from=str(tmp_path / "mae_reference.pth"))
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        expected = pretrained.encoder.forward_features(x)
+        for module in (probe, exported, plain):
+            assert torch.equal(module.encoder.forward_features(x), expected)
+        random = LinearProbeModule(10, **ENCODER).encoder.forward_features(x)
+    assert not torch.allclose(random, expected)
+
+
+@pytest.mark.parametrize(
+    "encoder_kwargs, listed",
+    [
+        (dict(depth=2, embed_dim=32, num_heads=4), "pos_embed: (1, 65, 32) vs (1, 65, 64)"),
+        (dict(depth=3, embed_dim=64, num_heads=4), "not in the model: blocks.2."),
+    ],
+)
+def test_another_architecture_is_refused_listing_keys_and_shapes(encoder_kwargs, listed, tmp_path):
+    other = save(micro_module(encoder_kwargs=encoder_kwargs), tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="does not fit this encoder") as error:
+        LinearProbeModule(10, **ENCODER, init_from=other)
+    assert listed in str(error.value)
+    assert f"encoder_kwargs={encoder_kwargs!r}" in str(error.value)  # what the checkpoint was made with
+    if encoder_kwargs["embed_dim"] == 32:
+        assert "blocks.0.attn.qkv.weight: (96, 32) vs (192, 64)" in str(error.value)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LinearProbeModule(10, **ENCODER, init_from=str(tmp_path / "nope.ckpt"))
+
+
+def test_average_pooling_replaces_the_final_norm_by_a_fresh_fc_norm(plugin_checkpoint):
+    path, pretrained = plugin_checkpoint
+    module = FinetuneModule(10, **ENCODER, init_from=path)
+    assert isinstance(module.encoder.vit.norm, torch.nn.Identity)
+    assert torch.equal(module.encoder.vit.fc_norm.weight, torch.ones(64))
+    state = read_encoder_weights(path).state
+    for name, value in module.encoder.vit.state_dict().items():
+        if not name.startswith("fc_norm."):
+            assert torch.equal(value, state[name]), name
+
+
+# ---- linear probe ------------------------------------------------------------------------------------
+def test_the_probe_trains_only_the_head_and_keeps_the_encoder_bit_identical(plugin_checkpoint):
+    path, _ = plugin_checkpoint
+    dropout = {**ENCODER, "encoder_kwargs": {**MICRO["encoder_kwargs"], "drop_rate": 0.5}}  # eval mode matters
+    probe = LinearProbeModule(10, **dropout, init_from=path, batch_size=8, warmup_epochs=0)
+    encoder_before = {k: v.clone() for k, v in probe.encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in probe.head.state_dict().items()}
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append((any(m.training for m in pl_module.encoder.modules()), pl_module.head.training))
+
+    t = trainer(4, [Modes()])
+    t.fit(probe, labelled())
+    assert modes == [(False, True)] * 4  # encoder in eval mode throughout, head in train mode
+    for name, value in probe.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[name]), name
+    for name in ("1.weight", "1.bias", "0.running_mean", "0.running_var"):
+        assert not torch.equal(probe.head.state_dict()[name], head_before[name]), name
+    trainable = {n for n, p in probe.named_parameters() if p.requires_grad}
+    assert trainable == {"head.1.weight", "head.1.bias"}
+    groups = t.optimizers[0].param_groups
+    assert type(t.optimizers[0]).__name__ == "Lars"
+    assert [(g["weight_decay"], g["always_adapt"]) for g in groups] == [(0.0, True), (0.0, False)]
+    assert [p.ndim for g in groups for p in g["params"]] == [2, 1]  # LARS adapts the weight matrix only
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------------
+def mae_layer_id(name: str, depth: int) -> int:
+    """MAE's get_layer_id_for_vit on a FinetuneModule parameter name: embeddings 0, block i -> i + 1, rest depth + 1."""
+    name = name.removeprefix("encoder.vit.")
+    if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def test_layer_decay_scales_and_the_lr_the_optimizer_uses():
+    depth, decay, base_lr, min_lr = 2, 0.5, 1e-3, 1e-6
+    module = FinetuneModule(10, **ENCODER, batch_size=8, layer_decay=decay, base_lr=base_lr, min_lr=min_lr, **PLAIN)
+    module.hparams.warmup_epochs = 1  # 3 batches per epoch: warm-up 3 steps, cosine to step 6
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    t = trainer(6, [Record()], max_epochs=2)
+    t.fit(module, labelled())
+    groups = t.optimizers[0].param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    num_layers = depth + 1
+    seen = []
+    for group in groups:
+        ids = {mae_layer_id(names[id(p)], depth) for p in group["params"]}
+        assert len(ids) == 1, [names[id(p)] for p in group["params"]]
+        assert group["lr_scale"] == pytest.approx(decay ** (num_layers - ids.pop()))
+        for p in group["params"]:
+            no_decay = p.ndim <= 1 or names[id(p)].endswith(("cls_token", "pos_embed"))
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), names[id(p)]
+        seen += [names[id(p)] for p in group["params"]]
+    assert sorted(seen) == sorted(n for n, p in module.named_parameters() if p.requires_grad)
+    assert {"encoder.vit.pos_embed", "encoder.mask_token"}.isdisjoint(seen)  # fixed sin-cos, unused
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.125, 0.25, 0.5, 1.0])
+    peak = base_lr * 8 / 256
+    for step, step_lrs in enumerate(lrs):
+        factor = warmup_cosine(step, 3, 6, min_lr / peak)
+        assert step_lrs == pytest.approx([peak * g["lr_scale"] * factor for g in groups]), step
+
+
+def test_mixup_gives_soft_targets_and_a_finite_loss():
+    torch.manual_seed(0)
+    module = FinetuneModule(10, **ENCODER, batch_size=8)  # RandAugment, Mixup 0.8 / CutMix 1.0, smoothing 0.1
+    x, y = next(iter(labelled()))
+    mixed, target = module.augment(x.clone(), y)
+    assert target.shape == (8, 10)
+    torch.testing.assert_close(target.sum(dim=1), torch.ones(8))
+    smoothed = F.one_hot(y, 10).float() * 0.9 + 0.01
+    assert not torch.allclose(target, smoothed)  # mixed with the flipped batch
+    assert (target > 0.05).sum(dim=1).min() >= 2
+    assert mixed.shape == x.shape and not torch.equal(mixed, x) and 0 <= mixed.min() and mixed.max() <= 1
+    loss = module.losses(mixed, target)["loss"]
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, -(target * F.log_softmax(module.logits(mixed), -1)).sum(-1).mean())
+    # without mixing: hard labels and label-smoothed cross-entropy
+    plain = FinetuneModule(10, **ENCODER, **PLAIN)
+    same, labels = plain.augment(x, y)
+    assert torch.equal(same, x) and torch.equal(labels, y)
+    logits = plain.logits(x)
+    torch.testing.assert_close(plain.criterion(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1))
+    t = trainer(2)
+    t.fit(module, labelled())
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+
+
+class RecordingAttack(AdversarialTargetCallback):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.crafted = []
+
+    def generate(self, pl_module, x, objective):
+        result = super().generate(pl_module, x, objective)
+        self.crafted.append((x.clone(), result.x_adv.clone(), objective(x).detach(), objective(result.x_adv).detach()))
+        return result
+
+
+def test_adversarial_finetuning_crafts_within_eps_and_trains():
+    L.seed_everything(0)
+    module = FinetuneModule(10, **ENCODER, batch_size=8, adversarial=True)
+    attack = RecordingAttack(eps=8 / 255, steps=2)
+    t = trainer(3, [attack])
+    t.fit(module, labelled())
+    assert len(attack.crafted) == 3
+    for x, x_adv, _, _ in attack.crafted:
+        delta = (x_adv - x).abs().max()
+        assert 0 < delta <= 8 / 255 + 1e-6
+        assert 0 <= x_adv.min() and x_adv.max() <= 1
+    # objective(x) is logged at the module's (train-mode) state, so compare the mean, as the attack maximises it
+    assert sum(adv.mean() for *_, adv in attack.crafted) > sum(clean.mean() for *_, clean, _ in attack.crafted)
+    assert all(torch.isfinite(t.callback_metrics[k]) for k in ("train/loss_clean", "train/loss_adv"))
+
+
+def test_aux_norms_get_gradient_only_from_the_adversarial_loss():
+    torch.manual_seed(0)
+    module = FinetuneModule(10, **ENCODER, adversarial=True, branch_params="norm", **PLAIN)
+    module.attack = AdversarialTargetCallback(eps=8 / 255)
+    x, y = next(iter(labelled()))
+    out = module.losses(x, y)
+    aux = [p for n, p in module.named_parameters() if ".aux." in n]
+    clean = [p for n, p in module.named_parameters() if ".clean." in n]
+    assert len(aux) == len(clean) == 2 * (2 * 2 + 1)  # weight, bias of norm1, norm2 per block and fc_norm
+    assert all(g is None for g in torch.autograd.grad(out["clean"], aux, allow_unused=True, retain_graph=True))
+    assert all(g is None for g in torch.autograd.grad(out["adv"], clean, allow_unused=True, retain_graph=True))
+    adv_grads = torch.autograd.grad(out["adv"], aux, allow_unused=True, retain_graph=True)
+    assert all(g is not None for g in adv_grads) and any(g.abs().sum() > 0 for g in adv_grads)
+    torch.testing.assert_close(out["loss"], out["clean"] + out["adv"])
+
+
+def test_module_and_callback_must_agree():
+    with pytest.raises(RuntimeError, match="needs an AdversarialTargetCallback"):
+        trainer(1).fit(FinetuneModule(10, **ENCODER, adversarial=True, **PLAIN), labelled())
+    with pytest.raises(RuntimeError, match="adversarial=False"):
+        trainer(1, [AdversarialTargetCallback()]).fit(FinetuneModule(10, **ENCODER, **PLAIN), labelled())
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["quickstart_probe.yaml", "quickstart_finetune.yaml"])
+def test_num_classes_flows_from_the_data_through_the_cli(config, plugin_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, _ = plugin_checkpoint
+    micro = [
+        "--model.init_args.encoder",
+        MICRO["encoder"],
+        "--model.init_args.encoder_kwargs",
+        str(MICRO["encoder_kwargs"]),
+    ]
+    args = ["-c", config, "--model.init_args.init_from", path, *micro, "--data.init_args.num_workers", "0"]
+    with pytest.warns(UserWarning, match="pre-trained with pixel mean"):  # micro checkpoint: other statistics
+        cli = AdvMIMCLI(args=resolve_config_args(args), run=False)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
+    assert cli.model.metrics["val_acc5"].num_classes == 10
+    assert cli.model.hparams.init_from == path
+    # PretrainModule has no num_classes: the link is skipped, and nothing of it lands in the saved hyperparameters
+    # (a stray key there would make `--ckpt_path` re-instantiation fail with an unexpected keyword argument)
+    pretrain = AdvMIMCLI(args=resolve_config_args(["-c", "quickstart.yaml"]), run=False)
+    assert "num_classes" not in pretrain.model.hparams and "num_classes" not in pretrain.model.hparams_initial
+
+
+# ---- a real signal -----------------------------------------------------------------------------------
+def fashion(batch_size: int = 64) -> BundledSampleDataModule:
+    return BundledSampleDataModule(
+        img_size=32, channels=1, batch_size=batch_size, num_workers=0, crop_scale=(0.5, 1.0), device_resident=True
+    )
+
+
+def probe_accuracy(init_from: str | None, epochs: int = 4) -> float:
+    data = fashion()
+    L.seed_everything(0)
+    kwargs = {**ENCODER, "mean": data.mean, "std": data.std}
+    # a short probe: LARS at lr 25 (base 100 per 256) converges within a few epochs
+    probe = LinearProbeModule(10, **kwargs, batch_size=64, init_from=init_from, base_lr=100.0, warmup_epochs=1)
+    t = trainer(-1, max_epochs=epochs, check_val_every_n_epoch=epochs, num_sanity_val_steps=0)
+    t.fit(probe, datamodule=data)
+    return float(t.callback_metrics["val/acc1"])
+
+
+def test_mae_pretraining_beats_a_random_encoder_under_the_same_probe(tmp_path):
+    data = fashion()
+    L.seed_everything(0)
+    kwargs = {**ENCODER, "mean": data.mean, "std": data.std}
+    method = MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    pretrain = PretrainModule(method=method, **kwargs, batch_size=64, base_lr=3e-3, warmup_epochs=1)
+    t = trainer(400, limit_val_batches=0)  # ~6 epochs of the 4,000-image sample, ~13 s
+    t.fit(pretrain, datamodule=data)
+    t.save_checkpoint(tmp_path / "mae.ckpt")
+    pretrained, random = probe_accuracy(str(tmp_path / "mae.ckpt")), probe_accuracy(None)
+    assert pretrained >= random + 0.03, (pretrained, random)  # measured: 0.61 vs 0.53
+    assert pretrained > 0.3  # far above chance (0.1)
