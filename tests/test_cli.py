@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import yaml
+from config_tools import leaves, printed_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -15,20 +16,6 @@ from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args, run, s
 CONFIGS = Path(__file__).parents[1] / "configs"
 JOBS = sorted(p for p in CONFIGS.glob("*.yaml"))
 ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
-
-
-def leaves(tree, prefix=()):
-    """{(key, path, ...): value} for every scalar or list in a nested YAML mapping."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in leaves(sub, (*prefix, key)).items()}
-    return {prefix: tree}
-
-
-def printed_config(capsys, *args) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        run(["fit", *args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 def assert_contains(config: dict, expected: dict) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from config_tools import leaves, printed_config
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -11,7 +12,7 @@ from timm.models.vision_transformer import Block
 from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from advmim_pl.cli import AdvMIMCLI, resolve_config_args, run
+from advmim_pl.cli import AdvMIMCLI, resolve_config_args
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "trainer"
 TRAINER_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -44,20 +45,6 @@ def no_launcher_env(monkeypatch):
     for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
-
-
-def leaves(tree, prefix=()):
-    """{(key, path, ...): value} for every scalar or list in a nested YAML mapping."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in leaves(sub, (*prefix, key)).items()}
-    return {prefix: tree}
-
-
-def printed_config(capsys, *args) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        run(["fit", *args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 def cli(*args: str) -> AdvMIMCLI:
