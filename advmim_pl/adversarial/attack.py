@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from advmim_pl.rng import rand, randn
+
 Objective = Callable[[Tensor], Tensor]
 Perturbation = Literal["pgd", "gaussian", "uniform", "none"]
 
@@ -29,7 +31,7 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 def uniform_noise(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
     """Uniform noise in [-eps, eps] with x's shape, drawn from ``generator`` on its device."""
-    u = torch.rand(x.shape, device=x.device, generator=generator, dtype=torch.float32)
+    u = rand(tuple(x.shape), x.device, generator)
     return ((2 * u - 1) * eps).to(x.dtype)
 
 
@@ -93,7 +95,7 @@ def perturb(
     if kind == "pgd":
         return pgd_steps(objective, x, eps, steps, step_size, random_start, generator)
     if kind == "gaussian":
-        noise = torch.randn(x.shape, device=x.device, generator=generator).mul(eps).clamp(-eps, eps)
+        noise = randn(tuple(x.shape), x.device, generator).mul(eps).clamp(-eps, eps)
         return project(x + noise.to(x.dtype), x, eps), finite
     if kind == "uniform":
         return project(x + uniform_noise(x, eps, generator), x, eps), finite

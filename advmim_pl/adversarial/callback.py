@@ -12,6 +12,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from advmim_pl.adversarial.attack import Objective, Perturbation, frozen_eval, perturb
+from advmim_pl.rng import generator_for, made_for
 from advmim_pl.schedule import steps_per_epoch
 
 Distance = Literal["mse", "cosine", "kl"]
@@ -99,8 +100,8 @@ class AdversarialTargetCallback(L.Callback):
     # ---- generation ---------------------------------------------------------------------------------
     def ensure_generator(self, device: torch.device, rank: int = 0) -> torch.Generator:
         """The callback's RNG on ``device``, made at the first draw: seeded, or restored from a checkpoint."""
-        if self.generator is None or self.generator.device != torch.device(device):
-            self.generator = torch.Generator(device=device)
+        if not made_for(self.generator, device):
+            self.generator = generator_for(device)
             self.generator.manual_seed(self.seed + rank)
         if self._pending_rng is not None:
             self.generator.set_state(self._pending_rng)

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from advmim_pl.rng import generator_for, rand
+
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range (width / height) of RandomResizedCrop
 ATTEMPTS = 10  # candidate boxes per sample before the centred fallback, as in torchvision
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -42,7 +44,7 @@ def sample_crop_boxes(
     Returns boxes (batch, 4) float32 on ``device``: top, left, h, w in pixels, the image spanning
     [0, height] x [0, width].
     """
-    u = torch.rand(batch, ATTEMPTS, 2, generator=generator, device=device)
+    u = rand((batch, ATTEMPTS, 2), device, generator)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
@@ -60,7 +62,7 @@ def sample_crop_boxes(
     found = fits.any(dim=1)
     w = torch.where(found, w, fallback_w)
     h = torch.where(found, h, fallback_h)
-    corner = torch.rand(batch, 2, generator=generator, device=device)
+    corner = rand((batch, 2), device, generator)
     corner = torch.where(found.unsqueeze(1), corner, 0.5)  # fallback boxes are centred
     top = corner[:, 0] * (height - h)
     left = corner[:, 1] * (width - w)
@@ -114,7 +116,7 @@ def random_resized_crop_flip(
     """
     batch, _, height, width = images.shape
     boxes = sample_crop_boxes(batch, height, width, scale, ratio, generator, images.device)
-    flip = torch.rand(batch, generator=generator, device=images.device) < 0.5 if hflip else None
+    flip = rand((batch,), images.device, generator) < 0.5 if hflip else None
     return crop_resize(images.float() / 255, boxes, out_size, flip, mode).clamp_(0, 1)
 
 
@@ -193,9 +195,9 @@ class DeviceBatches:
         epoch = self.epoch() if self.epoch is not None else self.passes
         self.passes += 1
         device = self.images.device
-        order = torch.Generator(device=device).manual_seed(mix_seed(self.seed, epoch))
-        augment = torch.Generator(device=device).manual_seed(mix_seed(self.seed, epoch, 1 + self.rank))
-        permutation = torch.randperm(len(self.images), generator=order, device=device)
+        order = generator_for(device).manual_seed(mix_seed(self.seed, epoch))
+        augment = generator_for(device).manual_seed(mix_seed(self.seed, epoch, 1 + self.rank))
+        permutation = torch.randperm(len(self.images), generator=order, device=order.device).to(device)
         count = len(self) * self.batch_size
         batches = permutation[self.rank :: self.world_size][:count].reshape(len(self), self.batch_size)
         for index in batches:

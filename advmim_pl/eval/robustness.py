@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from advmim_pl.rng import generator_for
 
 
 @dataclass
@@ -112,7 +113,7 @@ class RobustnessEvaluator(L.Callback):
         self.total = self.total + len(y)
         with torch.no_grad():
             self._add("clean", accuracy_counts(pl_module.logits(x), y))
-            generator = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+            generator = generator_for(x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
             for name in self.corruptions:
                 for severity in self.severities:
                     xc = corrupt(x, name, severity, generator)

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from advmim_pl.rng import rand
+
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """Patches an MAE encoder sees: ``int(N * (1 - ratio))``, as in the reference code."""
@@ -22,7 +24,7 @@ def random_masking(
     1 on the N - K masked patches. Sorting the kept indices does not change the encoding (positions
     are added before selection) and makes ratio 0 equal to the unmasked encoder.
     """
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    noise = rand((batch, num_patches), device, generator)
     keep = noise.argsort(dim=1)[:, : num_kept(num_patches, mask_ratio)].sort(dim=1).values
     mask = torch.ones(batch, num_patches, device=device)
     mask.scatter_(1, keep, 0.0)
@@ -45,7 +47,7 @@ def block_masking(
     units_h, units_w = h // block, w // block
     units = units_h * units_w
     num_masked = int(round(mask_ratio * units))
-    noise = torch.rand(batch, units, device=device, generator=generator)
+    noise = rand((batch, units), device, generator)
     rank = noise.argsort(dim=1).argsort(dim=1)
     unit_mask = (rank < num_masked).float().view(batch, units_h, units_w)
     full = unit_mask.repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)

@@ -17,6 +17,7 @@ from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
+from advmim_pl.rng import generator_for, made_for
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 
@@ -156,9 +157,9 @@ class PretrainModule(L.LightningModule):
         """The generator of training masks, on the module's device (made at the first draw): seeded from the global
         seed and the rank, saved in checkpoints, so a resumed run draws the masks the uninterrupted run would
         have drawn."""
-        if self.mask_generator is None or self.mask_generator.device != self.device:
+        if not made_for(self.mask_generator, self.device):
             rank = self.trainer.global_rank if self._trainer is not None else 0
-            self.mask_generator = torch.Generator(device=self.device).manual_seed(torch.initial_seed() + rank)
+            self.mask_generator = generator_for(self.device).manual_seed(torch.initial_seed() + rank)
         if self._pending_mask_rng is not None:
             self.mask_generator.set_state(self._pending_mask_rng)
             self._pending_mask_rng = None
@@ -273,7 +274,7 @@ class PretrainModule(L.LightningModule):
         """Clean reconstruction loss under a mask fixed per batch index (comparable across epochs); with the
         callback's ``on_validation``, also the auxiliary loss on freshly crafted targets."""
         x = batch[0]
-        generator = torch.Generator(device=x.device).manual_seed(batch_idx)
+        generator = generator_for(x.device).manual_seed(batch_idx)
         mask = self.method.sample_mask(self.encoder, x.shape[0], x.device, generator)
         latent = self.method.encode(self.encoder, x, mask)
         pred = self.method.decode(self.decoder, latent, mask)

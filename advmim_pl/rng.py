@@ -1,0 +1,33 @@
+"""Random draws from explicit generators on any device, XLA included.
+
+Where a device has no generator of its own (XLA), ``generator_for`` returns a CPU generator and the draws
+are made on the CPU and moved; elsewhere the draw happens on the device itself and ``.to`` is a no-op.
+"""
+
+import torch
+from torch import Tensor
+
+
+def generator_for(device: torch.device | str) -> torch.Generator:
+    """A generator on ``device``, or on the CPU where the device has none (XLA)."""
+    try:
+        return torch.Generator(device=torch.device(device))
+    except RuntimeError:
+        return torch.Generator()
+
+
+def made_for(generator: torch.Generator | None, device: torch.device | str) -> bool:
+    """Whether ``generator`` is the one ``generator_for(device)`` would make (same device, or CPU for XLA)."""
+    return generator is not None and generator.device == generator_for(device).device
+
+
+def rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform [0, 1) float32 of ``shape`` on ``device``, drawn from ``generator`` (global RNG if None)."""
+    source = device if generator is None else generator.device
+    return torch.rand(shape, device=source, generator=generator).to(device)
+
+
+def randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal float32 of ``shape`` on ``device``, drawn from ``generator`` (global RNG if None)."""
+    source = device if generator is None else generator.device
+    return torch.randn(shape, device=source, generator=generator).to(device)
