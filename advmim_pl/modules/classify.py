@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from advmim_pl.adversarial.attack import Objective
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.export import encoder_state_dict
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
@@ -184,21 +185,8 @@ class ClassifierModule(L.LightningModule):
         min_lr: float,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_classes", num_classes),
-            ("batch_size", batch_size),
-            ("lr_reference_batch", lr_reference_batch),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (
-            ("base_lr", base_lr),
-            ("weight_decay", weight_decay),
-            ("warmup_epochs", warmup_epochs),
-            ("min_lr", min_lr),
-        ):
-            if value < 0:
-                raise ValueError(f"{name} must be non-negative, got {value}")
+        require_positive(num_classes=num_classes, batch_size=batch_size, lr_reference_batch=lr_reference_batch)
+        require_non_negative(base_lr=base_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr)
         if encoder_kwargs and "global_pool" in encoder_kwargs:
             raise ValueError("set the pooling with model.init_args.global_pool, not in encoder_kwargs")
         self.save_hyperparameters(ignore=["optimizer"])

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from advmim_pl.adversarial.attack import Objective, frozen_eval
 from advmim_pl.adversarial.callback import AdversarialTargetCallback, AttackResult
+from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
@@ -89,18 +90,14 @@ class PretrainModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("lr_reference_batch", lr_reference_batch)):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (
-            ("base_lr", base_lr),
-            ("weight_decay", weight_decay),
-            ("aux_weight", aux_weight),
-            ("warmup_epochs", warmup_epochs),
-            ("min_lr", min_lr),
-        ):
-            if value < 0:
-                raise ValueError(f"{name} must be non-negative, got {value}")
+        require_positive(batch_size=batch_size, lr_reference_batch=lr_reference_batch)
+        require_non_negative(
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            aux_weight=aux_weight,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+        )
         self.save_hyperparameters(ignore=["method", "optimizer"])
         self.method = method
         self.optimizer_factory = optimizer
