@@ -201,18 +201,9 @@ class InMemoryDataModule(ImageDataModule):
     Under DDP each rank takes its own share of the same permutation.
     """
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        img_size: int = 224,
-        channels: int = 3,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        hflip: bool = True,
-        pin_memory: bool = True,
-        device_resident: bool = False,
-    ) -> None:
-        super().__init__(batch_size, num_workers, img_size, channels, crop_scale, hflip, pin_memory)
+    def __init__(self, device_resident: bool = False, **kwargs) -> None:
+        """``kwargs``: the shared options of ``ImageDataModule`` (batch_size, img_size, channels, ...)."""
+        super().__init__(**kwargs)
         self.device_resident = device_resident
         self._resident: tuple[Tensor, Tensor] | None = None
 

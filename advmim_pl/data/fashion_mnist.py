@@ -104,15 +104,10 @@ class FashionMNISTDataModule(_FashionMNISTModule):
         root: str = DEFAULT_ROOT,
         download: bool = False,
         limit_train: int | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        img_size: int = 224,
-        channels: int = 3,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        hflip: bool = True,
-        pin_memory: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, num_workers, img_size, channels, crop_scale, hflip, pin_memory)
+        """``kwargs``: the shared options of ``InMemoryDataModule`` (batch_size, img_size, channels, ...)."""
+        super().__init__(**kwargs)
         if limit_train is not None and limit_train <= 0:
             raise ValueError(f"limit_train must be > 0 or None, got {limit_train}")
         if not download:  # fail at configuration time, before any training starts

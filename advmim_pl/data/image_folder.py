@@ -82,15 +82,10 @@ class ImageFolderDataModule(ImageDataModule):
         self,
         train_root: str,
         val_root: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        img_size: int = 224,
-        channels: int = 3,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        hflip: bool = True,
-        pin_memory: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, num_workers, img_size, channels, crop_scale, hflip, pin_memory)
+        """``kwargs``: the shared options of ``ImageDataModule`` (batch_size, img_size, channels, ...)."""
+        super().__init__(**kwargs)
         classes = check_image_root(train_root, "train_root")
         if val_root is not None:
             val_classes = check_image_root(val_root, "val_root")

@@ -42,15 +42,10 @@ class SyntheticDataModule(InMemoryDataModule):
         num_classes: int = 10,
         seed: int = 0,
         num_val_samples: int = 64,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        img_size: int = 224,
-        channels: int = 3,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        hflip: bool = True,
-        pin_memory: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, num_workers, img_size, channels, crop_scale, hflip, pin_memory)
+        """``kwargs``: the shared options of ``InMemoryDataModule`` (batch_size, img_size, channels, ...)."""
+        super().__init__(**kwargs)
         for name, value in (("num_samples", num_samples), ("num_val_samples", num_val_samples)):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
