@@ -33,6 +33,7 @@ from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.export import encoder_state_dict
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
+from advmim_pl.modules.clipping import UnscaledClipping
 from advmim_pl.reliability import read_checkpoint
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
@@ -151,7 +152,7 @@ def load_encoder_weights(vit: nn.Module, state: dict[str, Tensor], source: str, 
 
 
 # ---- the shared base ----------------------------------------------------------------------------------
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(UnscaledClipping, L.LightningModule):
     """Shared part of ``LinearProbeModule`` and ``FinetuneModule``: encoder, ``init_from``, metrics, the
     evaluation steps and the lr schedule (``base_lr`` scaled by total batch / ``lr_reference_batch``,
     linear warm-up, then half-cycle cosine per step to ``min_lr``; each group's ``lr_scale`` multiplies

@@ -18,6 +18,7 @@ from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
+from advmim_pl.modules.clipping import UnscaledClipping
 from advmim_pl.rng import generator_for, made_for
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
@@ -27,7 +28,7 @@ def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, betas=(0.9, 0.95), fused=True)
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(UnscaledClipping, L.LightningModule):
     """Masked-image-modeling pre-training of a timm ViT, optionally with AEMIM adversarial targets.
 
     Without the plug-in (``adversarial: false``) a step is exactly the host method: one masked clean
