@@ -3,6 +3,7 @@
 from advmim_pl.data.base import ImageDataModule, InMemoryDataModule
 from advmim_pl.data.fashion_mnist import BundledSampleDataModule, FashionMNISTDataModule
 from advmim_pl.data.image_folder import ImageFolderDataModule
+from advmim_pl.data.mnist import MNISTSubsetDataModule
 from advmim_pl.data.synthetic import SyntheticDataModule
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "InMemoryDataModule",
+    "MNISTSubsetDataModule",
     "SyntheticDataModule",
 ]

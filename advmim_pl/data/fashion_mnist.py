@@ -62,7 +62,7 @@ def load_fashion_mnist(root: str | Path, split: str) -> tuple[np.ndarray, np.nda
     return images, labels
 
 
-def _as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
     """uint8 (N, H, W) and (N,) arrays -> copied uint8 (N, 1, H, W) and int64 (N,) tensors."""
     return torch.tensor(images).unsqueeze(1), torch.tensor(labels, dtype=torch.int64)
 
@@ -86,8 +86,8 @@ class BundledSampleDataModule(_FashionMNISTModule):
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Sample images as uint8 (N, 1, 28, 28), labels int64 (N,)."""
         with np.load(SAMPLE_PATH) as sample:
-            train = _as_tensors(sample["train_images"], sample["train_labels"])
-            val = _as_tensors(sample["val_images"], sample["val_labels"])
+            train = as_tensors(sample["train_images"], sample["train_labels"])
+            val = as_tensors(sample["val_images"], sample["val_labels"])
         return *train, *val
 
 
@@ -128,5 +128,5 @@ class FashionMNISTDataModule(_FashionMNISTModule):
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Images as uint8 (N, 1, 28, 28), labels int64 (N,); FileNotFoundError if files are missing."""
         train_images, train_labels = load_fashion_mnist(self.root, "train")
-        train = _as_tensors(train_images[: self.limit_train], train_labels[: self.limit_train])
-        return *train, *_as_tensors(*load_fashion_mnist(self.root, "t10k"))
+        train = as_tensors(train_images[: self.limit_train], train_labels[: self.limit_train])
+        return *train, *as_tensors(*load_fashion_mnist(self.root, "t10k"))
