@@ -17,10 +17,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
+from provenance import device_info, git_commit
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from advmim_pl.adversarial import AdversarialTargetCallback
@@ -232,27 +231,6 @@ def add_ratios(results: dict) -> None:
         for key, field in RATIOS.items():
             ok = base is not None and result[field] is not None and base[field]
             result[key] = result[field] / base[field] if ok else None
-
-
-def device_info(device: torch.device) -> tuple[str, str]:
-    """(device description, file-name slug)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return name, name.lower().replace(" ", "-")
-    cores, cpu = os.cpu_count(), platform.processor() or platform.machine()
-    return f"CPU {cpu}, {cores} cores, torch threads: {torch.get_num_threads()}", f"cpu-{cores}core"
-
-
-def git_commit() -> tuple[str, bool | None]:
-    """(short commit or 'unknown', whether tracked files differ from it)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    except OSError:
-        return "unknown", None
-    if commit.returncode:
-        return "unknown", None
-    return commit.stdout.strip(), bool(dirty.stdout.strip())
 
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:

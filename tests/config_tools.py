@@ -19,3 +19,13 @@ def printed_config(capsys, *args) -> dict:
         run(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def assert_contains(config: dict, expected: dict) -> None:
+    composed = leaves(config)
+    for key, value in leaves(expected).items():
+        got = composed[key]
+        if isinstance(value, float) or isinstance(got, float):
+            assert got == pytest.approx(value), key
+        else:
+            assert (list(got) if isinstance(got, tuple) else got) == value, key

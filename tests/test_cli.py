@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import yaml
-from config_tools import leaves, printed_config
+from config_tools import assert_contains, leaves, printed_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -16,16 +16,6 @@ from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args, run, s
 CONFIGS = Path(__file__).parents[1] / "configs"
 JOBS = sorted(p for p in CONFIGS.glob("*.yaml"))
 ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
-
-
-def assert_contains(config: dict, expected: dict) -> None:
-    composed = leaves(config)
-    for key, value in leaves(expected).items():
-        got = composed[key]
-        if isinstance(value, float) or isinstance(got, float):
-            assert got == pytest.approx(value), key
-        else:
-            assert (list(got) if isinstance(got, tuple) else got) == value, key
 
 
 def test_every_config_is_shipped_and_resolvable():

@@ -70,7 +70,9 @@ class ImageDataModule(LightningDataModule):
 
     Subclasses define ``num_classes`` and the dataset's per-channel statistics ``dataset_mean`` and
     ``dataset_std`` (length 1 or 3), from which ``__init__`` derives ``mean`` and ``std`` (length
-    ``channels``); their ``setup`` sets ``train_set``, ``val_set`` and ``test_set``.
+    ``channels``, linked to the model's normalisation); their ``setup`` sets ``train_set``, ``val_set`` and
+    ``test_set``. ``normalize_mean``/``normalize_std`` replace the dataset's statistics, e.g. to evaluate an encoder
+    on another dataset with the normalisation it was pre-trained with.
     """
 
     num_classes: int
@@ -86,6 +88,8 @@ class ImageDataModule(LightningDataModule):
         crop_scale: tuple[float, float] = (0.2, 1.0),
         hflip: bool = True,
         pin_memory: bool = True,
+        normalize_mean: tuple[float, ...] | None = None,
+        normalize_std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
@@ -108,7 +112,15 @@ class ImageDataModule(LightningDataModule):
         self.crop_scale = crop_scale
         self.hflip = hflip
         self.pin_memory = pin_memory
-        self.mean, self.std = stats_for_channels(self.dataset_mean, self.dataset_std, channels)
+        mean, std = normalize_mean, normalize_std
+        if (mean is None) != (std is None) or (mean is not None and not len(mean) == len(std) in (1, 3)):
+            raise ValueError(
+                f"normalize_mean {mean} and normalize_std {std} must both be null or both lists of 1 or 3 values"
+            )
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"normalize_std {std} must be positive")
+        stats = (self.dataset_mean, self.dataset_std) if mean is None else (mean, std)
+        self.mean, self.std = stats_for_channels(*stats, channels)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None

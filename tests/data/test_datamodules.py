@@ -211,6 +211,9 @@ def test_image_folder_grey_and_no_val(tmp_path):
         ({"crop_scale": (0.5, 1.5)}, "crop_scale"),
         ({"num_samples": 0}, "num_samples"),
         ({"num_classes": 1}, "num_classes"),
+        ({"normalize_mean": (0.5,)}, "normalize_mean"),
+        ({"normalize_mean": (0.5,), "normalize_std": (0.2, 0.2)}, "normalize_mean"),
+        ({"normalize_mean": (0.5,), "normalize_std": (0.0,)}, "normalize_std"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, arg):
@@ -225,3 +228,13 @@ def test_invalid_limit_train_and_small_train_set():
     dm.setup("fit")
     with pytest.raises(ValueError, match="batch_size=8"):
         dm.train_dataloader()
+
+
+def test_mean_and_std_replace_the_dataset_statistics_and_reach_the_model():
+    own = BundledSampleDataModule(channels=3)
+    assert own.mean == (0.2860,) * 3
+    replaced = BundledSampleDataModule(channels=3, normalize_mean=(0.1,), normalize_std=(0.4,))
+    assert (replaced.mean, replaced.std) == ((0.1,) * 3, (0.4,) * 3)
+    assert BundledSampleDataModule(
+        channels=1, normalize_mean=(0.3, 0.6, 0.9), normalize_std=(0.1,) * 3
+    ).mean == pytest.approx((0.2989 * 0.3 + 0.587 * 0.6 + 0.114 * 0.9,))
