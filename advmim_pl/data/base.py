@@ -7,6 +7,7 @@ stay in pixel units.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from lightning import LightningDataModule
@@ -199,12 +200,18 @@ class ImageDataModule(LightningDataModule):
         return self._loader(self.test_set, train=False)
 
 
+def resident_on(device: torch.device, device_resident: bool | Literal["auto"]) -> bool:
+    """Whether training batches are made on ``device``: always (true), never (false), or on accelerators (auto)."""
+    return device.type != "cpu" if device_resident == "auto" else bool(device_resident)
+
+
 class InMemoryDataModule(ImageDataModule):
     """Data module whose splits fit in memory as uint8 tensors; subclasses implement ``load_splits``.
 
     The train split is used for training, the eval split for both validation and test.
 
-    With ``device_resident: true`` the train split's uint8 tensor is copied once to the trainer's device
+    With ``device_resident: true`` (or ``auto`` when the trainer's device is an accelerator, not the CPU) the
+    train split's uint8 tensor is copied once to the trainer's device
     and ``train_dataloader`` returns a ``DeviceBatches`` iterable instead of a DataLoader: each epoch's
     permutation comes from a generator seeded with the global seed (``PL_GLOBAL_SEED``, 0 if unset) and
     the epoch, batches are sliced on the device (drop_last) and random-resized-crop, flip and channel
@@ -213,9 +220,11 @@ class InMemoryDataModule(ImageDataModule):
     Under DDP each rank takes its own share of the same permutation.
     """
 
-    def __init__(self, device_resident: bool = False, **kwargs) -> None:
+    def __init__(self, device_resident: bool | Literal["auto"] = False, **kwargs) -> None:
         """``kwargs``: the shared options of ``ImageDataModule`` (batch_size, img_size, channels, ...)."""
         super().__init__(**kwargs)
+        if device_resident not in (True, False, "auto"):
+            raise ValueError(f"device_resident must be true, false or auto, got {device_resident!r}")
         self.device_resident = device_resident
         self._resident: tuple[Tensor, Tensor] | None = None
 
@@ -234,12 +243,12 @@ class InMemoryDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         """Shuffled full batches: a DataLoader, or with ``device_resident`` batches made on the device."""
-        if not self.device_resident:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if not resident_on(device, self.device_resident):
             return super().train_dataloader()
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before requesting a dataloader")
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         if self._resident is None or self._resident[0].device != device:
             self._resident = (self.train_set.images.to(device), self.train_set.labels.to(device))
         return DeviceBatches(

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from advmim_pl.data import BundledSampleDataModule, InMemoryDataModule
+from advmim_pl.data.base import resident_on
 from advmim_pl.data.device import (
     DeviceBatches,
     crop_resize,
@@ -164,6 +165,16 @@ def test_bundled_sample_device_resident_without_trainer():
     images, labels = next(iter(loader))
     assert images.shape == (32, 3, 32, 32) and labels.shape == (32,)
     assert torch.equal(images[:, 0], images[:, 2]) and images.std() > 0.1
+
+
+def test_auto_is_resident_on_accelerators_only():
+    assert [resident_on(torch.device(d), "auto") for d in ("cpu", "cuda", "xla", "mps")] == [False, True, True, True]
+    assert resident_on(torch.device("cpu"), True) and not resident_on(torch.device("cuda"), False)
+    dm = BundledSampleDataModule(batch_size=32, num_workers=0, img_size=32, channels=1, device_resident="auto")
+    dm.setup("fit")
+    assert isinstance(dm.train_dataloader(), DataLoader)  # no trainer: the CPU
+    with pytest.raises(ValueError, match="device_resident must be true, false or auto, got 'yes'"):
+        BundledSampleDataModule(device_resident="yes")
 
 
 def test_ranks_split_one_permutation():
