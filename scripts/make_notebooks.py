@@ -33,7 +33,7 @@ QUICKSTART = [
         "            '--trainer.enable_progress_bar', 'false', '--data.init_args.num_workers', '0'])\n"
         "module, data = cli.model, cli.datamodule\n"
         "if CHECKPOINT:\n"
-        "    module = PretrainModule.load_from_checkpoint(CHECKPOINT, method=module.method)\n"
+        "    module = PretrainModule.load_from_checkpoint(CHECKPOINT)  # method and weights from the file\n"
         "attack = cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("
         "'AdversarialTargetCallback')]\n"
         "module.attack = attack\n"

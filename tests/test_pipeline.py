@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from advmim_pl.cli import run
 from advmim_pl.eval.corruptions import CORRUPTIONS
 
@@ -37,6 +39,8 @@ def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):
                  "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"])  # fmt: skip
     assert probe.model.hparams.num_classes == 10  # linked from the data
     probed = Path(probe.trainer.checkpoint_callback.last_model_path)
+    for checkpoint in (pretrained, probed):  # plain hyperparameters and callback states: torch's safe unpickler
+        assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["encoder"] == "vit_base_patch16_224"
     table = run(["test", "-c", "eval/quickstart_robustness.yaml", "--ckpt_path", str(probed),
                  "--trainer.limit_test_batches", "1", "--data.init_args.num_workers", "0"])  # fmt: skip
     folder = Path(table.trainer.logger.log_dir)

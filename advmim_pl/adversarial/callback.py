@@ -12,6 +12,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from advmim_pl.adversarial.attack import Objective, Perturbation, frozen_eval, perturb
+from advmim_pl.reliability import plain
 from advmim_pl.rng import generator_for, made_for
 from advmim_pl.schedule import steps_per_epoch
 
@@ -172,17 +173,19 @@ class AdversarialTargetCallback(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "settings": {
-                "eps": self.eps,
-                "steps": self.steps,
-                "step_size": self.step_size,
-                "random_start": self.random_start,
-                "perturbation": self.perturbation,
-                "distance": self.distance,
-                "attack_mask": self.attack_mask,
-                "warmup_epochs": self.warmup_epochs,
-                "seed": self.seed,
-            },
+            "settings": plain(
+                {
+                    "eps": self.eps,
+                    "steps": self.steps,
+                    "step_size": self.step_size,
+                    "random_start": self.random_start,
+                    "perturbation": self.perturbation,
+                    "distance": self.distance,
+                    "attack_mask": self.attack_mask,
+                    "warmup_epochs": self.warmup_epochs,
+                    "seed": self.seed,
+                }
+            ),  # plain numbers: checkpoints load with torch.load(weights_only=True)
             "rng": self._pending_rng
             if self._pending_rng is not None or self.generator is None
             else self.generator.get_state(),

@@ -4,6 +4,7 @@ A method owns no parameters: the LightningModule builds the encoder and asks the
 so the same method object can serve a clean and an auxiliary branch.
 """
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -34,6 +35,15 @@ class MIMMethod(ABC):
     """Interface every host method implements."""
 
     uses_mask_token: bool = False  # whether ``encode`` needs the encoder's learned mask token
+
+    def config(self) -> dict:
+        """``{"class_path", "init_args"}`` that rebuilds this method; every constructor argument is kept as the
+        attribute of the same name. PretrainModule stores it in its hyperparameters (and so in checkpoints)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": {name: getattr(self, name) for name in names},
+        }
 
     @abstractmethod
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:

@@ -34,7 +34,7 @@ from advmim_pl.export import encoder_state_dict
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.clipping import UnscaledClipping
-from advmim_pl.reliability import read_checkpoint
+from advmim_pl.reliability import plain, read_checkpoint
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 GlobalPool = Literal["avg", "token"]
@@ -191,6 +191,7 @@ class ClassifierModule(UnscaledClipping, L.LightningModule):
         if encoder_kwargs and "global_pool" in encoder_kwargs:
             raise ValueError("set the pooling with model.init_args.global_pool, not in encoder_kwargs")
         self.save_hyperparameters(ignore=["optimizer"])
+        self.hparams.update(plain(dict(self.hparams)))  # loadable with torch.load(weights_only=True)
         self.optimizer_factory = optimizer
         self.encoder = MaskedViT(
             encoder,

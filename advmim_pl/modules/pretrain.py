@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable, instantiate_class
 from torch import Tensor
 
 from advmim_pl.adversarial.attack import Objective, frozen_eval
@@ -19,6 +19,7 @@ from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.clipping import UnscaledClipping
+from advmim_pl.reliability import plain
 from advmim_pl.rng import generator_for, made_for
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
@@ -37,7 +38,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
     encoding, no extra pass), and one auxiliary pass through the aux branch and decoder.
 
     Args:
-        method: host method (``advmim_pl.mim.MAE`` or ``advmim_pl.mim.SimMIM``) with its options.
+        method: host method (``advmim_pl.mim.MAE`` or ``advmim_pl.mim.SimMIM``) with its options, or the
+            ``{"class_path", "init_args"}`` dict of ``MIMMethod.config()`` that checkpoints store.
         encoder: timm ViT name, e.g. ``vit_base_patch16_224``.
         img_size: input side in pixels (linked from the DataModule).
         patch_size: patch side in pixels; must divide ``img_size``.
@@ -99,7 +101,11 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             warmup_epochs=warmup_epochs,
             min_lr=min_lr,
         )
+        if isinstance(method, dict):  # {"class_path", "init_args"} from a checkpoint's hyperparameters
+            method = instantiate_class((), method)
         self.save_hyperparameters(ignore=["method", "optimizer"])
+        self.hparams["method"] = method.config()  # so that load_from_checkpoint rebuilds the same method
+        self.hparams.update(plain(dict(self.hparams)))
         self.method = method
         self.optimizer_factory = optimizer
         self.encoder = MaskedViT(

@@ -9,7 +9,9 @@ from micro import loader, micro_module, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.cli import run
 from advmim_pl.export import encoder_state_dict, export_encoder, load_exported
+from advmim_pl.mim import SimMIM
 from advmim_pl.models.branch_norm import branch, clean_state_dict
 from advmim_pl.modules import PretrainModule
 from advmim_pl.schedule import warmup_cosine, weight_decay_groups
@@ -145,6 +147,26 @@ def test_export_keeps_only_the_clean_branch(tmp_path):
             aux = module.encoder.forward_features(x)
     torch.testing.assert_close(exported, clean)
     assert not torch.allclose(exported, aux, atol=1e-4)  # the aux norms were trained apart
+
+
+def test_load_from_checkpoint_rebuilds_the_method_and_the_weights(tmp_path, monkeypatch):
+    module = micro_module("simmim", adversarial=True)
+    t = trainer(2, [AdversarialTargetCallback(steps=1)])
+    t.fit(module, loader())
+    t.save_checkpoint(tmp_path / "plain.ckpt")
+    monkeypatch.chdir(tmp_path)  # the same through the CLI, whose checkpoints name an instantiator
+    micro = ["--model.init_args.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 4}"]
+    cli = run(["fit", "-c", "quickstart_simmim_adv.yaml", *micro, "--trainer.max_steps", "2",
+               "--trainer.limit_val_batches", "1", "--data.init_args.num_workers", "0"])  # fmt: skip
+    for trained, path in (
+        (module, tmp_path / "plain.ckpt"),
+        (cli.model, cli.trainer.checkpoint_callback.last_model_path),
+    ):
+        loaded = PretrainModule.load_from_checkpoint(path)
+        assert type(loaded.method) is SimMIM and loaded.method.config() == trained.method.config()
+        assert loaded.method.mask_patch_size == 8 and loaded.hparams.adversarial
+        for key, value in trained.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
 
 
 def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
