@@ -85,7 +85,8 @@ def stage_commands(
 
     encoder = ["--model.init_args.init_from", last("pretrain")]
     fashion, mnist = data
-    targets_config = ["-c", f"study/{targets}"] if targets else []
+    # the auxiliary targets' RNG follows the study's seed too
+    targets_config = ["-c", f"study/{targets}", "--attack.init_args.seed", str(seed)] if targets else []
     return {
         "pretrain": ["fit", *config(pretrain), *targets_config, *common("pretrain"), *fashion],
         "probe": ["fit", *config("probe.yaml"), *encoder, *common("probe"), *fashion],
