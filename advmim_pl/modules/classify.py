@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.optim import Lars, param_groups_layer_decay
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -402,7 +403,7 @@ class FinetuneModule(ClassifierModule):
     parameter groups from ``timm.optim.param_groups_layer_decay`` with lr scale
     ``layer_decay^(num_layers - layer_id)``, layer id 0 for patch embedding / cls token / positions,
     ``i + 1`` for block i and ``num_layers = depth + 1`` for everything after the blocks (norms, head).
-    Training-time augmentation runs on the device batch: RandAugment per image, then Mixup/CutMix with
+    Training-time augmentation runs on the device batch: RandAugment per image, random erasing, then Mixup/CutMix with
     soft-target cross-entropy (label smoothing folded into the targets), or label-smoothed cross-entropy
     when mixing is off.
 
@@ -441,6 +442,9 @@ class FinetuneModule(ClassifierModule):
         randaugment: RandAugment (``torchvision.transforms.v2``) per training image, on the device.
         randaugment_ops: operations per image.
         randaugment_magnitude: magnitude of each operation, 0-30 (9 in MAE).
+        random_erasing: probability of erasing one random rectangle per training image (0.25 in MAE), after
+            RandAugment and before Mixup; the rectangle is filled with per-pixel N(0, 1) noise in the normalised
+            space (timm ``RandomErasing``, mode ``pixel``), i.e. mean + std * N(0, 1) in pixel units.
         adversarial: adversarial fine-tuning (needs the ``AdversarialTargetCallback``).
         adv_weight: weight of the cross-entropy on x_a.
         branch_params: ``norm`` gives x_a its own normalisation layers (AdvProp); ``none`` shares all.
@@ -476,11 +480,16 @@ class FinetuneModule(ClassifierModule):
         randaugment: bool = True,
         randaugment_ops: PositiveInt = 2,
         randaugment_magnitude: NonNegativeInt = 9,
+        random_erasing: ClosedUnitInterval = 0.25,
         adversarial: bool = False,
         adv_weight: NonNegativeFloat = 1.0,
         branch_params: Literal["norm", "none"] = "norm",
     ) -> None:
-        for name, value in (("label_smoothing", label_smoothing), ("mixup_prob", mixup_prob)):
+        for name, value in (
+            ("label_smoothing", label_smoothing),
+            ("mixup_prob", mixup_prob),
+            ("random_erasing", random_erasing),
+        ):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha), ("adv_weight", adv_weight)):
@@ -560,9 +569,14 @@ class FinetuneModule(ClassifierModule):
 
     def augment(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Training-time augmentation of a device batch: x (B, C, H, W) in [0, 1], y (B,) -> augmented x and
-        targets: (B,) labels, or (B, num_classes) soft targets when Mixup/CutMix is on."""
+        targets: (B,) labels, or (B, num_classes) soft targets when Mixup/CutMix is on. Erased rectangles may
+        leave [0, 1] (noise with the data's mean and std)."""
         if self.randaugment is not None:
             x = torch.stack([self.randaugment(image) for image in x])
+        if self.hparams.random_erasing > 0:
+            erase = RandomErasing(self.hparams.random_erasing, mode="pixel", device=x.device)
+            normalize = self.encoder.normalize
+            x = erase(normalize(x).contiguous()) * normalize.std + normalize.mean
         if self.mixup is not None:
             if x.shape[0] % 2:
                 raise ValueError(f"Mixup/CutMix needs an even batch size, got {x.shape[0]}")

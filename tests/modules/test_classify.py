@@ -18,7 +18,7 @@ from advmim_pl.modules.classify import read_encoder_weights
 from advmim_pl.schedule import warmup_cosine
 
 ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
-PLAIN = dict(randaugment=False, mixup_alpha=0.0, cutmix_alpha=0.0)  # fine-tuning without augmentation
+PLAIN = dict(randaugment=False, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)  # no augmentation
 
 
 def labelled(n: int = 24, seed: int = 0, batch_size: int = 8) -> DataLoader:
@@ -176,7 +176,7 @@ def test_layer_decay_scales_and_the_lr_the_optimizer_uses():
 
 def test_mixup_gives_soft_targets_and_a_finite_loss():
     torch.manual_seed(0)
-    module = FinetuneModule(10, **ENCODER, batch_size=8)  # RandAugment, Mixup 0.8 / CutMix 1.0, smoothing 0.1
+    module = FinetuneModule(10, **ENCODER, batch_size=8, random_erasing=0.0)  # RandAugment, Mixup/CutMix, smoothing
     x, y = next(iter(labelled()))
     mixed, target = module.augment(x.clone(), y)
     assert target.shape == (8, 10)
@@ -197,6 +197,27 @@ def test_mixup_gives_soft_targets_and_a_finite_loss():
     t = trainer(2)
     t.fit(module, labelled())
     assert torch.isfinite(t.callback_metrics["train/loss"])
+
+
+def test_random_erasing_fills_one_rectangle_per_image_with_normalised_noise():
+    torch.manual_seed(0)
+    module = FinetuneModule(10, **ENCODER, **{**PLAIN, "random_erasing": 1.0})  # always erase
+    x = torch.full((16, 1, 32, 32), 0.5)
+    erased, labels = module.augment(x, torch.arange(16) % 10)
+    assert torch.equal(labels, torch.arange(16) % 10)
+    changed = (erased - x).abs() > 1e-6
+    for image, where in zip(erased, changed[:, 0], strict=True):
+        rows, cols = where.any(dim=1).nonzero().flatten(), where.any(dim=0).nonzero().flatten()
+        box = where[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.float().mean() > 0.95  # one filled rectangle (a noise value may land on 0.5 by chance) ...
+        assert 0.02 <= box.numel() / where.numel() <= 1 / 3 + 0.02  # ... of timm's default area range
+        noise = (image[0][rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] - MICRO["mean"][0]) / MICRO["std"][
+            0
+        ]
+        assert abs(noise.mean()) < 0.5 and 0.6 < noise.std() < 1.4  # N(0, 1) in the normalised space
+    assert torch.equal(module.augment(x, labels)[0].ne(x).flatten(1).any(1), torch.ones(16, dtype=torch.bool))
+    untouched = FinetuneModule(10, **ENCODER, **PLAIN).augment(x, labels)[0]
+    assert torch.equal(untouched, x)
 
 
 class RecordingAttack(AdversarialTargetCallback):
