@@ -65,9 +65,10 @@ class ImageDataModule(LightningDataModule):
     """Options, transforms and loaders shared by all image data modules.
 
     Train transform (MAE augmentation): RandomResizedCrop(img_size, crop_scale, bicubic), then an
-    optional random horizontal flip. Val/test transform: resize the shorter side to img_size
-    (bicubic), then center crop img_size. Grey images are replicated to 3 channels when
-    ``channels=3`` and RGB images converted to grey when ``channels=1``.
+    optional random horizontal flip. Val/test transform: resize the shorter side to
+    img_size / eval_crop_ratio (bicubic; 256 for 224 with ImageNet's 0.875), then center crop img_size.
+    Grey images are replicated to 3 channels when ``channels=3`` and RGB images converted to grey when
+    ``channels=1``.
 
     Subclasses define ``num_classes`` and the dataset's per-channel statistics ``dataset_mean`` and
     ``dataset_std`` (length 1 or 3), from which ``__init__`` derives ``mean`` and ``std`` (length
@@ -91,6 +92,7 @@ class ImageDataModule(LightningDataModule):
         pin_memory: bool = True,
         normalize_mean: tuple[float, ...] | None = None,
         normalize_std: tuple[float, ...] | None = None,
+        eval_crop_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
@@ -120,6 +122,11 @@ class ImageDataModule(LightningDataModule):
             )
         if std is not None and min(std) <= 0:
             raise ValueError(f"normalize_std {std} must be positive")
+        if not 0 < eval_crop_ratio <= 1:
+            raise ValueError(
+                f"eval_crop_ratio must be in (0, 1], e.g. 0.875 for ImageNet's 256 -> 224; got {eval_crop_ratio}"
+            )
+        self.eval_crop_ratio = eval_crop_ratio
         stats = (self.dataset_mean, self.dataset_std) if mean is None else (mean, std)
         self.mean, self.std = stats_for_channels(*stats, channels)
         self.train_set: Dataset | None = None
@@ -140,8 +147,10 @@ class ImageDataModule(LightningDataModule):
         return v2.Compose([v2.ToImage(), crop, *flip, *self._to_output()])
 
     def eval_transform(self) -> v2.Compose:
-        """PIL image or uint8 (C, H, W) -> float32 (channels, img_size, img_size), deterministic."""
-        resize = v2.Resize(self.img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        """PIL image or uint8 (C, H, W) -> float32 (channels, img_size, img_size), deterministic: the shorter side
+        resized to round(img_size / eval_crop_ratio), then the centre img_size crop."""
+        side = round(self.img_size / self.eval_crop_ratio)
+        resize = v2.Resize(side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(self.img_size), *self._to_output()])
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:

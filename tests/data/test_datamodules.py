@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from advmim_pl.data import (
     BundledSampleDataModule,
@@ -90,6 +91,19 @@ def test_eval_transform_keeps_native_pixels():
         expected = torch.from_numpy(sample["val_images"][:5]).float().unsqueeze(1) / 255
         assert torch.equal(labels, torch.from_numpy(sample["val_labels"][:5]).long())
     assert torch.allclose(images, expected)
+
+
+def test_eval_crop_ratio_resizes_then_takes_the_centre():
+    """ImageNet's protocol at small scale: resize 28 -> 32 (28 / 0.875), then the centre 28 x 28."""
+    cropped = BundledSampleDataModule(batch_size=5, num_workers=0, img_size=28, channels=1, eval_crop_ratio=0.875)
+    cropped.setup("validate")
+    images = next(iter(cropped.val_dataloader()))[0]
+    with np.load(SAMPLE_PATH) as sample:
+        stored = torch.from_numpy(sample["val_images"][:5]).unsqueeze(1)
+    resized = TF.resize(stored, [32], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(images, resized[..., 2:30, 2:30].float() / 255)
+    with pytest.raises(ValueError, match="eval_crop_ratio must be in"):
+        BundledSampleDataModule(eval_crop_ratio=1.2)
 
 
 @needs_fashion_mnist
