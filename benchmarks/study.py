@@ -186,18 +186,37 @@ def by_method(records: list[dict]) -> dict[str, list[dict]]:
     }
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines."""
+    return ["| " + " | ".join(cells) + " |" for cells in (header, ["---"] * len(header), *rows)]
+
+
 def markdown(preset: str, records: list[dict]) -> str:
     """The results file: a summary per method (mean ± std over seeds), per-corruption accuracy, every run."""
     groups, pgd = by_method(records), pgd_keys(records)
     columns = [*HEADLINE.values(), *(f"PGD {eps_label(k)}" for k in pgd)]
     keys = [*HEADLINE, *pgd]
 
-    def row(cells: list[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
-
     def joined(runs: list[dict], field: str) -> str:
         return ", ".join(dict.fromkeys(str(r[field]) for r in runs))
 
+    summary_rows = [
+        [method, f"{len(runs)} ({', '.join(str(r['seed']) for r in runs)})"]
+        + [summary([r["metrics"][k] for r in runs]) for k in keys]
+        + [joined(runs, "device"), joined(runs, "commit")]
+        for method, runs in groups.items()
+    ]
+    corruption_rows = [
+        [method, *(summary([corruption_mean(r["metrics"], c) for r in runs]) for c in CORRUPTIONS)]
+        for method, runs in groups.items()
+    ]
+    run_rows = [
+        [method, str(r["seed"]), *(f"{100 * r['metrics'][k]:.2f}" for k in keys)]
+        + [f"{r['metrics']['pretrain_val_loss']:.4f}", f"{sum(r['minutes'].values()):.1f}"]
+        + [r["device"], r["commit"], r["date"]]
+        for method, runs in groups.items()
+        for r in runs
+    ]
     lines = [
         f"# Study, preset `{preset}`: does the AEMIM plug-in beat its baseline?",
         "",
@@ -209,29 +228,16 @@ def markdown(preset: str, records: list[dict]) -> str:
         "",
         "## Summary",
         "",
-        row(["method", "seeds", *columns, "device", "commit"]),
-        row(["---"] * (len(columns) + 4)),
+        *table(["method", "seeds", *columns, "device", "commit"], summary_rows),
+        "",
+        "## Corruptions: fine-tuned accuracy per corruption, mean over severities 1-5",
+        "",
+        *table(["method", *CORRUPTIONS], corruption_rows),
+        "",
+        "## Every run",
+        "",
+        *table(["method", "seed", *columns, "pre-train val loss", "minutes", "device", "commit", "date"], run_rows),
     ]
-    for method, runs in groups.items():
-        cells = [summary([r["metrics"][k] for r in runs]) for k in keys]
-        seeds = f"{len(runs)} ({', '.join(str(r['seed']) for r in runs)})"
-        lines.append(row([method, seeds, *cells, joined(runs, "device"), joined(runs, "commit")]))
-    lines += ["", "## Corruptions: fine-tuned accuracy per corruption, mean over severities 1-5", ""]
-    lines += [row(["method", *CORRUPTIONS]), row(["---"] * (len(CORRUPTIONS) + 1))]
-    for method, runs in groups.items():
-        per = [
-            [statistics.mean(r["metrics"][f"corruption/{c}/{s}"] for s in SEVERITIES) for r in runs]
-            for c in CORRUPTIONS
-        ]
-        lines.append(row([method, *(summary(v) for v in per)]))
-    lines += ["", "## Every run", ""]
-    lines += [row(["method", "seed", *columns, "pre-train val loss", "minutes", "device", "commit", "date"])]
-    lines.append(row(["---"] * (len(columns) + 8)))
-    for method, runs in groups.items():
-        for r in runs:
-            cells = [f"{100 * r['metrics'][k]:.2f}" for k in keys]
-            extra = [f"{r['metrics']['pretrain_val_loss']:.4f}", f"{sum(r['minutes'].values()):.1f}"]
-            lines.append(row([method, str(r["seed"]), *cells, *extra, r["device"], r["commit"], r["date"]]))
     return "\n".join(lines) + "\n"
 
 
@@ -252,10 +258,7 @@ def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
     figures = {
         "corruptions": (
             [0, *SEVERITIES],
-            lambda m: [
-                m["clean"],
-                *(statistics.mean(m[f"corruption/{c}/{s}"] for c in CORRUPTIONS) for s in SEVERITIES),
-            ],
+            lambda m: [m["clean"], *(severity_mean(m, s) for s in SEVERITIES)],
             "corruption severity (0 = clean; mean over 11 corruptions)",
         ),
         "pgd": (

@@ -101,6 +101,9 @@ def test_one_command_runs_every_method_and_a_rerun_reproduces_it(tmp_path):
     assert log.count(", new") == 5
 
     table = (tmp_path / "out" / "study_smoke.md").read_text()
+    for block in table.split("\n\n"):  # every Markdown table: header, separator and rows of one width
+        widths = {line.count("|") for line in block.splitlines() if line.startswith("|")}
+        assert len(widths) <= 1, block
     for method in study.METHODS:
         assert f"| {method} | 1 (0) |" in table  # summary row: one seed, seed 0
         assert f"| {method} | 0 |" in table  # every-run row
