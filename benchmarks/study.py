@@ -41,6 +41,7 @@ from provenance import REPO, device_info, git_commit
 from advmim_pl.cli import run
 from advmim_pl.eval import RobustnessEvaluator
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
+from advmim_pl.eval.robustness import pgd_eps
 
 # method -> (pre-training config, auxiliary-target config or None)
 METHODS = {
@@ -152,12 +153,12 @@ def replace_record(records: list[dict], record: dict) -> str:
 def pgd_keys(records: list[dict]) -> list[str]:
     """The PGD metric keys, by increasing eps."""
     keys = {k for r in records for k in r["metrics"] if k.startswith("pgd/")}
-    return sorted(keys, key=lambda k: float(k[4:]))
+    return sorted(keys, key=pgd_eps)
 
 
 def eps_label(key: str) -> str:
     """'pgd/0.01569' -> '4/255'."""
-    return f"{float(key[4:]) * 255:.0f}/255"
+    return f"{pgd_eps(key) * 255:.0f}/255"
 
 
 def corruption_mean(metrics: dict[str, float], name: str) -> float:
@@ -262,7 +263,7 @@ def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
             "corruption severity (0 = clean; mean over 11 corruptions)",
         ),
         "pgd": (
-            [0, *(float(k[4:]) * 255 for k in pgd)],
+            [0, *(pgd_eps(k) * 255 for k in pgd)],
             lambda m: [m["clean"], *(m[k] for k in pgd)],
             "PGD-10 L-inf eps (x/255; 0 = clean)",
         ),

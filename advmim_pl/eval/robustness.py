@@ -41,6 +41,16 @@ class OODSet:
     restrict_logits: bool = True
 
 
+def pgd_key(eps: float) -> str:
+    """The results key of the PGD accuracy at L-inf budget ``eps`` (pixel units), e.g. 'pgd/0.01569'."""
+    return f"pgd/{eps:.5f}"
+
+
+def pgd_eps(key: str) -> float:
+    """The budget of a PGD results key: 'pgd/0.01569' -> 0.01569."""
+    return float(key.removeprefix("pgd/"))
+
+
 def accuracy_counts(logits: Tensor, labels: Tensor, classes: Tensor | None = None) -> Tensor:
     """Correct top-1 predictions as a 0-d tensor. logits (B, K), labels (B,); ``classes`` (M,) restricts the
     argmax to those class indices."""
@@ -121,7 +131,7 @@ class RobustnessEvaluator(L.Callback):
         for eps, attack in self.attacks.items():
             x_adv = attack.generate(pl_module, x, pl_module.cross_entropy_objective(y)).x_adv
             with torch.no_grad():
-                self._add(f"pgd/{eps:.5f}", accuracy_counts(pl_module.logits(x_adv), y))
+                self._add(pgd_key(eps), accuracy_counts(pl_module.logits(x_adv), y))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = trainer.strategy.reduce(self.total.float(), reduce_op="sum")
@@ -168,7 +178,7 @@ class RobustnessEvaluator(L.Callback):
                 rows.append((name, str(severity), results[f"corruption/{name}/{severity}"]))
         rows.append(("mean corruption accuracy", "", results["corruption/mean"]))
         rows += [
-            ("PGD L-inf", f"eps {float(k[4:]) * 255:.2g}/255", val) for k, val in results.items() if k[:4] == "pgd/"
+            ("PGD L-inf", f"eps {pgd_eps(k) * 255:.2g}/255", val) for k, val in results.items() if k.startswith("pgd/")
         ]
         rows += [("OOD", k[4:], val) for k, val in results.items() if k.startswith("ood/")]
         table = Table(title="robustness (top-1 accuracy)")
