@@ -6,7 +6,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -16,6 +16,8 @@ from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
 
 CONFIG_FLAGS = ("--config", "-c")
+DESCRIPTION = "Masked image modeling (MAE, SimMIM) with the AEMIM adversarial plug-in."
+EXPORT_HELP = "Write the clean encoder of a pre-training checkpoint as a timm ViT state dict (safetensors)."
 
 
 def shipped_configs() -> list[str]:
@@ -83,7 +85,15 @@ class AdvMIMCLI(LightningCLI):
             },
         }
         kwargs["trainer_defaults"] = {**trainer_defaults, **kwargs.get("trainer_defaults", {})}
+        kwargs["parser_kwargs"] = {"description": DESCRIPTION, **(kwargs.get("parser_kwargs") or {})}
         super().__init__(**kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        """Lightning's subcommands plus ``export``, so that ``advmim --help`` lists it with its one-line description.
+        ``run`` dispatches ``export`` itself, before LightningCLI parses anything."""
+        super()._add_subcommands(parser, **kwargs)
+        export = add_export_arguments(ArgumentParser(prog="advmim export", description=EXPORT_HELP))
+        parser._subcommands_action.add_subcommand("export", export, help=EXPORT_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(AdversarialTargetCallback, "attack", required=False)
@@ -180,14 +190,18 @@ class AdvMIMCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``advmim export``, added to ``parser`` (argparse or jsonargparse); returns it."""
+    parser.add_argument("ckpt_path", help="pre-training checkpoint (.ckpt)")
+    parser.add_argument("output", help="output .safetensors path")
+    return parser
+
+
 def export_main(argv: list[str]) -> None:
     """``advmim export CKPT OUTPUT``: the clean encoder as a timm safetensors file."""
     from advmim_pl.export import export_encoder
 
-    parser = argparse.ArgumentParser(prog="advmim export", description=export_main.__doc__)
-    parser.add_argument("ckpt_path", help="pre-training checkpoint (.ckpt)")
-    parser.add_argument("output", help="output .safetensors path")
-    args = parser.parse_args(argv)
+    args = add_export_arguments(argparse.ArgumentParser(prog="advmim export", description=EXPORT_HELP)).parse_args(argv)
     try:
         path = export_encoder(args.ckpt_path, args.output)
     except (FileNotFoundError, CheckpointError, ValueError, KeyError) as err:

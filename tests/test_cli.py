@@ -1,5 +1,6 @@
 """The advmim command: shipped configs, composition, errors, the quickstart and the export."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from advmim_pl.adversarial import AdversarialTargetCallback
-from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args, run, shipped_configs
+from advmim_pl.cli import EXPORT_HELP, AdvMIMCLI, resolve_config, resolve_config_args, run, shipped_configs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 JOBS = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -160,3 +161,24 @@ def test_export_of_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(SystemExit, match="truncated or not a checkpoint"):
         run(["export", str(bad), str(tmp_path / "out.safetensors")])
+
+
+def test_help_lists_every_subcommand_with_a_description(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one line per subcommand
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "{fit,validate,test,predict,export}" in out
+    listed = dict(re.findall(r"^ {4}(\w+) +(\S.*)$", out.split("Available subcommands:")[1], flags=re.M))
+    assert set(listed) == {"fit", "validate", "test", "predict", "export"}
+    assert listed["export"] == EXPORT_HELP
+    assert all(description[0].isupper() for description in listed.values())
+
+
+def test_export_help_names_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["export", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: advmim export [-h] ckpt_path output" in out and EXPORT_HELP in " ".join(out.split())
