@@ -1,9 +1,20 @@
-"""Write the notebooks under notebooks/ from the cell sources below (run: python scripts/make_notebooks.py)."""
+"""Write the notebooks under notebooks/ from the cell sources below.
 
+    python scripts/make_notebooks.py --execute   # run them too: the committed notebooks show outputs and figures
+    python scripts/make_notebooks.py             # cell sources only, without outputs
+
+tests/test_notebooks.py checks that the committed notebooks hold exactly these cells, outputs apart.
+"""
+
+import argparse
+import copy
 from pathlib import Path
 
 import nbformat
+from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 
 QUICKSTART = [
     new_markdown_cell(
@@ -150,16 +161,36 @@ EVALUATE = [
 ]
 
 
-def write(name: str, cells: list) -> None:
-    notebook = new_notebook(cells=cells)
-    for index, cell in enumerate(cells):
-        cell.id = f"{Path(name).stem}-{index}"  # stable ids: regenerating changes nothing unless the cells do
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = Path(__file__).parents[1] / "notebooks" / name
-    nbformat.write(notebook, path)
-    print(f"wrote {path}")
+def notebooks() -> dict[str, nbformat.NotebookNode]:
+    """{file name: notebook} as this script writes them, before execution (no outputs)."""
+    built = {}
+    for name, cells in (("quickstart.ipynb", QUICKSTART), ("evaluate.ipynb", EVALUATE)):
+        notebook = new_notebook(cells=copy.deepcopy(cells))
+        for index, cell in enumerate(notebook.cells):
+            cell.id = f"{Path(name).stem}-{index}"  # stable ids: regenerating changes nothing unless the cells do
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        built[name] = notebook
+    return built
+
+
+def execute(notebook: nbformat.NotebookNode, timeout: int) -> None:
+    """Run every cell in order in a fresh kernel, started in notebooks/; outputs and figures are stored in
+    ``notebook``. A failing cell raises ``nbclient.exceptions.CellExecutionError``."""
+    folder = {"metadata": {"path": NOTEBOOKS}}
+    NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False, resources=folder).execute()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write notebooks/*.ipynb from the cell sources in this script.")
+    parser.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs and figures")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell when executing")
+    args = parser.parse_args()
+    for name, notebook in notebooks().items():
+        if args.execute:
+            execute(notebook, args.timeout)
+        nbformat.write(notebook, NOTEBOOKS / name)
+        print(f"wrote {NOTEBOOKS / name}")
 
 
 if __name__ == "__main__":
-    write("quickstart.ipynb", QUICKSTART)
-    write("evaluate.ipynb", EVALUATE)
+    main()
