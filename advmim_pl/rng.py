@@ -4,6 +4,9 @@ Where a device has no generator of its own (XLA), ``generator_for`` returns a CP
 are made on the CPU and moved; elsewhere the draw happens on the device itself and ``.to`` is a no-op.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -31,3 +34,15 @@ def randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generat
     """Standard normal float32 of ``shape`` on ``device``, drawn from ``generator`` (global RNG if None)."""
     source = device if generator is None else generator.device
     return torch.randn(shape, device=source, generator=generator).to(device)
+
+
+@contextmanager
+def preserved(generator: torch.Generator | None) -> Iterator[None]:
+    """Draws made from ``generator`` inside the block leave its state as it was (for side computations such
+    as logging, which must not shift a training stream)."""
+    state = None if generator is None else generator.get_state()
+    try:
+        yield
+    finally:
+        if generator is not None:
+            generator.set_state(state)

@@ -16,11 +16,36 @@ from torch import Tensor, nn
 from advmim_pl.rng import rand, randn
 
 Objective = Callable[[Tensor], Tensor]
-Perturbation = Literal["pgd", "gaussian", "uniform", "none"]
+Perturbation = Literal["pgd", "sign", "gaussian", "uniform", "none"]
+PERTURBATIONS: tuple[str, ...] = ("pgd", "sign", "gaussian", "uniform", "none")
+MAX_EPS = 1.0  # a budget of the whole [0, 1] pixel range or more is a unit slip (8 for 8/255)
+LARGE_EPS = 32 / 255  # beyond the budgets of the robustness literature: warned
+
+
+def check_eps(eps: float, owner: str, key: str = "eps") -> str | None:
+    """Refuse an L-inf budget that cannot be meant, and describe one that is probably a slip.
+
+    ``eps`` is in pixel units of [0, 1] images. Raises ValueError for ``eps < 0`` or ``eps >= 1`` (the ball
+    would cover the whole pixel range); returns a warning text for ``eps > 32/255``, else None. Both name
+    the value and the likely intent (``eps / 255``).
+    """
+    if eps < 0:
+        raise ValueError(f"{owner}: invalid {key}={eps!r}; expected a non-negative L-inf budget in pixel units")
+    if eps >= MAX_EPS:
+        raise ValueError(
+            f"{owner}: {key}={eps!r} is in pixel units of [0, 1] images, so the ball covers the whole pixel "
+            f"range; did you mean {eps:g}/255 = {eps / 255:.4f}?"
+        )
+    if eps > LARGE_EPS:
+        return (
+            f"{owner}: {key}={eps!r} is {eps * 255:.3g}/255 in pixel units of [0, 1] images, above 32/255; "
+            "did you mean 4/255 = 0.0157 or 8/255 = 0.0314, the usual budgets?"
+        )
+    return None
 
 
 def default_step_size(eps: float, steps: int) -> float:
-    """SPEC rule: 1.25 * eps for a single step, else 2.5 * eps / steps."""
+    """1.25 * eps for a single step, else 2.5 * eps / steps (docs/method.md, "The attack")."""
     return 1.25 * eps if steps == 1 else 2.5 * eps / max(steps, 1)
 
 
@@ -79,6 +104,16 @@ def pgd_attack(
     return pgd_steps(objective, x, eps, steps, step_size, random_start, generator)[0]
 
 
+def random_sign(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+    """x + eps * s with s = +-1 per pixel (equal odds), projected like PGD: the energy-matched random control.
+
+    x (B, C, H, W) -> (B, C, H, W). Before the projection onto [0, 1] its RMS is exactly eps, the size of a
+    PGD step's sign pattern.
+    """
+    sign = rand(tuple(x.shape), x.device, generator).lt(0.5).to(x.dtype).mul(2).sub(1)
+    return project(x + eps * sign, x, eps)
+
+
 def perturb(
     kind: Perturbation,
     objective: Objective,
@@ -89,11 +124,19 @@ def perturb(
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One perturbation of size eps: ``pgd``, ``gaussian`` (sigma = eps, clipped to +-eps), ``uniform``
-    (+-eps) or ``none``. Returns (x_adv, finite) as ``pgd_steps``."""
+    """One perturbation of size eps. Returns (x_adv, finite) as ``pgd_steps``.
+
+    RMS of the perturbation before the projection onto [0, 1], for one step with a random start: ``pgd``
+    0.89 to 1.0 eps (the sign step of 1.25 eps from a uniform start, clipped to +-eps; 0.89 when the
+    gradient's sign is independent of the start); ``sign`` (random +-eps
+    per pixel) exactly eps, the energy-matched control; ``gaussian`` (sigma = eps, clipped to +-eps) 0.72 eps;
+    ``uniform`` (+-eps) 0.58 eps; ``none`` 0.
+    """
     finite = torch.ones((), dtype=torch.bool, device=x.device)
     if kind == "pgd":
         return pgd_steps(objective, x, eps, steps, step_size, random_start, generator)
+    if kind == "sign":
+        return random_sign(x, eps, generator), finite
     if kind == "gaussian":
         noise = randn(tuple(x.shape), x.device, generator).mul(eps).clamp(-eps, eps)
         return project(x + noise.to(x.dtype), x, eps), finite
@@ -101,7 +144,7 @@ def perturb(
         return project(x + uniform_noise(x, eps, generator), x, eps), finite
     if kind == "none":
         return x.detach(), finite
-    raise ValueError(f"unknown perturbation {kind!r}: choose pgd, gaussian, uniform or none")
+    raise ValueError(f"unknown perturbation {kind!r}: choose one of {PERTURBATIONS}")
 
 
 @contextmanager

@@ -11,13 +11,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from advmim_pl.adversarial.attack import Objective, Perturbation, frozen_eval, perturb
+from advmim_pl.adversarial.attack import PERTURBATIONS, Objective, Perturbation, check_eps, frozen_eval, perturb
 from advmim_pl.reliability import plain
 from advmim_pl.rng import generator_for, made_for
 from advmim_pl.schedule import steps_per_epoch
 
 Distance = Literal["mse", "cosine", "kl"]
-AttackMask = Literal["same", "independent", "none"]
+AttackMask = Literal["none", "complement", "same", "independent"]
+ATTACK_MASKS: tuple[str, ...] = ("none", "complement", "same", "independent")
 
 
 @dataclass
@@ -41,10 +42,14 @@ class AdversarialTargetCallback(L.Callback):
         steps: PGD steps K (ignored by the generic corruptions).
         step_size: PGD step; None = 1.25*eps for one step, else 2.5*eps/steps.
         random_start: start PGD from uniform noise in [-eps, eps].
-        perturbation: ``pgd`` or the equal-size controls ``gaussian``, ``uniform``, ``none``.
+        perturbation: ``pgd``, or a control of equal size: ``sign`` (random +-eps per pixel, the
+            energy-matched one), ``gaussian``, ``uniform``, ``none``.
         distance: feature distance the MIM objective uses: ``mse``, ``cosine`` or ``kl``.
-        attack_mask: mask the attack sees: the step's (``same``), a fresh one per PGD step
-            (``independent``) or none (``none``, full image).
+        attack_mask: what the attacked encoder sees. ``none``: the whole image, so the perturbation covers
+            the patches the auxiliary loss scores. ``complement``: only the step's masked patches, exactly the
+            scored ones, with fewer tokens than ``none`` (MAE). ``same``: the step's visible patches; the
+            cheapest, but masked patches get zero input gradient, so the scored patches carry only the random
+            start. ``independent``: a fresh random mask per PGD step.
         warmup_epochs: linear ramp of eps and of the auxiliary weight from 0 over this many epochs.
         on_validation: also craft targets for validation batches.
         log_images_every_n_steps: image-grid period in optimizer steps (0 = never).
@@ -59,22 +64,31 @@ class AdversarialTargetCallback(L.Callback):
         random_start: bool = True,
         perturbation: Perturbation = "pgd",
         distance: Distance = "mse",
-        attack_mask: AttackMask = "same",
+        attack_mask: AttackMask = "none",
         warmup_epochs: NonNegativeFloat = 0.0,
         on_validation: bool = False,
         log_images_every_n_steps: NonNegativeInt = 500,
         seed: int = 0,
     ) -> None:
-        _require(eps >= 0, "eps", eps, "a non-negative L-inf budget in pixel units, e.g. 0.0157 (4/255)")
+        warning = check_eps(eps, "AdversarialTargetCallback")
+        if warning:
+            rank_zero_warn(warning)
+        _require(
+            perturbation != "pgd" or eps > 0,
+            "eps",
+            eps,
+            "positive with perturbation: pgd (an attack with no budget leaves x_a = x; "
+            "use perturbation: none for the clean-target control)",
+        )
         _require(steps >= 0, "steps", steps, "a non-negative number of PGD steps")
         _require(perturbation != "pgd" or steps >= 1, "steps", steps, "at least 1 with perturbation: pgd")
         _require(step_size is None or step_size > 0, "step_size", step_size, "positive, or null for the default")
         _require(warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "non-negative")
         _require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
         for name, value, allowed in (
-            ("perturbation", perturbation, ("pgd", "gaussian", "uniform", "none")),
+            ("perturbation", perturbation, PERTURBATIONS),
             ("distance", distance, ("mse", "cosine", "kl")),
-            ("attack_mask", attack_mask, ("same", "independent", "none")),
+            ("attack_mask", attack_mask, ATTACK_MASKS),
         ):
             _require(value in allowed, name, value, f"one of {allowed}")
         self.eps, self.steps, self.step_size, self.random_start = eps, steps, step_size, random_start
@@ -109,6 +123,10 @@ class AdversarialTargetCallback(L.Callback):
             self._pending_rng = None
         return self.generator
 
+    def current_eps(self, trainer: L.Trainer | None) -> float:
+        """The budget of this step: eps times the warm-up ramp."""
+        return self.eps * self.ramp(trainer)
+
     def generate(self, pl_module: L.LightningModule, x: Tensor, objective: Objective) -> AttackResult:
         """x (B, C, H, W) in [0, 1] -> x_a maximising ``objective`` within the (ramped) eps-ball.
 
@@ -122,7 +140,7 @@ class AdversarialTargetCallback(L.Callback):
             )
         rank = pl_module.trainer.global_rank if pl_module._trainer is not None else 0
         generator = self.ensure_generator(x.device, rank)
-        eps = self.eps * self.ramp(pl_module._trainer)
+        eps = self.current_eps(pl_module._trainer)
         try:
             with frozen_eval(pl_module):
                 x_adv, finite = perturb(

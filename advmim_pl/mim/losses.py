@@ -20,17 +20,36 @@ def unpatchify(patches: Tensor, patch_size: int, channels: int, grid_size: tuple
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, h * p, w * p)
 
 
-def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+def normalize_patches(target: Tensor, var_floor: float = 0.0, stats_from: Tensor | None = None) -> Tensor:
+    """Per-patch normalised targets: ``(target - mean) / sqrt(var + 1e-6 + var_floor)``.
+
+    target (B, N, P) -> (B, N, P). The mean and (unbiased) variance are per patch, of ``stats_from``
+    (B, N, P) when given, else of ``target``. ``var_floor = 0`` is MAE's ``norm_pix_loss``; a floor keeps
+    a perturbation of a flat patch at its size divided by ``sqrt(var_floor)`` instead of unit variance.
+    """
+    source = target if stats_from is None else stats_from.float()
+    mean = source.mean(dim=-1, keepdim=True)
+    var = source.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + 1e-6 + var_floor).sqrt()
+
+
+def mae_loss(
+    pred: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    norm_pix: bool = True,
+    var_floor: float = 0.0,
+    stats_from: Tensor | None = None,
+) -> Tensor:
     """Mean over masked patches of the per-patch MSE.
 
-    pred/target (B, N, p*p*C), mask (B, N) 1 = masked. With ``norm_pix`` each target patch is
-    normalised by its own mean and variance (eps 1e-6) first. Returns a scalar (fp32).
+    pred/target (B, N, p*p*C), mask (B, N) 1 = masked. With ``norm_pix`` the target goes through
+    ``normalize_patches(target, var_floor, stats_from)`` first (stats_from (B, N, p*p*C) or None).
+    Returns a scalar (fp32).
     """
     pred, target = pred.float(), target.float()
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
+        target = normalize_patches(target, var_floor, stats_from)
     per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp_min(1)
 

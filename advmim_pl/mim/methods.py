@@ -58,6 +58,10 @@ class MIMMethod(ABC):
         """A mask that hides nothing (every patch visible)."""
 
     @abstractmethod
+    def complement(self, encoder: MaskedViT, mask: Mask) -> Mask:
+        """The view that shows exactly the patches ``mask`` hides."""
+
+    @abstractmethod
     def encode(self, encoder: MaskedViT, images: Tensor, mask: Mask) -> Tensor:
         """Images (B, C, H, W) -> token features (B, T, D) under ``mask``."""
 
@@ -66,8 +70,18 @@ class MIMMethod(ABC):
         """Token features -> the method's raw prediction."""
 
     @abstractmethod
-    def loss(self, pred: Tensor, target: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
-        """Scalar reconstruction loss of ``pred`` against target images (B, C, H, W)."""
+    def loss(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        mask: Mask,
+        encoder: MaskedViT,
+        var_floor: float = 0.0,
+        stats_from: Tensor | None = None,
+    ) -> Tensor:
+        """Scalar reconstruction loss of ``pred`` against target images (B, C, H, W). A method whose target is
+        normalised per patch normalises it with the variance floor ``var_floor`` and the statistics of the
+        images ``stats_from`` (B, C, H, W), by default the target's own (see ``normalize_patches``)."""
 
     @abstractmethod
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
@@ -112,14 +126,21 @@ class MAE(MIMMethod):
         keep = torch.arange(encoder.num_patches, device=device).expand(batch, -1)
         return Mask(torch.zeros(batch, encoder.num_patches, device=device), keep)
 
+    def complement(self, encoder: MaskedViT, mask: Mask) -> Mask:
+        hidden = encoder.num_patches - mask.keep.shape[1]  # the same count for every sample
+        keep = mask.patches.argsort(dim=1, descending=True, stable=True)[:, :hidden].sort(dim=1).values
+        return Mask(1 - mask.patches, keep)
+
     def encode(self, encoder: MaskedViT, images: Tensor, mask: Mask) -> Tensor:
         return encoder.forward_visible(images, mask.keep)
 
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         return decoder(latent, mask.keep)
 
-    def loss(self, pred: Tensor, target: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
-        return mae_loss(pred, patchify(target, encoder.patch_size), mask.patches, self.norm_pix_loss)
+    def loss(self, pred, target, mask, encoder, var_floor=0.0, stats_from=None) -> Tensor:
+        p = encoder.patch_size
+        stats = None if stats_from is None else patchify(stats_from, p)
+        return mae_loss(pred, patchify(target, p), mask.patches, self.norm_pix_loss, var_floor, stats)
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
         pred = pred.float()
@@ -175,13 +196,17 @@ class SimMIM(MIMMethod):
     def full_view(self, encoder: MaskedViT, batch: int, device: torch.device) -> Mask:
         return Mask(torch.zeros(batch, encoder.num_patches, device=device))
 
+    def complement(self, encoder: MaskedViT, mask: Mask) -> Mask:
+        return Mask(1 - mask.patches)
+
     def encode(self, encoder: MaskedViT, images: Tensor, mask: Mask) -> Tensor:
         return encoder.forward_masked(images, mask.patches)
 
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         return decoder(latent)
 
-    def loss(self, pred: Tensor, target: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+    def loss(self, pred, target, mask, encoder, var_floor=0.0, stats_from=None) -> Tensor:
+        """L1 on raw pixels: the target is not normalised, so ``var_floor`` and ``stats_from`` do not apply."""
         return simmim_loss(pred, target, upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size))
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:

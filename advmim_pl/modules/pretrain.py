@@ -9,9 +9,10 @@ import torch
 from jsonargparse import lazy_instance
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable, instantiate_class
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from advmim_pl.adversarial.attack import Objective, frozen_eval
+from advmim_pl.adversarial.attack import Objective, frozen_eval, random_sign
 from advmim_pl.adversarial.callback import AdversarialTargetCallback, AttackResult
 from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.mim.losses import feature_distance, upsample_mask
@@ -20,7 +21,7 @@ from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.clipping import UnscaledClipping
 from advmim_pl.reliability import plain
-from advmim_pl.rng import generator_for, made_for
+from advmim_pl.rng import generator_for, made_for, preserved
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 
@@ -34,8 +35,9 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
 
     Without the plug-in (``adversarial: false``) a step is exactly the host method: one masked clean
     pass of encoder and decoder. With it, an ``AdversarialTargetCallback`` must be on the trainer; per
-    step: clean pass, K attack passes (encoder forward + input backward, target = this step's clean
-    encoding, no extra pass), and one auxiliary pass through the aux branch and decoder.
+    step: clean pass, the attack's target pass (no-grad clean encoding of the attack's view; none for
+    ``attack_mask: same`` without drop-path, which reuses the step's clean encoding), K attack passes
+    (aux-branch encoder forward + input backward) and one auxiliary pass through the aux branch and decoder.
 
     Args:
         method: host method (``advmim_pl.mim.MAE`` or ``advmim_pl.mim.SimMIM``) with its options, or the
@@ -62,6 +64,13 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         aux_target: what it reconstructs: ``adversarial`` (x_a) or ``clean`` (x).
         branch_params: ``norm`` gives the aux branch its own normalisation layers; ``none`` shares all.
         aux_decoder: ``separate`` auxiliary decoder or the ``shared`` clean one.
+        aux_target_norm: per-patch normalisation of the auxiliary MAE target (with ``norm_pix_loss``).
+            ``floor``: the target patch's own statistics with a variance floor of ``(aux_norm_floor * eps)^2``,
+            so an eps-sized perturbation of a flat patch stays about ``1 / aux_norm_floor`` in size instead of
+            becoming unit-variance noise. ``clean``: the clean patch's statistics with the same floor.
+            ``patch``: MAE's plain per-patch normalisation (variance + 1e-6). SimMIM's L1 target is not
+            normalised, so this only acts on MAE.
+        aux_norm_floor: the floor's standard deviation in units of the attack's (ramped) eps.
         compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
     """
 
@@ -90,6 +99,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         aux_target: Literal["adversarial", "clean"] = "adversarial",
         branch_params: Literal["norm", "none"] = "norm",
         aux_decoder: Literal["separate", "shared"] = "separate",
+        aux_target_norm: Literal["floor", "clean", "patch"] = "floor",
+        aux_norm_floor: NonNegativeFloat = 4.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -98,6 +109,7 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             base_lr=base_lr,
             weight_decay=weight_decay,
             aux_weight=aux_weight,
+            aux_norm_floor=aux_norm_floor,
             warmup_epochs=warmup_epochs,
             min_lr=min_lr,
         )
@@ -156,6 +168,23 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
                 "An AdversarialTargetCallback is on the trainer but the module was built without the plug-in: "
                 "set model.init_args.adversarial: true, or remove the callback for the baseline."
             )
+        if self.attack is not None and self.attack.perturbation == "pgd" and not self.attack.random_start:
+            self._check_start_without_noise()
+
+    def _check_start_without_noise(self) -> None:
+        """PGD from x itself: at delta = 0 the aux branch's features equal the clean target while the two
+        branches are identical, so the objective sits at its minimum and the first gradient is zero."""
+        if self.hparams.branch_params == "none":
+            raise RuntimeError(
+                "attack.init_args.random_start: false with model.init_args.branch_params: none cannot attack: "
+                "both branches are one encoder, so at x the attack objective is at its minimum with zero "
+                "gradient and every x_a equals x. Set random_start: true or branch_params: norm."
+            )
+        rank_zero_warn(
+            "attack.init_args.random_start: false: the two branches' normalisation layers start as identical "
+            "copies, so the first attack gradients are zero and x_a = x until the branches diverge in training. "
+            "Set random_start: true for adversarial targets from the first step."
+        )
 
     def _mask_rng(self) -> torch.Generator:
         """The generator of training masks, on the module's device (made at the first draw): seeded from the global
@@ -180,27 +209,50 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
     def _aux_decoder(self) -> torch.nn.Module:
         return self.decoder if self.aux_decoder is None else self.aux_decoder
 
-    def feature_objective(self, x: Tensor, mask: Mask, clean_latent: Tensor) -> Callable[[Tensor], Tensor]:
-        """The attack objective: distance of the aux branch's features of x_adv to the clean features.
+    def attack_view(self, x: Tensor, mask: Mask, clean_latent: Tensor) -> tuple[Mask, Tensor]:
+        """The mask the attacked encoder sees and the stop-gradient clean features it is pushed away from.
 
-        x (B, C, H, W); clean_latent (B, T, D) is this step's clean encoding under ``mask`` (reused as the
-        stop-gradient target for ``attack_mask: same``). Returns objective(x_adv) -> (B,).
+        x (B, C, H, W); ``mask`` is the step's; clean_latent (B, T, D) its clean encoding. ``none`` sees the
+        whole image, ``complement`` the step's masked patches (the ones the auxiliary loss scores), ``same``
+        the step's visible patches. The target is a no-grad eval-mode pass (no stochastic depth), except for
+        ``same`` without drop-path, where the step's own clean encoding is that pass already. ``independent``
+        draws its masks per PGD step (in the objective), so its view here is the step's mask, unused.
         """
         attack, method, encoder = self.attack, self.method, self.encoder
-        target = clean_latent.detach()
         if attack.attack_mask == "none":
-            mask = method.full_view(encoder, x.shape[0], x.device)
-            with torch.no_grad(), frozen_eval(self):
-                target = method.encode(encoder, x, mask)
+            view = method.full_view(encoder, x.shape[0], x.device)
+        elif attack.attack_mask == "complement":
+            view = method.complement(encoder, mask)
+        else:
+            view = mask
+        if attack.attack_mask == "same" and not self.hparams.drop_path_rate:
+            return view, clean_latent.detach()
+        if attack.attack_mask == "independent":
+            return view, clean_latent.detach()
+        with torch.no_grad(), frozen_eval(self):
+            return view, method.encode(encoder, x, view)
+
+    def feature_objective(
+        self, x: Tensor, mask: Mask, clean_latent: Tensor, generator: torch.Generator | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """The attack objective: distance of the aux branch's features of x_adv to the clean features.
+
+        x (B, C, H, W); clean_latent (B, T, D) is this step's clean encoding under ``mask``; ``generator``
+        draws the per-step masks of ``attack_mask: independent`` (default: the callback's). Returns
+        objective(x_adv) -> (B,).
+        """
+        attack, method, encoder = self.attack, self.method, self.encoder
+        view, target = self.attack_view(x, mask, clean_latent)
 
         def objective(x_adv: Tensor) -> Tensor:
-            step_mask, step_target = mask, target
-            if attack.attack_mask == "independent":
-                step_mask = method.sample_mask(encoder, x.shape[0], x.device, attack.generator)
-                with torch.no_grad():
-                    step_target = method.encode(encoder, x, step_mask)
+            step_view, step_target = view, target
+            if attack.attack_mask == "independent":  # the callback's generator exists once the attack runs
+                source = attack.generator if generator is None else generator
+                step_view = method.sample_mask(encoder, x.shape[0], x.device, source)
+                with torch.no_grad(), frozen_eval(self):
+                    step_target = method.encode(encoder, x, step_view)
             with branch(encoder, "aux"):
-                features = method.encode(encoder, x_adv, step_mask)
+                features = method.encode(encoder, x_adv, step_view)
             return feature_distance(features, step_target, attack.distance)
 
         return objective
@@ -229,19 +281,24 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
 
         Returns (L_aux, the attack result, the objective it maximised).
         """
-        method, encoder = self.method, self.encoder
+        method, encoder, hp = self.method, self.encoder, self.hparams
         objective = self.feature_objective(x, mask, latent)
         result = self.attack.generate(self, x, objective)
-        x_in = result.x_adv if self.hparams.aux_input == "adversarial" else x
-        x_tgt = result.x_adv if self.hparams.aux_target == "adversarial" else x
+        x_in = result.x_adv if hp.aux_input == "adversarial" else x
+        x_tgt = result.x_adv if hp.aux_target == "adversarial" else x
         with branch(encoder, "aux"):
             latent_aux = method.encode(encoder, x_in, mask)
-        loss_aux = method.loss(method.decode(self._aux_decoder(), latent_aux, mask), x_tgt, mask, encoder)
+        pred_aux = method.decode(self._aux_decoder(), latent_aux, mask)
+        floor = 0.0 if hp.aux_target_norm == "patch" else hp.aux_norm_floor * self.attack.current_eps(self._trainer)
+        stats_from = x if hp.aux_target_norm == "clean" else None
+        loss_aux = method.loss(pred_aux, x_tgt, mask, encoder, var_floor=floor**2, stats_from=stats_from)
         return loss_aux, result, objective
 
     def _log_attack(self, x: Tensor, loss_aux: Tensor, result: AttackResult, objective: Objective) -> None:
-        """Training metrics of the plug-in; the objective before/after costs two no-grad encoder passes, so it
-        is computed on the trainer's logging steps only."""
+        """Training metrics of the plug-in. On the trainer's logging steps only (three no-grad encoder passes):
+        the objective at x, at x_a and at an energy-matched random-sign perturbation of the same eps, whose
+        gap to x_a shows what the attack gains over chance. Their random draws leave the attack's generator as it
+        was, so the training stream does not depend on the logging period."""
         self.attack.record_finite(result.finite, self.trainer)
         self.log("train/loss_aux", loss_aux)
         self.log("attack/delta_linf", result.delta_linf)
@@ -254,9 +311,14 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             sync_dist=True,
         )
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            with torch.no_grad(), frozen_eval(self):
+            generator = self.attack.generator
+            with torch.no_grad(), frozen_eval(self), preserved(generator):
+                adv = objective(result.x_adv).mean()
+                random = objective(random_sign(x, self.attack.current_eps(self.trainer), generator)).mean()
                 self.log("attack/objective_clean", objective(x).mean())
-                self.log("attack/objective_adv", objective(result.x_adv).mean())
+                self.log("attack/objective_adv", adv)
+                self.log("attack/objective_random", random)
+                self.log("attack/gain_over_random", adv - random)
 
     def _visuals(self, x: Tensor, mask: Mask, pred: Tensor, x_adv: Tensor | None) -> dict[str, Tensor]:
         """Image grids for TensorBoard: clean, masked, reconstruction, adversarial, amplified perturbation."""
@@ -284,7 +346,9 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         pred = self.method.decode(self.decoder, latent, mask)
         self.log("val/loss", self.method.loss(pred, x, mask, self.encoder), prog_bar=True, sync_dist=True)
         if self.attack is not None and self.attack.on_validation:
-            loss_aux, result, _ = self._aux_loss(x, mask, latent)
+            # validation draws leave the attack's generator as it was: they never shift the training stream
+            with preserved(self.attack.ensure_generator(x.device, self.trainer.global_rank)):
+                loss_aux, result, _ = self._aux_loss(x, mask, latent)
             self.log("val/loss_aux", loss_aux, sync_dist=True)
             self.log("val/delta_linf", result.delta_linf, sync_dist=True)
 

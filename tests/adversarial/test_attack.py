@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from advmim_pl.adversarial.attack import default_step_size, frozen_eval, perturb, pgd_attack, pgd_steps
+from advmim_pl.adversarial.attack import check_eps, default_step_size, frozen_eval, perturb, pgd_attack, pgd_steps
 
 EPS = [0.0, 4 / 255, 8 / 255]
 
@@ -37,7 +37,7 @@ def linear_objective(w: torch.Tensor):
 
 @pytest.mark.parametrize(
     "kind, random_start, eps",
-    list(itertools.product(["pgd", "gaussian", "uniform", "none"], [True, False], EPS)),
+    list(itertools.product(["pgd", "sign", "gaussian", "uniform", "none"], [True, False], EPS)),
 )
 def test_budget_and_range(kind, random_start, eps):
     x = boundary_images()
@@ -51,7 +51,7 @@ def test_budget_and_range(kind, random_start, eps):
     assert not x_adv.requires_grad
     if eps == 0 or kind == "none":
         assert torch.equal(x_adv, x)
-    elif kind == "pgd" or random_start or kind in ("gaussian", "uniform"):
+    elif kind == "pgd" or random_start or kind in ("sign", "gaussian", "uniform"):
         assert not torch.equal(x_adv, x)
 
 
@@ -172,3 +172,31 @@ def test_frozen_eval_freezes_running_stats():
     with frozen_eval(m):
         m.a(torch.randn(4, 2) * 5)
     assert all(torch.equal(v, stats[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kind, low, high",
+    [("sign", 1.0, 1.0), ("gaussian", 0.71, 0.73), ("uniform", 0.57, 0.585), ("pgd", 0.885, 1.0)],
+)
+def test_perturbation_rms_in_units_of_eps(kind, low, high):
+    """The documented energies: sign exactly eps, the clipped Gaussian 0.72 eps, uniform 1/sqrt(3) eps, one
+    PGD step from a random start 0.89 eps when the gradient's sign is independent of the start."""
+    eps = 8 / 255
+    x = torch.full((16, 1, 64, 64), 0.5)  # away from the pixel bounds: no clipping to [0, 1]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(x.shape[1:], generator=g)
+    x_adv, _ = perturb(kind, linear_objective(w), x, eps, 1, None, True, g)
+    rms = (x_adv - x).pow(2).mean().sqrt().item() / eps
+    assert low - 1e-4 <= rms <= high + 1e-4, rms
+
+
+@pytest.mark.parametrize("eps, intent", [(2.0, "2/255 = 0.0078"), (8, "8/255 = 0.0314"), (1.0, "1/255 = 0.0039")])
+def test_an_eps_of_one_or_more_is_refused_with_the_likely_intent(eps, intent):
+    with pytest.raises(ValueError, match=rf"eps={eps!r}.*did you mean {intent}"):
+        check_eps(eps, "PGD")
+
+
+def test_a_large_eps_is_warned_and_a_usual_one_is_not():
+    warning = check_eps(0.2, "PGD")
+    assert "eps=0.2" in warning and "51/255" in warning and "8/255 = 0.0314" in warning
+    assert check_eps(32 / 255, "PGD") is None and check_eps(4 / 255, "PGD") is None and check_eps(0.0, "PGD") is None

@@ -4,9 +4,12 @@ branch-specific norms separate the two losses, bad settings are refused."""
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from advmim_pl.adversarial.attack import frozen_eval, pgd_attack, project, uniform_noise
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, SimMIM
 from advmim_pl.models.branch_norm import BranchNorm, branch
 from advmim_pl.modules.pretrain import PretrainModule
@@ -97,7 +100,7 @@ def attack_score(module, x, mask, latent, perturbation, distance, attack_mask) -
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+@pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
 @pytest.mark.parametrize("distance", ["mse", "cosine", "kl"])
 def test_pgd_example_is_more_adversarial_than_noise(trained, method, distance, attack_mask):
     module = trained(method)
@@ -150,8 +153,8 @@ def prepare_untouched_case(method):
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
-@pytest.mark.parametrize("perturbation", ["pgd", "gaussian", "uniform"])
+@pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
+@pytest.mark.parametrize("perturbation", ["pgd", "sign", "gaussian", "uniform"])
 def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation, attack_mask):
     module, x, mask, latent = prepare_untouched_case(method)
     callback = AdversarialTargetCallback(eps=8 / 255, steps=2, perturbation=perturbation, attack_mask=attack_mask)
@@ -167,7 +170,7 @@ def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation,
     assert not result.x_adv.requires_grad
 
 
-@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+@pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
 def test_objective_and_attack_together_leave_rng_untouched(attack_mask):
     module, x, mask, latent = prepare_untouched_case("mae")
     module.attack = AdversarialTargetCallback(eps=8 / 255, steps=2, attack_mask=attack_mask)
@@ -178,7 +181,7 @@ def test_objective_and_attack_together_leave_rng_untouched(attack_mask):
     assert_same_snapshot(before, model_snapshot(module))
 
 
-@pytest.mark.parametrize("attack_mask", ["same", "independent", "none"])
+@pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
 def test_attack_is_reproducible_from_callback_seed(attack_mask):
     module, x, mask, latent = prepare_untouched_case("simmim")
     module.eval()
@@ -282,3 +285,174 @@ def test_bad_callback_settings(kwargs, option):
 def test_zero_steps_allowed_for_noise_controls():
     callback = AdversarialTargetCallback(steps=0, perturbation="gaussian")
     assert callback.steps == 0
+
+
+# ---- where the adversarial pixels land ----------------------------------------------------------------------
+def moved_by_pgd(module, method: str, attack_mask: str) -> float:
+    """Fraction of the pixels the auxiliary loss scores (the step's masked patches) whose value in x_a differs
+    from the random start, i.e. that the PGD step itself moved."""
+    x = smooth_images(8, seed=7)
+    mask = module.method.sample_mask(module.encoder, 8, CPU, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        latent = module.method.encode(module.encoder, x, mask)
+    callback = AdversarialTargetCallback(eps=4 / 255, attack_mask=attack_mask, seed=3)
+    module.attack = callback
+    x_adv = callback.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
+    start = project(x + uniform_noise(x, 4 / 255, torch.Generator().manual_seed(3)), x, 4 / 255)
+    scored = upsample_mask(mask.patches, module.encoder.grid_size, module.encoder.patch_size).expand_as(x).bool()
+    return ((x_adv - start).abs() > 1e-7)[scored].float().mean().item()
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_the_default_attack_moves_the_scored_pixels(trained, method):
+    """The default view (the whole image) puts the adversarial step on the pixels the auxiliary loss scores."""
+    assert moved_by_pgd(trained(method), method, AdversarialTargetCallback().attack_mask) >= 0.9
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+@pytest.mark.parametrize("attack_mask, low, high", [("none", 0.9, 1.0), ("complement", 0.9, 1.0), ("same", 0.0, 0.0)])
+def test_fraction_of_scored_pixels_moved_by_pgd(trained, method, attack_mask, low, high):
+    """``same`` hides the scored patches from the attacked encoder (MAE drops them, SimMIM swaps in the mask
+    token), so their input gradient is exactly zero and they carry only the random start: recorded here."""
+    assert low <= moved_by_pgd(trained(method), method, attack_mask) <= high
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_complement_view_shows_exactly_the_hidden_patches(method):
+    module = make_module(method)
+    mask = module.method.sample_mask(module.encoder, 6, CPU, torch.Generator().manual_seed(2))
+    view = module.method.complement(module.encoder, mask)
+    torch.testing.assert_close(view.patches, 1 - mask.patches)
+    if method == "mae":
+        hidden = mask.patches.bool()
+        assert view.keep.shape[1] == int(hidden[0].sum())
+        assert all(set(view.keep[i].tolist()) == set(hidden[i].nonzero().flatten().tolist()) for i in range(6))
+
+
+def objective_rise(module, x, mask, latent, attack_mask: str, perturbation: str) -> float:
+    """Mean rise of the attack objective from x to the example (default budget, one step), scored on the
+    view the attack saw (``independent`` draws it from the generator: the same seed draws it again)."""
+    callback = AdversarialTargetCallback(perturbation=perturbation, attack_mask=attack_mask, seed=3)
+    module.attack = callback
+
+    def objective():
+        return module.feature_objective(x, mask, latent, torch.Generator().manual_seed(9))
+
+    x_adv = callback.generate(module, x, objective()).x_adv
+    with torch.no_grad():
+        rise = objective()(x_adv) - objective()(x)
+    return rise.mean().item()
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+@pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
+def test_pgd_raises_the_objective_more_than_an_energy_matched_random_sign(trained, method, attack_mask):
+    module = trained(method)
+    x = smooth_images(8, seed=7)
+    mask = module.method.sample_mask(module.encoder, 8, CPU, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        latent = module.method.encode(module.encoder, x, mask)
+    pgd = objective_rise(module, x, mask, latent, attack_mask, "pgd")
+    sign = objective_rise(module, x, mask, latent, attack_mask, "sign")
+    assert pgd > 0 and pgd > 1.5 * max(sign, 0.0), (pgd, sign)
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+@pytest.mark.parametrize("attack_mask", ["same", "complement"])
+def test_drop_path_target_is_the_eval_mode_encoding(method, attack_mask):
+    """With stochastic depth in training mode the target is still a pass without it: x_a equals the example
+    crafted by hand from an eval-mode target with the same random start."""
+    module = make_module(method, drop_path_rate=0.1).train()
+    x = smooth_images(4, seed=2)
+    mask = module.method.sample_mask(module.encoder, 4, CPU, torch.Generator().manual_seed(0))
+    latent = module.method.encode(module.encoder, x, mask)  # training mode: drop-path active
+    module.attack = AdversarialTargetCallback(attack_mask=attack_mask, seed=5)
+    x_adv = module.attack.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
+
+    method_, encoder = module.method, module.encoder
+    view = mask if attack_mask == "same" else method_.complement(encoder, mask)
+    with torch.no_grad(), frozen_eval(module):
+        target = method_.encode(encoder, x, view)
+
+    def by_hand(x_adv):
+        with branch(encoder, "aux"):
+            return feature_distance(method_.encode(encoder, x_adv, view), target, "mse")
+
+    with frozen_eval(module):
+        expected = pgd_attack(by_hand, x, 4 / 255, 1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x_adv, expected)
+    if attack_mask == "same":  # the step's own latent was made with drop-path: it differs from the target
+        assert not torch.allclose(latent, target)
+
+
+# ---- settings that cannot work, and the random stream ---------------------------------------------------
+def fit(module, callback, tmp_path, max_epochs=1, **trainer_kwargs):
+    data = TensorDataset(smooth_images(32, seed=1), torch.zeros(32, dtype=torch.long))
+    options = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(**options)
+    val = DataLoader(TensorDataset(smooth_images(16, seed=4), torch.zeros(16, dtype=torch.long)), batch_size=8)
+    trainer.fit(module, DataLoader(data, batch_size=8), val)
+    return trainer
+
+
+def test_no_random_start_with_a_fully_shared_encoder_is_refused(tmp_path):
+    module = make_module("mae", branch_params="none")
+    with pytest.raises(RuntimeError, match="random_start: false.*branch_params: none"):
+        fit(module, AdversarialTargetCallback(random_start=False), tmp_path, max_steps=1)
+
+
+def test_no_random_start_with_branch_norms_warns_that_the_first_step_is_zero(tmp_path):
+    with pytest.warns(UserWarning, match="random_start: false.*identical"):
+        fit(make_module("mae"), AdversarialTargetCallback(random_start=False), tmp_path, max_steps=1)
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(eps=2.0), "did you mean 2/255"), (dict(eps=0.0), "pgd")])
+def test_impossible_budgets_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        AdversarialTargetCallback(**kwargs)
+
+
+def test_a_large_budget_warns():
+    with pytest.warns(UserWarning, match="eps=0.2"):
+        AdversarialTargetCallback(eps=0.2)
+
+
+def test_training_stream_ignores_logging_and_validation_settings(tmp_path):
+    """Logging evaluates the objective (drawing masks and a random sign) and validation crafts its own
+    targets: neither may shift the masks or the attack draws of training."""
+    weights = []
+    for log_every, val_every in ((1, 1), (3, 2)):
+        torch.manual_seed(0)
+        module = make_module("mae", seed=0)
+        callback = AdversarialTargetCallback(attack_mask="independent", on_validation=True, seed=1)
+        fit(
+            module,
+            callback,
+            tmp_path / f"{log_every}-{val_every}",
+            max_epochs=2,
+            log_every_n_steps=log_every,
+            check_val_every_n_epoch=val_every,
+            logger=CSVLogger(tmp_path / f"logs-{log_every}-{val_every}"),
+        )
+        weights.append(module.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_the_objective_gain_over_random_is_logged(trained):
+    module = trained("mae")
+    metrics = module.trainer.callback_metrics
+    gain, adv, rnd = (metrics[f"attack/{k}"].item() for k in ("gain_over_random", "objective_adv", "objective_random"))
+    assert gain == pytest.approx(adv - rnd, abs=1e-6)
+    assert gain > 0
