@@ -70,7 +70,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             becoming unit-variance noise. ``clean``: the clean patch's statistics with the same floor.
             ``patch``: MAE's plain per-patch normalisation (variance + 1e-6). SimMIM's L1 target is not
             normalised, so this only acts on MAE.
-        aux_norm_floor: the floor's standard deviation in units of the attack's (ramped) eps.
+        aux_norm_floor: the floor's standard deviation in units of the attack's (ramped) eps. 2 adds the least
+            unpredictable noise plus distortion of the clean target (``benchmarks/aux_target_norm.py``).
         compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
     """
 
@@ -100,7 +101,7 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         branch_params: Literal["norm", "none"] = "norm",
         aux_decoder: Literal["separate", "shared"] = "separate",
         aux_target_norm: Literal["floor", "clean", "patch"] = "floor",
-        aux_norm_floor: NonNegativeFloat = 4.0,
+        aux_norm_floor: NonNegativeFloat = 2.0,
         compile: bool = False,
     ) -> None:
         super().__init__()

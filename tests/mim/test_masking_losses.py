@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from advmim_pl.mim.losses import (
     feature_distance,
     mae_loss,
+    normalize_patches,
     patchify,
     simmim_loss,
     unpatchify,
@@ -198,3 +199,32 @@ def test_feature_distance_is_not_symmetric_for_kl():
 def test_feature_distance_unknown_kind():
     with pytest.raises(ValueError, match="l3"):
         feature_distance(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), "l3")
+
+
+@pytest.mark.parametrize("floor_in_eps", [1.0, 2.0, 4.0])
+def test_variance_floor_keeps_a_flat_patch_perturbation_at_eps_over_the_floor(floor_in_eps):
+    """On a flat patch MAE's normalisation turns a +-eps perturbation into unit-variance noise; with the floor
+    the target moves by at most eps / floor (RMS), whatever the patch's level."""
+    eps = 4 / 255
+    g = torch.Generator().manual_seed(0)
+    level = torch.rand(64, 1, 1, generator=g)
+    flat = level.expand(64, 8, 48).clone()  # (B, L, p*p*C) flat patches
+    delta = eps * (torch.rand(flat.shape, generator=g) < 0.5).float().mul(2).sub(1)
+    perturbed = flat + delta
+    plain = (normalize_patches(perturbed) - normalize_patches(flat)).pow(2).mean().sqrt().item()
+    floor = floor_in_eps * eps
+    floored = normalize_patches(perturbed, floor**2) - normalize_patches(flat, floor**2)
+    assert plain > 0.9  # order 1: the perturbation fills the whole unit variance
+    assert floored.pow(2).mean().sqrt().item() <= eps / floor
+    with_clean_stats = normalize_patches(perturbed, floor**2, stats_from=flat) - normalize_patches(flat, floor**2)
+    assert with_clean_stats.pow(2).mean().sqrt().item() <= eps / floor * (1 + 1e-3)
+
+
+def test_mae_loss_normalises_with_the_floor_and_the_given_statistics():
+    g = torch.Generator().manual_seed(1)
+    pred, target, stats = (torch.randn(2, 5, 12, generator=g) for _ in range(3))
+    mask = torch.tensor([[1.0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])
+    mean, var = stats.mean(-1, keepdim=True), stats.var(-1, keepdim=True)
+    expected = (((pred - (target - mean) / (var + 1e-6 + 0.3).sqrt()) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(mae_loss(pred, target, mask, True, 0.3, stats), expected)
+    torch.testing.assert_close(mae_loss(pred, target, mask, True), mae_loss(pred, target, mask, True, 0.0, None))
