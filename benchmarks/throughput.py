@@ -1,4 +1,4 @@
-"""Training-step throughput of MAE, MAE+AEMIM (PGD-1, PGD-3), SimMIM and SimMIM+AEMIM PGD-1, in one run.
+"""Training-step throughput of MAE, SimMIM and their AEMIM variants (every attack view, PGD-1 and PGD-3), in one run.
 
 Every configuration trains through the real PretrainModule, AdversarialTargetCallback and Lightning
 Trainer on one synthetic batch already in device memory (yielded again for every step: no loading,
@@ -34,13 +34,18 @@ from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
 
 REPO = Path(__file__).resolve().parents[1]
-# name: (host method, PGD steps of the AEMIM plug-in or None, baseline for the ratios)
+# name: (host method, PGD steps of the AEMIM plug-in or None, attack_mask, baseline for the ratios)
 CONFIGS = {
-    "MAE": ("mae", None, None),
-    "MAE+AEMIM PGD-1": ("mae", 1, "MAE"),
-    "MAE+AEMIM PGD-3": ("mae", 3, "MAE"),
-    "SimMIM": ("simmim", None, None),
-    "SimMIM+AEMIM PGD-1": ("simmim", 1, "SimMIM"),
+    "MAE": ("mae", None, None, None),
+    "MAE+AEMIM PGD-1": ("mae", 1, "none", "MAE"),
+    "MAE+AEMIM PGD-1 complement": ("mae", 1, "complement", "MAE"),
+    "MAE+AEMIM PGD-1 same": ("mae", 1, "same", "MAE"),
+    "MAE+AEMIM PGD-1 independent": ("mae", 1, "independent", "MAE"),
+    "MAE+AEMIM PGD-3": ("mae", 3, "none", "MAE"),
+    "SimMIM": ("simmim", None, None, None),
+    "SimMIM+AEMIM PGD-1": ("simmim", 1, "none", "SimMIM"),
+    "SimMIM+AEMIM PGD-1 complement": ("simmim", 1, "complement", "SimMIM"),
+    "SimMIM+AEMIM PGD-1 same": ("simmim", 1, "same", "SimMIM"),
 }
 MIB = 2**20
 RATIOS = {"time_ratio": "ms_per_step", "mem_ratio": "peak_mem_mib", "flop_ratio": "gflop_per_step"}
@@ -145,7 +150,7 @@ def make_trainer(args: argparse.Namespace, max_steps: int, callbacks: list[L.Cal
 
 def run_fit(name: str, args: argparse.Namespace, decoder: dict, max_steps: int, compile: bool, clock=None):
     """Fit a fresh, identically initialised module of configuration ``name`` for ``max_steps`` steps."""
-    kind, attack_steps, _ = CONFIGS[name]
+    kind, attack_steps, attack_mask, _ = CONFIGS[name]
     torch.manual_seed(0)
     module = PretrainModule(
         method=make_method(kind, args, decoder),
@@ -160,7 +165,9 @@ def run_fit(name: str, args: argparse.Namespace, decoder: dict, max_steps: int, 
     )
     callbacks = [clock] if clock is not None else []
     if attack_steps is not None:
-        callbacks.append(AdversarialTargetCallback(steps=attack_steps, log_images_every_n_steps=0))
+        callbacks.append(
+            AdversarialTargetCallback(steps=attack_steps, attack_mask=attack_mask, log_images_every_n_steps=0)
+        )
     trainer = make_trainer(args, max_steps, callbacks)
     device = trainer.strategy.root_device
     g = torch.Generator(device=device).manual_seed(0)
@@ -227,7 +234,7 @@ def measure(name: str, args: argparse.Namespace, decoder: dict, device: torch.de
 def add_ratios(results: dict) -> None:
     """time / memory / FLOP ratios of each AEMIM configuration to its host method."""
     for name, result in results.items():
-        base = results.get(CONFIGS[name][2] or "")
+        base = results.get(CONFIGS[name][3] or "")
         for key, field in RATIOS.items():
             ok = base is not None and result[field] is not None and base[field]
             result[key] = result[field] / base[field] if ok else None
@@ -252,19 +259,21 @@ def markdown(report: dict) -> str:
         f"- MAE decoder {decoder['dim']}-d, {decoder['depth']} blocks, {decoder['heads']} heads ({decoder['why']}; "
         f"encoder {decoder['encoder_embed_dim']}-d); mask ratio 0.75. SimMIM mask squares "
         f"{setup['simmim_mask_patch']} px, ratio 0.6",
-        "- AEMIM: AdversarialTargetCallback defaults (eps 4/255, same mask, random start), separate aux decoder, "
-        "branch norms",
+        "- AEMIM: AdversarialTargetCallback defaults (eps 4/255, random start) with the attack view named in the "
+        "configuration (none = the whole image, the default), separate aux decoder, branch norms",
         f"- machine load (1-min average after each timed fit): {load[0]:.1f} to {load[1]:.1f} "
         "(above the number of cores, other processes distort the timings)",
         "",
-        "| configuration | images/s | ms/step | peak mem (MiB) | GFLOP/img | TFLOP/s | time x | mem x | FLOP x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | images/s | ms/step | peak mem (MiB) | GFLOP/img | TFLOP/s | time x | mem x | FLOP x "
+        "| time x / FLOP x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in report["results"].items():
         lines.append(
             f"| {name} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {fmt(r['peak_mem_mib'], ',.0f')} | "
             f"{r['gflop_per_image']:.3f} | {r['tflop_per_s']:.3f} | {fmt(r['time_ratio'], '.2f')} | "
-            f"{fmt(r['mem_ratio'], '.2f')} | {fmt(r['flop_ratio'], '.2f')} |"
+            f"{fmt(r['mem_ratio'], '.2f')} | {fmt(r['flop_ratio'], '.2f')} | "
+            f"{fmt(r['time_ratio'] / r['flop_ratio'] if r['flop_ratio'] else None, '.2f')} |"
         )
     lines += ["", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
@@ -277,9 +286,10 @@ NOTES = [
     "in a separate one-step fit; counts matmuls, convolutions and attention (2 FLOPs per multiply-add), "
     "not element-wise ops or the optimizer.",
     "time x, mem x, FLOP x: ratio to the host method (MAE, or SimMIM); FLOP x is the arithmetic floor of "
-    "the time ratio.",
+    "the time ratio, and time x / FLOP x the overhead above it.",
     "log_every_n_steps is past the last step, so the module's logging-step extras (objective of clean and "
-    "adversarial images, 2 no-grad encoder passes every log_every_n_steps steps) are not timed.",
+    "adversarial images and a random-sign example, 3 no-grad encoder passes every log_every_n_steps steps) "
+    "are not timed.",
 ]
 
 
