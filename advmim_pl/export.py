@@ -1,4 +1,8 @@
-"""Export the pre-trained clean encoder (psi_e and phi_c) as a plain timm ViT state dict (safetensors)."""
+"""Export the pre-trained clean encoder as a plain timm ViT state dict (safetensors).
+
+The clean encoder is psi_e and phi_c in the notation of docs/method.md: the weights both branches share and the
+clean branch's own normalisation layers. The auxiliary branch's copies (phi_a) and the decoders are dropped.
+"""
 
 import json
 from pathlib import Path
