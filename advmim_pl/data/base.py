@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from advmim_pl.data.device import DeviceBatches
-from advmim_pl.data.resumable import ResumableSampler, SeededSamples, global_seed
+from advmim_pl.data.resumable import ResumableSampler, SeededSamples, TrainingOrder, global_seed
 
 # torchvision's rgb_to_grayscale weights, used to derive grey statistics from RGB ones.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -69,6 +69,11 @@ class ImageDataModule(LightningDataModule):
     img_size / eval_crop_ratio (bicubic; 256 for 224 with ImageNet's 0.875), then center crop img_size.
     Grey images are replicated to 3 channels when ``channels=3`` and RGB images converted to grey when
     ``channels=1``.
+
+    Training batches follow ``advmim_pl.data.resumable.TrainingOrder``: each epoch's permutation comes from the
+    global seed (``PL_GLOBAL_SEED``, 0 if unset) and the epoch, under DDP each rank takes its own share of it,
+    and a run resumed from a checkpoint (mid-epoch or at an epoch's end) trains on the batches the
+    uninterrupted run would have.
 
     Subclasses define ``num_classes`` and the dataset's per-channel statistics ``dataset_mean`` and
     ``dataset_std`` (length 1 or 3), from which ``__init__`` derives ``mean`` and ``std`` (length
@@ -171,28 +176,37 @@ class ImageDataModule(LightningDataModule):
         if not train:
             return DataLoader(dataset, **kwargs)
         # an order and augmentation that a resumed run continues exactly (advmim_pl.data.resumable)
-        sampler = ResumableSampler(len(dataset), self.batch_size, global_seed(), self._position)
+        sampler = ResumableSampler(self._training_order(len(dataset)))
         return DataLoader(SeededSamples(dataset), sampler=sampler, **kwargs)
 
+    def _training_order(self, size: int) -> TrainingOrder:
+        """The order of this process's training batches over ``size`` samples, for either data path."""
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return TrainingOrder(size, self.batch_size, global_seed(), rank, world_size, self._position)
+
     def _position(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained) for the training order: from a restored checkpoint once,
-        else the trainer's current epoch from its start."""
+        """(epoch, batches of it already trained) where an epoch's iteration starts: the restored checkpoint's
+        position once, else the trainer's current epoch from its start."""
         if self._resume_at is not None:
             position, self._resume_at = self._resume_at, None
             return position
         return (self.trainer.current_epoch if self.trainer is not None else 0), 0
 
     def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints by Lightning: where the training order stands."""
+        """Saved in checkpoints by Lightning: the position of the next training batch, (epoch, batches of it
+        already trained). A checkpoint written after an epoch's last batch (at that batch's end, at validation
+        or at the epoch's end) holds the start of the next epoch, where Lightning's fit loop resumes."""
         if self.trainer is None:
             return {}
-        return {
-            "epoch": self.trainer.current_epoch,
-            "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-        }
+        epoch = self.trainer.current_epoch
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if done >= self.trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Restored by Lightning before training starts; the next epoch iteration resumes mid-epoch."""
+        """Restored by Lightning before training starts; the first epoch iteration starts at this position."""
         if state_dict:
             self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
 
@@ -221,12 +235,11 @@ class InMemoryDataModule(ImageDataModule):
 
     With ``device_resident: true`` (or ``auto`` when the trainer's device is an accelerator, not the CPU) the
     train split's uint8 tensor is copied once to the trainer's device
-    and ``train_dataloader`` returns a ``DeviceBatches`` iterable instead of a DataLoader: each epoch's
-    permutation comes from a generator seeded with the global seed (``PL_GLOBAL_SEED``, 0 if unset) and
-    the epoch, batches are sliced on the device (drop_last) and random-resized-crop, flip and channel
-    conversion run batched there (``advmim_pl.data.device``; continuous crop boxes, no antialiasing).
+    and ``train_dataloader`` returns a ``DeviceBatches`` iterable instead of a DataLoader: the batches hold
+    the samples the DataLoader's would (the same ``TrainingOrder``, resumed at the same position), are sliced
+    on the device and random-resized-crop, flip and channel conversion run batched there
+    (``advmim_pl.data.device``; continuous crop boxes, no antialiasing, other random draws).
     ``num_workers`` and ``pin_memory`` then apply to validation and test only, which keep the DataLoader.
-    Under DDP each rank takes its own share of the same permutation.
     """
 
     def __init__(self, device_resident: bool | Literal["auto"] = False, **kwargs) -> None:
@@ -262,13 +275,9 @@ class InMemoryDataModule(ImageDataModule):
             self._resident = (self.train_set.images.to(device), self.train_set.labels.to(device))
         return DeviceBatches(
             *self._resident,
-            batch_size=self.batch_size,
+            order=self._training_order(len(self.train_set)),
             out_size=self.img_size,
             channels=self.channels,
             scale=self.crop_scale,
             hflip=self.hflip,
-            seed=global_seed(),
-            rank=trainer.global_rank if trainer is not None else 0,
-            world_size=trainer.world_size if trainer is not None else 1,
-            epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
         )

@@ -1,9 +1,9 @@
 """Device-resident training data: batched random-resized-crop and flip, and batches sliced on the device.
 
 For splits that fit in device memory as uint8 tensors (Fashion-MNIST, the bundled sample, synthetic
-data). The train split is copied to the device once; every batch is an ``index_select`` of a shuffled
-index tensor and one ``grid_sample`` call, with no DataLoader workers, no per-sample Python and no
-host-device copies or synchronisation.
+data). The train split is copied to the device once and each epoch's batch indices (``TrainingOrder``) once
+per epoch; every batch is an ``index_select`` and one ``grid_sample`` call, with no DataLoader workers, no
+per-sample Python and no per-batch host-device copies or synchronisation.
 
 Differences from the per-sample torchvision path (``ImageDataModule.train_transform``): crop boxes are
 continuous (sub-pixel sides and corners instead of rounded integers) and there is no antialiasing, which
@@ -11,13 +11,13 @@ only matters for crops much larger than the output (a 28-px Fashion-MNIST crop i
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from advmim_pl.data.resumable import TrainingOrder, mix
 from advmim_pl.rng import generator_for, rand
 
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range (width / height) of RandomResizedCrop
@@ -130,19 +130,13 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
-def mix_seed(*entropy: int) -> int:
-    """A 64-bit seed from non-negative integers (numpy SeedSequence), e.g. (seed, epoch): no two tuples
-    collide the way ``seed + epoch`` would."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
-
-
 class DeviceBatches:
     """Iterable of augmented training batches, sliced on the device from a device-resident uint8 tensor.
 
-    Each pass (epoch ``e``) draws a permutation of all N samples from a generator seeded with
-    ``mix_seed(seed, e)``, identical on every rank; rank ``r`` takes every ``world_size``-th index
-    starting at ``r`` and cuts them into ``len(self)`` full batches (drop_last, static shapes). Crop
-    boxes and flips come from a second generator seeded with ``mix_seed(seed, e, 1 + r)``.
+    Which samples each batch holds, and where an epoch's iteration starts, come from ``order`` (the
+    ``TrainingOrder`` the DataLoader path uses too): its indices are copied to the device once per epoch.
+    The crop boxes and flips of batch ``b`` of epoch ``e`` on rank ``r`` come from a generator seeded with
+    ``mix(seed, e, r, b)``, so a run resumed mid-epoch draws the augmentations the uninterrupted run drew.
 
     Yields (images float32 (batch_size, channels, out_size, out_size) in [0, 1], labels int64
     (batch_size,)), on the device of ``images``.
@@ -150,57 +144,40 @@ class DeviceBatches:
     Args:
         images: uint8 (N, C, h, w), already on the target device.
         labels: int64 (N,) on the same device.
-        batch_size: images per batch (per rank).
+        order: the training order of this process over the N samples.
         out_size: output side in pixels.
         channels: output channels (grey is replicated to 3, RGB converted to grey).
         scale: crop-area range as a fraction of the image.
         hflip: random horizontal flip with p=0.5.
-        seed: base seed (the global seed).
-        rank, world_size: this process's share of each epoch's permutation.
-        epoch: returns the current epoch (e.g. ``lambda: trainer.current_epoch``); None counts passes.
     """
 
     def __init__(
         self,
         images: Tensor,
         labels: Tensor,
-        batch_size: int,
+        order: TrainingOrder,
         out_size: int,
         channels: int,
         scale: tuple[float, float],
         hflip: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        epoch: Callable[[], int] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if len(images) // world_size < batch_size:
-            raise ValueError(
-                f"{len(images)} training images over {world_size} process(es) give fewer than "
-                f"batch_size={batch_size} per process; with drop_last no batch would be produced"
-            )
-        self.images, self.labels = images, labels
-        self.batch_size, self.out_size, self.channels = batch_size, out_size, channels
-        self.scale, self.hflip = scale, hflip
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = epoch
-        self.passes = 0
+        if order.size != len(images):
+            raise ValueError(f"the training order covers {order.size} samples, but there are {len(images)} images")
+        self.images, self.labels, self.order = images, labels, order
+        self.out_size, self.channels, self.scale, self.hflip = out_size, channels, scale, hflip
 
     def __len__(self) -> int:
-        return len(self.images) // self.world_size // self.batch_size
+        return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch = self.epoch() if self.epoch is not None else self.passes
-        self.passes += 1
+        epoch, first = self.order.start()
         device = self.images.device
-        order = generator_for(device).manual_seed(mix_seed(self.seed, epoch))
-        augment = generator_for(device).manual_seed(mix_seed(self.seed, epoch, 1 + self.rank))
-        permutation = torch.randperm(len(self.images), generator=order, device=order.device).to(device)
-        count = len(self) * self.batch_size
-        batches = permutation[self.rank :: self.world_size][:count].reshape(len(self), self.batch_size)
-        for index in batches:
+        batches = self.order.batches(epoch)[first:].to(device)
+        augment = generator_for(device)
+        for b, index in enumerate(batches, start=first):
+            augment.manual_seed(mix(self.order.seed, epoch, self.order.rank, b))
             images = random_resized_crop_flip(
                 self.images.index_select(0, index), self.out_size, self.scale, RATIO, augment, self.hflip
             )

@@ -17,6 +17,7 @@ from advmim_pl.data.device import (
     sample_crop_boxes,
     to_channels,
 )
+from advmim_pl.data.resumable import ResumableSampler, TrainingOrder, mix
 
 
 def uint8_images(batch: int, channels: int = 1, height: int = 28, width: int = 28, seed: int = 0) -> torch.Tensor:
@@ -179,9 +180,58 @@ def test_auto_is_resident_on_accelerators_only():
 
 def test_ranks_split_one_permutation():
     images, labels = uint8_images(40), torch.arange(40)
-    shares = [
-        torch.cat([y for _, y in DeviceBatches(images, labels, 4, 8, 1, (0.5, 1.0), rank=r, world_size=2, seed=7)])
-        for r in (0, 1)
-    ]
+    orders = [TrainingOrder(40, 4, seed=7, rank=r, world_size=2, position=lambda: (0, 0)) for r in (0, 1)]
+    shares = [torch.cat([y for _, y in DeviceBatches(images, labels, order, 8, 1, (0.5, 1.0))]) for order in orders]
     assert len(shares[0]) == len(shares[1]) == 20
     assert len(torch.cat(shares).unique()) == 40
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_both_paths_take_one_order_and_resume_at_one_position(rank):
+    images, labels = uint8_images(40), torch.arange(40)
+    order = TrainingOrder(40, 4, seed=7, rank=rank, world_size=2, position=lambda: (3, 2))  # 2 batches of epoch 3 done
+    assert len(order) == 5
+    keys = list(ResumableSampler(order))
+    device = torch.cat([y for _, y in DeviceBatches(images, labels, order, 8, 1, (0.5, 1.0))])
+    assert [index for _, index in keys] == device.tolist()
+    # epoch 3's permutation of the 40 samples, this rank's every other one, from the third batch of 4 on
+    permutation = torch.randperm(40, generator=torch.Generator().manual_seed(mix(7, 3)))
+    assert device.tolist() == permutation[rank::2][2 * 4 : 5 * 4].tolist()
+    assert [seed for seed, _ in keys] == [mix(7, 3, index) for index in device.tolist()]  # per-sample augmentation
+
+
+def test_order_epochs_are_new_permutations_split_between_ranks():
+    orders = [TrainingOrder(50, 4, seed=1, rank=r, world_size=2, position=lambda: (0, 0)) for r in (0, 1)]
+    for epoch in (0, 1):
+        shares = [order.batches(epoch) for order in orders]
+        assert shares[0].shape == shares[1].shape == (6, 4)  # 25 per rank, 6 full batches
+        assert len(torch.cat([share.flatten() for share in shares]).unique()) == 48
+    assert not torch.equal(orders[0].batches(0), orders[0].batches(1))
+
+
+def test_a_position_at_an_epochs_end_is_the_next_epochs_start():
+    position = (2, 6)
+    order = TrainingOrder(50, 8, seed=0, rank=0, world_size=1, position=lambda: position)
+    assert order.start() == (3, 0)  # what checkpoints written after an epoch's last batch by earlier versions hold
+    position = (2, 5)
+    assert order.start() == (2, 5)
+    position = (2, 7)
+    with pytest.raises(ValueError, match="7 batches of epoch 2 done, but an epoch has 6"):
+        order.start()
+    with pytest.raises(ValueError, match="fewer than batch_size=8 per process"):
+        TrainingOrder(12, 8, seed=0, rank=0, world_size=2, position=lambda: (0, 0))
+
+
+@pytest.mark.parametrize("state, epoch, first", [({"epoch": 1, "batches_done": 4}, 1, 4), ({}, 0, 0)])
+def test_data_module_resumes_both_paths_at_the_restored_position(state, epoch, first, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    order = TrainingOrder(50, 8, seed=5, rank=0, world_size=1, position=lambda: (0, 0))
+    for device_resident in (False, True):
+        dm = Indexed(batch_size=8, num_workers=0, img_size=16, channels=1, pin_memory=False,
+                     device_resident=device_resident)  # fmt: skip
+        dm.setup("fit")
+        dm.load_state_dict(state)
+        resumed = [y.tolist() for _, y in dm.train_dataloader()]
+        assert resumed == order.batches(epoch)[first:].tolist(), f"device_resident={device_resident}"
+        # the restored position is used once; without a trainer, later iterations are epoch 0 from its start
+        assert [y.tolist() for _, y in dm.train_dataloader()] == order.batches(0).tolist()
