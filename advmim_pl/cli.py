@@ -152,10 +152,13 @@ class AdvMIMCLI(LightningCLI):
         logger.init_args.version = int(found[-1].parts[-3].split("_")[1])
 
     def instantiate_classes(self) -> None:
-        """Constructor checks (sizes, paths, options, devices the machine lacks) become one-line configuration
-        errors, not tracebacks."""
+        """Constructor checks (sizes, paths, options, devices the machine lacks) and module/attack combinations
+        that cannot work become one-line configuration errors, not tracebacks."""
         try:
             super().instantiate_classes()
+            attack, model = self._get(self.config_init, "attack"), getattr(self, "model", None)
+            if attack is not None and hasattr(model, "check_attack"):
+                model.check_attack(attack)  # combinations of module and attack that cannot work
         except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError, MisconfigurationException) as err:
             cause = err.__cause__ or err
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None

@@ -113,6 +113,17 @@ CASES = {
     "unknown_aux_input": (MAE_JOB, model(aux_input="sideways"), ["aux_input", "sideways"]),
     "unknown_branch_params": (MAE_JOB, model(branch_params="some"), ["branch_params", "some"]),
     "unknown_aux_decoder": (MAE_JOB, model(aux_decoder="both"), ["aux_decoder", "both"]),
+    "unknown_aux_target_norm": (MAE_JOB, model(aux_target_norm="none"), ["aux_target_norm", "none"]),
+    "negative_aux_norm_floor": (MAE_JOB, model(aux_norm_floor=-1.0), ["aux_norm_floor", "-1.0"]),
+    # budgets and combinations that cannot work
+    "eps_in_255_units": (MAE_JOB, attack(eps=8), ["eps=8", "8/255 = 0.0314"]),
+    "pgd_without_budget": (MAE_JOB, attack(eps=0.0), ["eps=0.0", "perturbation: none"]),
+    "pgd_steps_on_a_noise_control": (MAE_JOB, attack(perturbation="sign", steps=3), ["steps=3", "pgd"]),
+    "no_start_with_one_encoder": (
+        MAE_JOB,
+        {**attack(random_start=False), **model(branch_params="none")},
+        ["random_start: false", "branch_params: none"],
+    ),
 }
 
 

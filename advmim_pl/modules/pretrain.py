@@ -169,23 +169,27 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
                 "An AdversarialTargetCallback is on the trainer but the module was built without the plug-in: "
                 "set model.init_args.adversarial: true, or remove the callback for the baseline."
             )
+        self.check_attack(self.attack)
         if self.attack is not None and self.attack.perturbation == "pgd" and not self.attack.random_start:
-            self._check_start_without_noise()
+            rank_zero_warn(
+                "attack.init_args.random_start: false: the two branches' normalisation layers start as identical "
+                "copies, so the first attack gradients are zero and x_a = x until the branches diverge in "
+                "training. Set random_start: true for adversarial targets from the first step."
+            )
 
-    def _check_start_without_noise(self) -> None:
-        """PGD from x itself: at delta = 0 the aux branch's features equal the clean target while the two
-        branches are identical, so the objective sits at its minimum and the first gradient is zero."""
+    def check_attack(self, attack: AdversarialTargetCallback | None) -> None:
+        """Refuse an attack that cannot move with this module (the CLI calls it before training starts).
+
+        PGD from x itself with one fully shared encoder: at delta = 0 the aux branch's features equal the clean
+        target, so the objective sits at its minimum with zero gradient, and every x_a equals x."""
+        if attack is None or attack.perturbation != "pgd" or attack.random_start:
+            return
         if self.hparams.branch_params == "none":
-            raise RuntimeError(
+            raise ValueError(
                 "attack.init_args.random_start: false with model.init_args.branch_params: none cannot attack: "
                 "both branches are one encoder, so at x the attack objective is at its minimum with zero "
                 "gradient and every x_a equals x. Set random_start: true or branch_params: norm."
             )
-        rank_zero_warn(
-            "attack.init_args.random_start: false: the two branches' normalisation layers start as identical "
-            "copies, so the first attack gradients are zero and x_a = x until the branches diverge in training. "
-            "Set random_start: true for adversarial targets from the first step."
-        )
 
     def _mask_rng(self) -> torch.Generator:
         """The generator of training masks, on the module's device (made at the first draw): seeded from the global

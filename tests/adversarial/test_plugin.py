@@ -408,7 +408,7 @@ def fit(module, callback, tmp_path, max_epochs=1, **trainer_kwargs):
 
 def test_no_random_start_with_a_fully_shared_encoder_is_refused(tmp_path):
     module = make_module("mae", branch_params="none")
-    with pytest.raises(RuntimeError, match="random_start: false.*branch_params: none"):
+    with pytest.raises(ValueError, match="random_start: false.*branch_params: none"):
         fit(module, AdversarialTargetCallback(random_start=False), tmp_path, max_steps=1)
 
 
