@@ -118,7 +118,6 @@ CASES = {
     # budgets and combinations that cannot work
     "eps_in_255_units": (MAE_JOB, attack(eps=8), ["eps=8", "8/255 = 0.0314"]),
     "pgd_without_budget": (MAE_JOB, attack(eps=0.0), ["eps=0.0", "perturbation: none"]),
-    "pgd_steps_on_a_noise_control": (MAE_JOB, attack(perturbation="sign", steps=3), ["steps=3", "pgd"]),
     "no_start_with_one_encoder": (
         MAE_JOB,
         {**attack(random_start=False), **model(branch_params="none")},

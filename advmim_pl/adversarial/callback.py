@@ -83,12 +83,6 @@ class AdversarialTargetCallback(L.Callback):
         _require(steps >= 0, "steps", steps, "a non-negative number of PGD steps")
         _require(perturbation != "pgd" or steps >= 1, "steps", steps, "at least 1 with perturbation: pgd")
         _require(step_size is None or step_size > 0, "step_size", step_size, "positive, or null for the default")
-        _require(
-            perturbation == "pgd" or steps <= 1, "steps", steps, "0 or 1: PGD steps apply to perturbation: pgd only"
-        )
-        _require(
-            perturbation == "pgd" or step_size is None, "step_size", step_size, "null: it applies to perturbation: pgd"
-        )
         _require(warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "non-negative")
         _require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
         for name, value, allowed in (
