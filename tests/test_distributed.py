@@ -1,18 +1,26 @@
-"""The plug-in under DDP: 2 CPU processes (gloo) through a real Lightning Trainer with ``ddp_spawn``.
+"""The plug-in under DDP: 2 CPU processes (gloo) through a real Lightning Trainer with ``ddp_spawn``; and runs
+resumed under DDP, in 2 processes started once (as torchrun would) for many Trainer runs.
 
 Spawned processes unpickle the module and callbacks, so everything they use is defined at module level.
 """
 
+import os
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import yaml
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from micro import loader, micro_module, trainer
+from torch import multiprocessing
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.data import SyntheticDataModule
+from advmim_pl.data.resumable import TrainingOrder
 
 WORLD = 2
 N, BATCH = 32, 4  # 32 images, 4 per rank and step: 4 steps per rank in one epoch
@@ -21,10 +29,11 @@ MARK = 64  # image i carries i / MARK in its top-left pixel, so a batch names it
 DDP_CONFIG = Path(__file__).parents[1] / "configs" / "trainer" / "ddp.yaml"
 
 
-def ddp_spawn_from_config() -> DDPStrategy:
-    """configs/trainer/ddp.yaml's DDP settings, with processes spawned (works inside pytest)."""
+def ddp_from_config(start_method: str = "spawn") -> DDPStrategy:
+    """configs/trainer/ddp.yaml's DDP settings, with processes spawned (works inside pytest); ``popen`` where the
+    processes exist already (started as torchrun would)."""
     init_args = yaml.safe_load(DDP_CONFIG.read_text())["trainer"]["strategy"]["init_args"]
-    return DDPStrategy(start_method="spawn", **init_args)
+    return DDPStrategy(start_method=start_method, **init_args)
 
 
 def indexed_images() -> TensorDataset:
@@ -85,7 +94,7 @@ def test_ddp_ranks_craft_targets_for_their_own_shards_and_stay_in_sync(tmp_path,
     ddp_trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=ddp_spawn_from_config(),
+        strategy=ddp_from_config(),
         precision="32-true",
         max_epochs=1,
         callbacks=[ShardRecorder(str(tmp_path), eps=EPS, steps=2)],
@@ -140,3 +149,132 @@ def test_mae_gives_every_trainable_parameter_a_gradient():
 
     trainer(1, [Check(), AdversarialTargetCallback()]).fit(micro_module(adversarial=True), loader())
     assert missing == []
+
+
+# ---- resuming under DDP ---------------------------------------------------------------------------------------
+RESUME_N, RESUME_BATCH = 16, 4  # 2 batches per rank and epoch; 2 epochs: 4 steps
+
+
+class IndexedSynthetic(SyntheticDataModule):
+    """Synthetic images labelled with their own index, so that a batch names the samples it holds."""
+
+    def load_splits(self):
+        train_images, _, eval_images, eval_labels = super().load_splits()
+        return train_images, torch.arange(len(train_images)), eval_images, eval_labels
+
+
+class Regression(L.LightningModule):
+    """A linear map of the pixels fitted to 1 by SGD with momentum: its weights depend on every batch, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(32 * 32, 1)
+
+    def loss(self, batch) -> torch.Tensor:
+        return (self.linear(batch[0].flatten(1)) - 1).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.loss(batch), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class BatchLabels(L.Callback):
+    """Records the labels of every training batch, in the order they are trained."""
+
+    def __init__(self) -> None:
+        self.labels: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.labels.append(batch[1].tolist())
+
+
+def fit_ddp(root: Path, module: L.LightningModule, device_resident: bool, ckpt_path: Path | None = None):
+    """2 epochs on IndexedSynthetic in this DDP process, with a checkpoint at every batch's end (``step/``) and at
+    every validation (``val/``). Returns (global step, final weights, this rank's trained labels)."""
+    L.seed_everything(0, verbose=False)
+    data = IndexedSynthetic(
+        num_samples=RESUME_N, num_val_samples=8, batch_size=RESUME_BATCH, img_size=32, channels=1, num_workers=0,
+        pin_memory=False, device_resident=device_resident,
+    )  # fmt: skip
+    batches = BatchLabels()
+    checkpoints = [
+        ModelCheckpoint(root / "step", "{step}", every_n_train_steps=1, save_top_k=-1),
+        ModelCheckpoint(root / "val", "{step}", monitor="val/loss", save_top_k=-1),
+    ]
+    ddp_trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=ddp_from_config("popen"), precision="32-true",
+        callbacks=[batches, *checkpoints], max_epochs=2, limit_val_batches=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )  # fmt: skip
+    ddp_trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    ddp_trainer.strategy.barrier()  # every checkpoint is on disk before any rank lists them
+    weights = {name: value.detach().clone() for name, value in module.state_dict().items()}
+    return ddp_trainer.global_step, weights, batches.labels
+
+
+def resume_worker(rank: int, root: Path, port: int) -> None:
+    """One of WORLD processes started as torchrun would: for each module and data path, an uninterrupted run and
+    one run resumed from each of its checkpoints; saves what each ended with to ``root / f"rank{rank}.pt"``."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", WORLD_SIZE=str(WORLD),
+        NODE_RANK="0", LOCAL_RANK=str(rank), RANK=str(rank),
+    )  # fmt: skip
+    runs = {}
+    for name, make in (("regression", Regression), ("mae", micro_module)):
+        for device_resident in (False, True):
+            straight = root / name / str(device_resident) / "straight"
+            runs[name, device_resident, "straight"] = fit_ddp(straight, make(), device_resident)
+            for checkpoint in sorted(straight.rglob("*.ckpt")):
+                where = checkpoint.relative_to(straight).as_posix()
+                resumed = straight.parent / "resumed" / where
+                runs[name, device_resident, where] = fit_ddp(resumed, make(), device_resident, checkpoint)
+    torch.save(runs, root / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_resumes(tmp_path_factory) -> list[dict]:
+    """Per rank: {(module, device_resident, "straight" or the checkpoint resumed from): fit_ddp's result}."""
+    root = tmp_path_factory.mktemp("ddp_resume")
+    multiprocessing.spawn(resume_worker, args=(root, find_free_network_port()), nprocs=WORLD)
+    return [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def check_resumes(ranks: list[dict], name: str, device_resident: bool) -> None:
+    checkpoints = {"step/step=1.ckpt", "step/step=2.ckpt", "step/step=3.ckpt", "step/step=4.ckpt",
+                   "val/step=2.ckpt", "val/step=4.ckpt"}  # fmt: skip
+    for rank, runs in enumerate(ranks):
+        step, weights, labels = runs[name, device_resident, "straight"]
+        # each rank trained its own share of TrainingOrder, not a share of a share
+        order = TrainingOrder(RESUME_N, RESUME_BATCH, seed=0, rank=rank, world_size=WORLD, position=lambda: (0, 0))
+        assert step == 4 and labels == order.batches(0).tolist() + order.batches(1).tolist()
+        resumed = {where for (n, d, where) in runs if (n, d) == (name, device_resident) and where != "straight"}
+        assert resumed == checkpoints
+        for where in sorted(checkpoints):
+            resumed_step, resumed_weights, resumed_labels = runs[name, device_resident, where]
+            done = int(where.split("=")[1].removesuffix(".ckpt"))
+            assert resumed_step == step, f"rank {rank}, resumed from {where}"
+            assert resumed_labels == labels[done:], f"rank {rank}, resumed from {where}"
+            for key, value in weights.items():
+                assert torch.equal(resumed_weights[key], value), f"rank {rank}, resumed from {where}: {key}"
+
+
+@pytest.mark.parametrize("device_resident", [False, True], ids=["dataloader", "device_resident"])
+def test_ddp_runs_resumed_from_any_checkpoint_end_as_the_uninterrupted_one(ddp_resumes, device_resident):
+    check_resumes(ddp_resumes, "regression", device_resident)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="checkpoints hold rank 0's mask generator only, so after a resume every rank draws rank 0's masks "
+    "(PretrainModule.on_save_checkpoint); the data order resumes exactly (the test above)",
+)
+@pytest.mark.parametrize("device_resident", [False, True], ids=["dataloader", "device_resident"])
+def test_ddp_pretraining_resumed_from_any_checkpoint_ends_as_the_uninterrupted_one(ddp_resumes, device_resident):
+    check_resumes(ddp_resumes, "mae", device_resident)
