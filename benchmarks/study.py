@@ -50,7 +50,15 @@ from advmim_pl.adversarial.attack import pgd_attack
 from advmim_pl.cli import run
 from advmim_pl.data import FashionMNISTDataModule, MNISTSubsetDataModule
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from advmim_pl.eval.features import knn_predict, logistic_probe, pixel_features, pooled_features
+from advmim_pl.eval.features import (
+    FeatureSet,
+    ProbeSettings,
+    cross_validate,
+    knn_predict,
+    logistic_probe,
+    pixel_features,
+    pooled_features,
+)
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ METRICS = {
     "corruption/mean": "corruptions (mean)",
     **{f"pgd/{e}": f"PGD-10 {e}/255" for e in PGD_EPS},
 }
-L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)  # logistic-regression L2 strengths tried on the held-out 10%
+PROBES = ProbeSettings()  # the evaluator's defaults: kNN k = 20, T = 0.07; C grid chosen on a held-out 10%
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Preset:
 
     configs: str
     epochs: int
-    time_ratio: float
+    time_ratio: float | None  # None: measured per seed from the MAE and MAE+AEMIM pre-training minutes
     seeds: int
     arms: tuple[str, ...]
     robust_images: int = 1000  # test images for the corruption suite and PGD
@@ -115,6 +123,7 @@ class Preset:
     eval_batch: int = 1000
     limit_train: int | None = None  # training images (None: all 60k), pre-training and probes
     limit_test: int | None = None  # test images for the probes (None: all 10k)
+    limit_mnist: int | None = None  # MNIST digits for the transfer probe (None: all 5k)
     extra: tuple[str, ...] = ()  # arguments added to every pre-training command
     pilot_epochs: tuple[int, ...] = ()  # the pilot's epoch counts
     budget_epochs: int = 0  # the largest E the preset's time budget allows
@@ -125,7 +134,7 @@ SMOKE_TRAIN = ("--trainer.limit_train_batches=2", "--data.init_args.batch_size=3
 PRESETS = {
     # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
     "cpu": Preset("cpu", epochs=2, time_ratio=2.5, seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=2),
-    "gpu": Preset("gpu", epochs=30, time_ratio=2.5, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM")),
+    "gpu": Preset("gpu", epochs=30, time_ratio=None, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM")),
     "smoke": Preset(
         "cpu",
         epochs=1,
@@ -137,6 +146,7 @@ PRESETS = {
         eval_batch=100,
         limit_train=300,
         limit_test=100,
+        limit_mnist=400,
         extra=SMOKE_TRAIN,
         pilot_epochs=(1, 2),
         budget_epochs=2,
@@ -234,8 +244,8 @@ def load_eval_data(preset: Preset, img_size: int, device: torch.device, fashion_
     fashion = FashionMNISTDataModule(**fashion_args, **common)
     digits = MNISTSubsetDataModule(path=mnist, normalize_mean=fashion.mean, normalize_std=fashion.std, **common)
     a, b, c, d = eval_images(digits, device)
-    test = slice(None, preset.limit_test)
-    return EvalData(train_x, train_y, test_x[test], test_y[test], torch.cat([a, c]), torch.cat([b, d]))
+    test, digits = slice(None, preset.limit_test), slice(None, preset.limit_mnist)
+    return EvalData(train_x, train_y, test_x[test], test_y[test], torch.cat([a, c])[digits], torch.cat([b, d])[digits])
 
 
 def extract(features_of: Callable[[Tensor], Tensor], x: Tensor, batch: int) -> Tensor:
@@ -255,21 +265,20 @@ def evaluate(
     differentiable for PGD), as fractions; only the probe and kNN unless ``full``."""
     batch, metrics = preset.eval_batch, {}
     train, test = extract(features_of, data.train_x, batch), extract(features_of, data.test_x, batch)
-    probe = logistic_probe(train, data.train_y, 10, L2_GRID)
+    p = PROBES
+    probe = logistic_probe(
+        train, data.train_y, 10, p.c_grid, p.holdout, p.select_limit, p.seed, p.max_iter, p.tolerance
+    )
     metrics["probe"] = accuracy(probe.logits(test), data.test_y)
-    metrics["probe_l2"] = probe.fit.l2
-    metrics["knn"] = float((knn_predict(train, data.train_y, test, 10) == data.test_y).float().mean())
+    metrics["probe_c"] = probe.fit.c
+    knn = knn_predict(train, data.train_y, test, 10, p.k, p.temperature)
+    metrics["knn"] = float((knn == data.test_y).float().mean())
     if not full:
         return metrics
 
-    digits = extract(features_of, data.mnist_x, batch)
-    folds = torch.arange(len(digits), device=digits.device) % preset.mnist_folds  # the CSV is not class-sorted
-    scores = []
-    for k in range(preset.mnist_folds):
-        held = folds == k
-        fold_probe = logistic_probe(digits[~held], data.mnist_y[~held], 10, L2_GRID)
-        scores.append(accuracy(fold_probe.logits(digits[held]), data.mnist_y[held]))
-    metrics["mnist"] = statistics.fmean(scores)
+    digits = FeatureSet({"avg": extract(features_of, data.mnist_x, batch)}, data.mnist_y)
+    counts = cross_validate(digits, preset.mnist_folds, 10, PROBES)["avg/logreg"]
+    metrics["mnist"] = counts["correct"] / counts["total"]
 
     x, y = data.test_x[: preset.robust_images], data.test_y[: preset.robust_images]
 
@@ -303,13 +312,23 @@ def evaluate(
 
 
 # ---- pre-training ----------------------------------------------------------------------------------------
-def arm_epochs(preset: Preset, arm: str, epochs: int | None = None) -> int:
-    """Pre-training epochs of ``arm``: E, 0 for the random encoder, round(E x time ratio) when compute-matched."""
-    epochs = preset.epochs if epochs is None else epochs
+def arm_epochs(preset: Preset, arm: str, ratio: float | None = None) -> int:
+    """Pre-training epochs of ``arm``: E, 0 for the random encoder, round(E x ``ratio``) when compute-matched."""
     factor = ARMS[arm].epoch_factor
     if factor == "time_ratio":
-        return round(epochs * preset.time_ratio)
-    return epochs if factor is None else factor
+        return round(preset.epochs * ratio)
+    return preset.epochs if factor is None else factor
+
+
+def time_ratio(preset: Preset, records: list[dict], seed: int) -> float:
+    """The compute-matched arm's time ratio: the preset's (fixed by the pilot), or else MAE+AEMIM's pre-training
+    minutes over MAE's for ``seed``."""
+    if preset.time_ratio is not None:
+        return preset.time_ratio
+    minutes = {r["arm"]: r["minutes"]["pretrain"] for r in records if r["seed"] == seed}
+    if not {"MAE", "MAE+AEMIM"} <= minutes.keys():
+        raise RuntimeError(f"seed {seed}: the compute-matched arm needs the MAE and MAE+AEMIM records of seed {seed}")
+    return minutes["MAE+AEMIM"] / minutes["MAE"]
 
 
 def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: int, data: list[str]) -> list[str]:
@@ -605,7 +624,7 @@ def choose_epochs(pilot: dict, budget: int, margin: float = 0.03) -> int | None:
     least ``margin`` on both the probe and kNN; None when none does."""
     floor = pilot["random encoder"]
     for epochs, m in sorted((int(e), m) for e, m in pilot["MAE"].items()):
-        if epochs <= budget and all(m[k] - floor[k] >= margin for k in ("probe", "knn")):
+        if epochs <= budget and all(m[k] - floor[k] >= margin - 1e-9 for k in ("probe", "knn")):  # float slack
             return epochs
     return None
 
@@ -722,18 +741,22 @@ def main() -> None:
         jobs.remove(job)
         seed, arm = job
         start = time.perf_counter()
-        minutes, epochs = {}, None
+        minutes, epochs, ratio = {}, None, None
         if arm == PIXELS:
             features_of = pixel_floor(img_size)
         else:
-            epochs = arm_epochs(preset, arm)
+            if ARMS[arm].epoch_factor == "time_ratio":
+                with locked(lock):
+                    ratio = time_ratio(preset, read_records(results), seed)
+            epochs = arm_epochs(preset, arm, ratio)
             cli = pretrain(preset, arm, seed, work / arm.replace(" ", "_") / f"seed{seed}", epochs, data_args)
             minutes["pretrain"] = (time.perf_counter() - start) / 60
             features_of = encoder_features(cli.model)
         start = time.perf_counter()
         metrics = evaluate(features_of, data, preset)
         minutes["eval"] = (time.perf_counter() - start) / 60
-        record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "metrics": metrics}
+        record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "time_ratio": ratio}
+        record["metrics"] = metrics
         record |= {"minutes": minutes, **provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         with locked(lock):
             records = read_records(results)

@@ -1,8 +1,10 @@
-"""benchmarks/study.py: the whole study at smoke size through its command line, and its bookkeeping."""
+"""benchmarks/study.py: the bookkeeping (paired differences, t-intervals, the decision rule, records and job
+claims), the configs of every arm, and the whole study at smoke size through its command line."""
 
 import importlib.util
 import json
-import statistics
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,23 +33,9 @@ def load_study():
 study = load_study()
 
 
-STAGE_CONFIGS = [
-    *(
-        [pretrain, *extra]
-        for pretrain in ("pretrain_mae.yaml", "pretrain_simmim.yaml")
-        for extra in ([], ["aemim.yaml"])
-    ),
-    ["pretrain_mae.yaml", "gaussian.yaml"],
-    ["probe.yaml"],
-    ["finetune.yaml"],
-    ["probe.yaml", "mnist.yaml"],
-    ["robustness.yaml"],
-]
-
-
 def merged(base: dict, update: dict) -> dict:
-    """``update`` merged into ``base`` key by key, as jsonargparse composes config files (a new data class
-    replaces the old one's section)."""
+    """``update`` merged into ``base`` key by key, as jsonargparse composes config files (a new class replaces
+    the old one's section)."""
     out = dict(base)
     for key, value in update.items():
         same_class = not isinstance(value, dict) or value.get("class_path") in (
@@ -59,25 +47,154 @@ def merged(base: dict, update: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("preset", ["cpu", "gpu"])
-@pytest.mark.parametrize("files", STAGE_CONFIGS, ids="+".join)
-def test_stage_configs_compose_with_their_values(preset, files, capsys):
-    shared = ("aemim.yaml", "gaussian.yaml", "mnist.yaml")
-    paths = [f"study/{name}" if name in shared else f"study/{preset}/{name}" for name in files]
+ARM_CONFIGS = [(preset, arm) for preset in ("cpu", "gpu") for arm in study.PRESETS[preset].arms]
+
+
+@pytest.mark.parametrize(("preset", "arm"), ARM_CONFIGS, ids=[f"{p}-{a}" for p, a in ARM_CONFIGS])
+def test_every_arm_composes_with_its_values(preset, arm, capsys):
+    spec = study.ARMS[arm]
+    paths = [f"study/{preset}/{spec.pretrain}", *(f"study/{name}" for name in spec.overlays)]
     printed = printed_config(capsys, *(arg for path in paths for arg in ("-c", path)))
-    expected = {}  # the files' values, later files winning
+    expected = {}
     for path in paths:
-        values = yaml.safe_load(open(resolve_config(path)).read())
-        wanted = values.get("trainer", {}).pop("callbacks", [])
-        for callback, expected_callback in zip(
-            (printed["trainer"]["callbacks"] or [])[: len(wanted)], wanted, strict=True
-        ):
-            assert_contains(callback, expected_callback)
-        expected = merged(expected, values)
+        expected = merged(expected, yaml.safe_load(open(resolve_config(path)).read()))
     assert_contains(printed, expected)
-    assert (printed["attack"] is not None) == any(name in files for name in ("aemim.yaml", "gaussian.yaml"))
+    attack = printed["attack"]
+    assert (attack is not None) == bool(spec.overlays)
+    if attack is not None:
+        wanted = {"MAE+sign": ("sign", "none"), "MAE+AEMIM same": ("pgd", "same")}.get(arm, ("pgd", "none"))
+        assert (attack["init_args"]["perturbation"], attack["init_args"]["attack_mask"]) == wanted
+        assert attack["init_args"]["eps"] == pytest.approx(4 / 255)
 
 
+# ---- statistics, checked against closed forms ------------------------------------------------------------
+def t_quantile_df2(p: float) -> float:
+    """The Student t quantile with 2 degrees of freedom in closed form: (2p - 1) / sqrt(2 p (1 - p))."""
+    return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+
+
+def test_t_interval_matches_the_hand_computed_one():
+    mean, low, high = study.t_interval([0.01, 0.02, 0.03])  # mean 0.02, sd 0.01, n 3
+    half = t_quantile_df2(0.975) * 0.01 / math.sqrt(3)  # 4.302653 x 0.01 / 1.732051 = 0.024841
+    assert half == pytest.approx(0.024841, abs=1e-6)
+    assert (mean, low, high) == pytest.approx((0.02, 0.02 - half, 0.02 + half), abs=1e-12)
+    # two values: t_{0.975, 1} = tan(0.475 pi) = 12.7062
+    mean, low, high = study.t_interval([0.0, 0.1])
+    assert high - mean == pytest.approx(math.tan(0.475 * math.pi) * math.sqrt(0.005) / math.sqrt(2), rel=1e-9)
+    assert math.isnan(study.t_interval([0.3])[1])
+
+
+def test_detectable_effect_is_the_sum_of_two_t_quantiles_times_the_standard_error():
+    expected = (t_quantile_df2(0.975) + t_quantile_df2(0.8)) * 0.02 / math.sqrt(3)  # (4.3027 + 1.0607) x 0.01155
+    assert study.detectable_effect(0.02, 3) == pytest.approx(expected, rel=1e-9)
+    assert study.detectable_effect(0.02, 3) == pytest.approx(0.061930, abs=1e-6)
+    assert math.isnan(study.detectable_effect(0.02, 1))
+
+
+def record(arm: str, seed: int, probe: float, pgd: float = 0.5) -> dict:
+    metrics = {key: 0.5 for key in study.METRICS} | {"probe": probe, "pgd/8": pgd, "clean_subset": 0.6}
+    metrics |= {f"corruption/{c}/{s}": 0.6 - 0.05 * s for c in CORRUPTIONS for s in SEVERITIES}
+    return {"arm": arm, "seed": seed, "epochs": 1, "metrics": metrics, "minutes": {"pretrain": 1.0, "eval": 0.5},
+            "device": "dev", "commit": "abc", "date": "today"}  # fmt: skip
+
+
+def test_paired_differences_use_only_the_seeds_both_arms_have():
+    records = [record("MAE", s, p) for s, p in [(0, 0.80), (1, 0.82), (2, 0.81)]]
+    records += [record("MAE+AEMIM", s, p) for s, p in [(0, 0.83), (2, 0.80), (3, 0.9)]]
+    diffs = study.paired_differences(records, "probe", "MAE+AEMIM", "MAE")
+    assert diffs == pytest.approx({0: 0.03, 2: -0.01})
+    c = study.comparison(records, "probe", "MAE+AEMIM", "MAE")
+    assert c["n"] == 2 and c["mean"] == pytest.approx(0.01) and c["sd"] == pytest.approx(math.sqrt(0.0008))
+    assert study.comparison(records, "probe", "MAE+AEMIM", "MAE+sign") is None
+
+
+def three_seeds(aemim: list[float], mae: list[float], sign: list[float], pgd: list[float] | None = None) -> list:
+    pgd = pgd or [0.5, 0.5, 0.5]
+    return [
+        *(record("MAE+AEMIM", s, v, pgd[s]) for s, v in enumerate(aemim)),
+        *(record("MAE", s, v) for s, v in enumerate(mae)),
+        *(record("MAE+sign", s, v) for s, v in enumerate(sign)),
+    ]
+
+
+def test_the_plug_in_helps_only_when_both_intervals_are_above_zero():
+    mae, sign = [0.80, 0.82, 0.81], [0.805, 0.815, 0.812]
+    helps, reason = study.decide(three_seeds([0.82, 0.84, 0.83], mae, sign))  # +2 +-0 over MAE, ~+1.9 over sign
+    assert helps and reason.count("above zero") == 2 and "not above" not in reason
+    # a clear gain over MAE but not over the noise control: not "helps"
+    helps, reason = study.decide(three_seeds([0.82, 0.84, 0.83], mae, [0.84, 0.83, 0.83]))
+    assert not helps and "MAE+AEMIM - MAE+sign" in reason and "not above zero" in reason
+    # a positive mean whose interval crosses zero: not "helps"
+    helps, _ = study.decide(three_seeds([0.85, 0.81, 0.82], mae, sign))
+    assert not helps
+    # one seed has no interval
+    helps, reason = study.decide(three_seeds([0.9], [0.8], [0.8]))
+    assert not helps and "fewer than two" in reason
+    # robustness: the same rule on PGD accuracy
+    records = three_seeds([0.8, 0.8, 0.8], mae, sign, pgd=[0.6, 0.62, 0.61])
+    assert study.decide(records, "pgd/8")[0] and not study.decide(records, "probe")[0]
+
+
+def test_the_pilot_picks_the_smallest_budgeted_epoch_count_beating_the_floor_by_3_points_on_both():
+    pilot = {
+        "random encoder": {"probe": 0.80, "knn": 0.78},
+        "MAE": {"1": {"probe": 0.84, "knn": 0.80}, "2": {"probe": 0.83, "knn": 0.81}, "4": {"probe": 0.9, "knn": 0.9}},
+    }
+    assert study.choose_epochs(pilot, budget=2) == 2  # epoch 1 fails on kNN
+    assert study.choose_epochs(pilot, budget=1) is None
+    pilot["MAE"]["2"]["knn"] = 0.8099  # 2.99 points
+    assert study.choose_epochs(pilot, budget=2) is None and study.choose_epochs(pilot, budget=4) == 4
+
+
+def test_compute_matched_epochs_follow_the_time_ratio():
+    cpu, gpu = study.PRESETS["cpu"], study.PRESETS["gpu"]
+    assert study.arm_epochs(cpu, "MAE compute-matched", study.time_ratio(cpu, [], 0)) == round(
+        cpu.epochs * cpu.time_ratio
+    )
+    assert study.arm_epochs(cpu, "random encoder") == 0 and study.arm_epochs(cpu, "MAE+sign") == cpu.epochs
+    records = [record("MAE", 1, 0.8), record("MAE+AEMIM", 1, 0.8)]
+    records[1]["minutes"]["pretrain"] = 3.2  # MAE took 1.0
+    assert study.time_ratio(gpu, records, 1) == pytest.approx(3.2)
+    assert study.arm_epochs(gpu, "MAE compute-matched", 3.2) == round(gpu.epochs * 3.2)
+    with pytest.raises(RuntimeError, match="seed 0"):
+        study.time_ratio(gpu, records, 0)
+
+
+# ---- records and jobs ----------------------------------------------------------------------------------
+def test_a_rerun_replaces_its_record_and_reports_the_difference():
+    records = [record("MAE", 0, 0.5), record("MAE+sign", 0, 0.6)]
+    assert study.replace_record(records, record("MAE", 0, 0.5)).startswith("reproduced exactly")
+    verdict = study.replace_record(records, record("MAE", 0, 0.7))
+    assert "max |diff| 0.2" in verdict and [r["arm"] for r in records] == ["MAE", "MAE+sign"]  # in place
+    assert records[0]["metrics"]["probe"] == 0.7
+    assert study.replace_record(records, record("MAE", 1, 0.7)) == "new" and len(records) == 3
+
+
+def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp_path):
+    records = [record(study.PIXELS, 0, 0.8), record("MAE", 0, 0.8)]
+    jobs = study.todo(records, ["random encoder", "MAE"], [0, 1], rerun=False)
+    assert jobs == [(0, "random encoder"), (1, "random encoder"), (1, "MAE")]
+    assert study.todo(records, ["MAE"], [0], rerun=True) == [(0, study.PIXELS), (0, "MAE")]
+    claims, lock = tmp_path / "claims.json", tmp_path / "lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims.write_text(json.dumps({"0/random encoder": dead.pid, "1/random encoder": os.getppid()}))
+    assert study.claim(claims, lock, tmp_path, jobs) == (0, "random encoder")  # the dead claim is void
+    assert study.claim(claims, lock, tmp_path, jobs[1:]) == (1, "MAE")  # a live process holds seed 1's
+    assert json.loads(claims.read_text())["1/MAE"] == os.getpid()
+    assert study.claim(claims, lock, tmp_path, []) is None
+
+
+def test_the_report_states_the_decision_and_one_table_width_per_table():
+    text = study.markdown("cpu", three_seeds([0.82, 0.84, 0.83], [0.80, 0.82, 0.81], [0.805, 0.815, 0.812]))
+    assert "Primary metric (probe): MAE+AEMIM **helps**" in text
+    assert "| MAE+AEMIM − MAE | 3 | +2.00 [+2.00, +2.00] |" in text  # identical differences: a zero-width interval
+    for block in text.split("\n\n"):
+        widths = {line.count("|") for line in block.splitlines() if line.startswith("|")}
+        assert len(widths) <= 1, block
+
+
+# ---- end to end --------------------------------------------------------------------------------------
 def run_study(tmp_path: Path, *args: str) -> str:
     command = [sys.executable, str(BENCHMARKS / "study.py"), "--preset", "smoke", "--out", str(tmp_path / "out"),
                "--workdir", str(tmp_path / "runs"), *args]  # fmt: skip
@@ -86,72 +203,38 @@ def run_study(tmp_path: Path, *args: str) -> str:
     return done.stdout
 
 
-def test_one_command_runs_every_method_and_a_rerun_reproduces_it(tmp_path):
+def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path):
+    smoke = study.PRESETS["smoke"]
     log = run_study(tmp_path)
     results = tmp_path / "out" / "study_smoke.json"
     records = json.loads(results.read_text())
-    assert [r["method"] for r in records] == list(study.METHODS) and {r["seed"] for r in records} == {0}
-    expected = {"clean", "corruption/mean", "probe", "finetune", "mnist_probe", "pretrain_val_loss"}
-    expected |= {f"corruption/{c}/{s}" for c in CORRUPTIONS for s in SEVERITIES}
-    for record in records:
-        metrics = record["metrics"]
-        assert expected <= set(metrics) and len([k for k in metrics if k.startswith("pgd/")]) == 4
-        assert all(0 <= v <= 1 for k, v in metrics.items() if k != "pretrain_val_loss")
-        assert record["preset"] == "smoke" and record["device"] and record["commit"]
-    assert log.count(", new") == 5
-
+    expected_jobs = [(0, study.PIXELS)] + [(s, a) for s in range(smoke.seeds) for a in smoke.arms]
+    assert [(r["seed"], r["arm"]) for r in records] == expected_jobs and log.count(", new") == len(expected_jobs)
+    keys = {*study.METRICS, "clean_subset"} | {f"corruption/{c}/{s}" for c in CORRUPTIONS for s in SEVERITIES}
+    for r in records:
+        assert keys <= set(r["metrics"]) and all(0 <= r["metrics"][k] <= 1 for k in keys)
+        assert r["preset"] == "smoke" and r["device"] and r["commit"] and r["date"]
+        assert r["epochs"] == (
+            None if r["arm"] == study.PIXELS else study.arm_epochs(smoke, r["arm"], smoke.time_ratio)
+        )
     table = (tmp_path / "out" / "study_smoke.md").read_text()
-    for block in table.split("\n\n"):  # every Markdown table: header, separator and rows of one width
-        widths = {line.count("|") for line in block.splitlines() if line.startswith("|")}
-        assert len(widths) <= 1, block
-    for method in study.METHODS:
-        assert f"| {method} | 1 (0) |" in table  # summary row: one seed, seed 0
-        assert f"| {method} | 0 |" in table  # every-run row
-    assert all(
-        (tmp_path / "out" / f"study_smoke_{name}.png").stat().st_size > 10_000 for name in ("corruptions", "pgd")
-    )
+    assert "## Decision (pre-registered rule)" in table and "| MAE+AEMIM − MAE | 2 |" in table
+    assert all((tmp_path / "out" / f"study_smoke_{n}.png").stat().st_size > 10_000 for n in ("corruptions", "pgd"))
 
-    for made in (table_path := tmp_path / "out" / "study_smoke.md", *(tmp_path / "out").glob("*.png")):
-        made.unlink()
-    run_study(tmp_path, "--report")  # rebuilds the same table from the records alone
-    assert table_path.read_text() == table and len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert "results:" in run_study(tmp_path) and json.loads(results.read_text()) == records  # nothing missing
+    (tmp_path / "out" / "study_smoke.md").unlink()
+    run_study(tmp_path, "--report")  # the same table from the records alone
+    assert (tmp_path / "out" / "study_smoke.md").read_text() == table
 
-    log = run_study(tmp_path, "--seeds", "0", "--methods", "MAE+AEMIM")
-    assert "MAE+AEMIM seed 0" in log and "reproduced exactly the earlier run" in log
-    rerun = json.loads(results.read_text())
-    assert [r["metrics"] for r in rerun] == [r["metrics"] for r in records]
+    log = run_study(tmp_path, "--seeds", "1", "--arms", "MAE+AEMIM", "--rerun")
+    assert "MAE+AEMIM seed 1" in log and "reproduced exactly the earlier run" in log
+    assert [r["metrics"] for r in json.loads(results.read_text())] == [r["metrics"] for r in records]
 
 
-def record(method: str, seed: int, value: float) -> dict:
-    metrics = {"probe": value, "finetune": value, "mnist_probe": value, "clean": value, "pretrain_val_loss": 0.5}
-    metrics |= {f"corruption/{c}/{s}": value / s for c in CORRUPTIONS for s in SEVERITIES}
-    metrics |= {"corruption/mean": statistics.mean(value / s for s in SEVERITIES), "pgd/0.00392": value / 2}
-    return {"method": method, "seed": seed, "metrics": metrics, "minutes": {"pretrain": 1.0},
-            "device": "dev", "commit": "abc", "date": "today"}  # fmt: skip
-
-
-def test_next_seed_is_the_first_one_some_method_lacks():
-    records = [record(m, 0, 0.5) for m in study.METHODS] + [record("MAE", 1, 0.5)]
-    assert study.next_seed(records, list(study.METHODS)) == 1
-    assert study.next_seed(records, ["MAE"]) == 2
-    assert study.next_seed([], ["MAE"]) == 0
-
-
-def test_a_rerun_replaces_its_record_and_reports_the_difference():
-    records = [record("MAE", 0, 0.5), record("SimMIM", 0, 0.6)]
-    assert study.replace_record(records, record("MAE", 0, 0.5)).startswith("reproduced exactly")
-    verdict = study.replace_record(records, record("MAE", 0, 0.7))
-    assert "max |diff| 0.2" in verdict and [r["method"] for r in records] == ["MAE", "SimMIM"]  # in place
-    assert records[0]["metrics"]["probe"] == 0.7
-
-
-@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]])
-def test_summary_row_is_mean_and_sample_std_over_seeds(seeds):
-    values = [0.50, 0.56, 0.59][: len(seeds)]
-    records = [record("MAE+AEMIM", s, v) for s, v in zip(seeds, values, strict=True)]
-    row = next(line for line in study.markdown("cpu", records).splitlines() if line.startswith("| MAE+AEMIM | "))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    mean, std = 100 * statistics.mean(values), 100 * statistics.stdev(values) if len(values) > 1 else None
-    assert cells[1] == f"{len(seeds)} ({', '.join(map(str, seeds))})"
-    assert cells[2] == (f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}")
-    assert cells[-2:] == ["dev", "abc"]  # every number states its device and commit
+def test_the_smoke_pilot_records_both_encoders_and_the_time_ratio(tmp_path):
+    run_study(tmp_path, "--pilot")
+    pilot = json.loads((tmp_path / "out" / "study_pilot.json").read_text())
+    assert list(pilot["MAE"]) == [str(e) for e in study.PRESETS["smoke"].pilot_epochs]
+    assert all(0 < m[k] <= 1 for m in [pilot["random encoder"], *pilot["MAE"].values()] for k in ("probe", "knn"))
+    assert pilot["time_ratio"] > 1  # the plug-in's step costs more than MAE's
+    assert pilot["chosen_epochs"] == study.choose_epochs(pilot, pilot["budget_epochs"])
