@@ -45,22 +45,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location or (lambda storage, loc: storage), bool(weights_only))
 
 
-def plain(value: Any) -> Any:
-    """``value`` with jsonargparse's constrained numbers (``PositiveInt``, ``NonNegativeFloat``, ...) turned into
-    plain ``int``/``float``, through dicts, lists and tuples; torch's safe unpickler refuses those subclasses."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(plain(item) for item in value)
-    return value
-
-
 class NonFiniteGuard(L.Callback):
     """Skips optimizer steps whose gradients are not finite, and stops a run that keeps producing them.
 

@@ -46,3 +46,35 @@ def preserved(generator: torch.Generator | None) -> Iterator[None]:
     finally:
         if generator is not None:
             generator.set_state(state)
+
+
+class SeededStream:
+    """A random stream that is made at its first draw, on the draw's device: seeded, or restored from a saved state.
+
+    Lightning restores checkpoint state before it moves the model to its device, so a saved state waits here until
+    the first draw, which knows the device.
+    """
+
+    def __init__(self) -> None:
+        self.generator: torch.Generator | None = None
+        self._pending: Tensor | None = None
+
+    def get(self, device: torch.device | str, seed: int) -> torch.Generator:
+        """The generator for ``device`` (made and seeded with ``seed`` if there is none for it yet), with any
+        waiting state applied."""
+        if not made_for(self.generator, device):
+            self.generator = generator_for(device).manual_seed(seed)
+        if self._pending is not None:
+            self.generator.set_state(self._pending)
+            self._pending = None
+        return self.generator
+
+    def state(self) -> Tensor | None:
+        """The state to save: the waiting one, else the generator's (None before the first draw)."""
+        if self._pending is not None or self.generator is None:
+            return self._pending
+        return self.generator.get_state()
+
+    def restore(self, state: Tensor | None) -> None:
+        """Apply ``state`` at the next draw."""
+        self._pending = state

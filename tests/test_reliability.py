@@ -54,7 +54,7 @@ def test_out_of_memory_in_the_attack_says_what_to_change(monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(adversarial.callback, "perturb", oom)
+    monkeypatch.setattr(adversarial.attacker, "perturb", oom)  # the engine call inside Attacker.generate
     with pytest.raises(torch.OutOfMemoryError, match="lower data.init_args.batch_size.*fewer attack steps"):
         trainer(1, [AdversarialTargetCallback(steps=3)]).fit(micro_module(adversarial=True), loader())
 

@@ -1,59 +1,28 @@
-"""AdversarialTargetCallback: owns the attack settings and RNG, crafts x_a for the module's objective."""
-
-from dataclasses import dataclass
-from typing import Any, Literal
+"""AdversarialTargetCallback: the Lightning side of the attack (the CLI's ``attack:`` section, checkpoint state,
+image grids). The attack itself is the plain ``Attacker``."""
 
 import lightning as L
-import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from advmim_pl.adversarial.attack import PERTURBATIONS, Objective, Perturbation, check_eps, frozen_eval, perturb
-from advmim_pl.reliability import plain
-from advmim_pl.rng import generator_for, made_for
-from advmim_pl.schedule import steps_per_epoch
+from advmim_pl.adversarial.attack import Perturbation
+from advmim_pl.adversarial.attacker import Attacker, AttackMask, AttackResult, Distance, require
 
-Distance = Literal["mse", "cosine", "kl"]
-AttackMask = Literal["none", "complement", "same", "independent"]
-ATTACK_MASKS: tuple[str, ...] = ("none", "complement", "same", "independent")
+__all__ = ["AdversarialTargetCallback", "AttackResult"]
 
 
-@dataclass
-class AttackResult:
-    """What one attack produced: x_adv (B, C, H, W), finite () bool, delta_linf () float."""
-
-    x_adv: Tensor
-    finite: Tensor
-    delta_linf: Tensor
-
-
-class AdversarialTargetCallback(L.Callback):
-    """Crafts adversarial targets x_a on the device, under the trainer's precision.
-
-    The module asks for them mid-step through ``generate(module, x, objective)``, handing over the
-    objective it owns (feature distance to its own clean encoding for pre-training; cross-entropy for
-    classification), so the clean encoder pass is shared with the attack target.
+class AdversarialTargetCallback(Attacker, L.Callback):
+    """An ``Attacker`` on the trainer: modules find it in ``trainer.callbacks`` and call ``generate`` mid-step;
+    Lightning saves its state (settings, generator, non-finite count) in checkpoints; it writes the image grids
+    a training step returns under ``outputs["visuals"]`` to TensorBoard.
 
     Args:
-        eps: L-infinity budget in pixel units ([0, 1] images), e.g. 4/255.
-        steps: PGD steps K (ignored by the generic corruptions).
-        step_size: PGD step; None = 1.25*eps for one step, else 2.5*eps/steps.
-        random_start: start PGD from uniform noise in [-eps, eps].
-        perturbation: ``pgd``, or a control of equal size: ``sign`` (random +-eps per pixel, the
-            energy-matched one), ``gaussian``, ``uniform``, ``none``.
-        distance: feature distance the MIM objective uses: ``mse``, ``cosine`` or ``kl``.
-        attack_mask: what the attacked encoder sees. ``none``: the whole image, so the perturbation covers
-            the patches the auxiliary loss scores. ``complement``: only the step's masked patches, exactly the
-            scored ones, with fewer tokens than ``none`` (MAE). ``same``: the step's visible patches; the
-            cheapest, but masked patches get zero input gradient, so the scored patches carry only the random
-            start. ``independent``: a fresh random mask per PGD step.
-        warmup_epochs: linear ramp of eps and of the auxiliary weight from 0 over this many epochs.
+        eps, steps, step_size, random_start, perturbation, distance, attack_mask, warmup_epochs, seed: the
+            attack's settings, as ``Attacker`` documents them.
         on_validation: also craft targets for validation batches.
         log_images_every_n_steps: image-grid period in optimizer steps (0 = never).
-        seed: seed of the callback's own generator (offset by the global rank).
     """
 
     def __init__(
@@ -70,116 +39,20 @@ class AdversarialTargetCallback(L.Callback):
         log_images_every_n_steps: NonNegativeInt = 500,
         seed: int = 0,
     ) -> None:
-        warning = check_eps(eps, "AdversarialTargetCallback")
-        if warning:
-            rank_zero_warn(warning)
-        _require(
-            perturbation != "pgd" or eps > 0,
-            "eps",
-            eps,
-            "positive with perturbation: pgd (an attack with no budget leaves x_a = x; "
-            "use perturbation: none for the clean-target control)",
-        )
-        _require(steps >= 0, "steps", steps, "a non-negative number of PGD steps")
-        _require(perturbation != "pgd" or steps >= 1, "steps", steps, "at least 1 with perturbation: pgd")
-        _require(step_size is None or step_size > 0, "step_size", step_size, "positive, or null for the default")
-        _require(warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "non-negative")
-        _require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
-        for name, value, allowed in (
-            ("perturbation", perturbation, PERTURBATIONS),
-            ("distance", distance, ("mse", "cosine", "kl")),
-            ("attack_mask", attack_mask, ATTACK_MASKS),
-        ):
-            _require(value in allowed, name, value, f"one of {allowed}")
-        self.eps, self.steps, self.step_size, self.random_start = eps, steps, step_size, random_start
-        self.perturbation, self.distance, self.attack_mask = perturbation, distance, attack_mask
-        self.warmup_epochs, self.on_validation = warmup_epochs, on_validation
-        self.log_images_every_n_steps, self.seed = log_images_every_n_steps, seed
-        self.generator: torch.Generator | None = None
-        self._pending_rng: Tensor | None = None
-        self._nonfinite = torch.zeros((), dtype=torch.long)
-        self._warned = 0
-
-    # ---- settings ------------------------------------------------------------------------------------
-    def ramp(self, trainer: L.Trainer | None) -> float:
-        """Warm-up factor in [0, 1] from the fractional epoch (host arithmetic, no sync)."""
-        if not self.warmup_epochs or trainer is None:
-            return 1.0
-        progress = trainer.global_step / steps_per_epoch(trainer)
-        return min(1.0, progress / self.warmup_epochs)
+        super().__init__(eps, steps, step_size, random_start, perturbation, distance, attack_mask, warmup_epochs, seed)
+        require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
+        self.on_validation = on_validation
+        self.log_images_every_n_steps = log_images_every_n_steps
 
     def should_log_images(self, trainer: L.Trainer) -> bool:
+        """Whether this step's image grids are wanted (a TensorBoard logger and the grid period)."""
         n = self.log_images_every_n_steps
         return bool(n) and trainer.global_step % n == 0 and isinstance(trainer.logger, TensorBoardLogger)
 
-    # ---- generation ---------------------------------------------------------------------------------
-    def ensure_generator(self, device: torch.device, rank: int = 0) -> torch.Generator:
-        """The callback's RNG on ``device``, made at the first draw: seeded, or restored from a checkpoint."""
-        if not made_for(self.generator, device):
-            self.generator = generator_for(device)
-            self.generator.manual_seed(self.seed + rank)
-        if self._pending_rng is not None:
-            self.generator.set_state(self._pending_rng)
-            self._pending_rng = None
-        return self.generator
-
-    def current_eps(self, trainer: L.Trainer | None) -> float:
-        """The budget of this step: eps times the warm-up ramp."""
-        return self.eps * self.ramp(trainer)
-
-    def generate(self, pl_module: L.LightningModule, x: Tensor, objective: Objective) -> AttackResult:
-        """x (B, C, H, W) in [0, 1] -> x_a maximising ``objective`` within the (ramped) eps-ball.
-
-        The module is in eval mode during the attack (no dropout, no running-statistic updates) and
-        gets its own modes back; parameters receive no gradient.
-        """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "AdversarialTargetCallback needs autograd, but this loop runs under torch.inference_mode: "
-                "set trainer.inference_mode: false (the advmim CLI's default)"
-            )
-        rank = pl_module.trainer.global_rank if pl_module._trainer is not None else 0
-        generator = self.ensure_generator(x.device, rank)
-        eps = self.current_eps(pl_module._trainer)
-        try:
-            with frozen_eval(pl_module):
-                x_adv, finite = perturb(
-                    self.perturbation, objective, x, eps, self.steps, self.step_size, self.random_start, generator
-                )
-        except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(
-                f"out of memory while crafting adversarial targets for a batch of {x.shape[0]} with "
-                f"{self.steps} PGD step(s): lower data.init_args.batch_size (and raise "
-                "trainer.accumulate_grad_batches to keep the total batch) or use fewer attack steps"
-            ) from err
-        delta = (x_adv.float() - x.float()).abs().flatten(1).amax(dim=1).mean()
-        return AttackResult(x_adv.detach(), finite, delta)
-
-    # ---- Lightning hooks ---------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        visuals = getattr(pl_module, "visuals", None)
+        visuals = outputs.get("visuals") if isinstance(outputs, dict) else None
         if visuals:
             self._log_grids(trainer, visuals, trainer.global_step)
-            pl_module.visuals = None
-
-    def record_finite(self, finite: Tensor, trainer: L.Trainer | None) -> None:
-        """Count batches that fell back to the clean target, on the device; the host reads the count
-        (and warns when it grew) only at the trainer's logging steps."""
-        self._nonfinite = self._nonfinite.to(finite.device) + (~finite).long()
-        if trainer is None or (trainer.global_step + 1) % trainer.log_every_n_steps:
-            return
-        count = int(self._nonfinite)
-        if count > self._warned:
-            self._warned = count
-            rank_zero_warn(
-                f"AdversarialTargetCallback: {count} batch(es) so far had a non-finite attack gradient and "
-                "fell back to clean targets. Lower the learning rate or use bf16-mixed."
-            )
-
-    @property
-    def nonfinite_batches(self) -> int:
-        """Batches whose attack gradient was non-finite (this run, including restored counts)."""
-        return int(self._nonfinite)
 
     @staticmethod
     def _log_grids(trainer: L.Trainer, visuals: dict[str, Tensor], step: int) -> None:
@@ -188,40 +61,3 @@ class AdversarialTargetCallback(L.Callback):
         for name, images in visuals.items():
             grid = make_grid(images[:16].float().cpu().clamp(0, 1), nrow=8)
             writer.add_image(f"aemim/{name}", grid, step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "settings": plain(
-                {
-                    "eps": self.eps,
-                    "steps": self.steps,
-                    "step_size": self.step_size,
-                    "random_start": self.random_start,
-                    "perturbation": self.perturbation,
-                    "distance": self.distance,
-                    "attack_mask": self.attack_mask,
-                    "warmup_epochs": self.warmup_epochs,
-                    "seed": self.seed,
-                }
-            ),  # plain numbers: checkpoints load with torch.load(weights_only=True)
-            "rng": self._pending_rng
-            if self._pending_rng is not None or self.generator is None
-            else self.generator.get_state(),
-            "nonfinite_batches": self.nonfinite_batches,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["settings"]
-        current = self.state_dict()["settings"]
-        changed = {k: (v, current[k]) for k, v in saved.items() if current.get(k) != v}
-        if changed:
-            rank_zero_warn(f"AdversarialTargetCallback settings differ from the checkpoint (saved, now): {changed}")
-        self._nonfinite = torch.tensor(state_dict["nonfinite_batches"])
-        self._warned = self.nonfinite_batches
-        # applied at the next draw, on the batch's device (Lightning restores before moving the model)
-        self._pending_rng = state_dict["rng"]
-
-
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"AdversarialTargetCallback: invalid {name}={value!r}; expected {expected}")

@@ -30,12 +30,12 @@ from torchvision.transforms import v2
 
 from advmim_pl.adversarial.attack import Objective
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
-from advmim_pl.checks import require_non_negative, require_positive
+from advmim_pl.checks import plain, require_non_negative, require_positive
 from advmim_pl.export import encoder_state_dict
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.clipping import UnscaledClipping
-from advmim_pl.reliability import plain, read_checkpoint
+from advmim_pl.reliability import read_checkpoint
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 GlobalPool = Literal["avg", "token"]

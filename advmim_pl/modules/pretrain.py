@@ -13,15 +13,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from advmim_pl.adversarial.attack import Objective, frozen_eval, random_sign
-from advmim_pl.adversarial.callback import AdversarialTargetCallback, AttackResult
-from advmim_pl.checks import require_non_negative, require_positive
+from advmim_pl.adversarial.attacker import Attacker, AttackResult
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.checks import plain, require_non_negative, require_positive
 from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.clipping import UnscaledClipping
-from advmim_pl.reliability import plain
-from advmim_pl.rng import generator_for, made_for, preserved
+from advmim_pl.rng import SeededStream, generator_for, preserved
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 
@@ -141,9 +141,7 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             if aux_decoder == "separate":
                 self.aux_decoder = method.make_decoder(self.encoder)
         self.attack: AdversarialTargetCallback | None = None
-        self.visuals: dict[str, Tensor] | None = None
-        self.mask_generator: torch.Generator | None = None
-        self._pending_mask_rng: Tensor | None = None
+        self.mask_stream = SeededStream()
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -177,7 +175,7 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
                 "training. Set random_start: true for adversarial targets from the first step."
             )
 
-    def check_attack(self, attack: AdversarialTargetCallback | None) -> None:
+    def check_attack(self, attack: Attacker | None) -> None:
         """Refuse an attack that cannot move with this module (the CLI calls it before training starts).
 
         PGD from x itself with one fully shared encoder: at delta = 0 the aux branch's features equal the clean
@@ -195,20 +193,14 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         """The generator of training masks, on the module's device (made at the first draw): seeded from the global
         seed and the rank, saved in checkpoints, so a resumed run draws the masks the uninterrupted run would
         have drawn."""
-        if not made_for(self.mask_generator, self.device):
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            self.mask_generator = generator_for(self.device).manual_seed(torch.initial_seed() + rank)
-        if self._pending_mask_rng is not None:
-            self.mask_generator.set_state(self._pending_mask_rng)
-            self._pending_mask_rng = None
-        return self.mask_generator
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return self.mask_stream.get(self.device, torch.initial_seed() + rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mask_rng"] = self._mask_rng().get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # applied at the next draw: Lightning restores before it moves the model to its device
-        self._pending_mask_rng = checkpoint.get("mask_rng")
+        self.mask_stream.restore(checkpoint.get("mask_rng"))  # applied at the next draw, on the model's device
 
     # ---- the step ------------------------------------------------------------------------------------
     def _aux_decoder(self) -> torch.nn.Module:
@@ -262,7 +254,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
 
         return objective
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
+        """One step; returns ``{"loss"}``, plus the image grids under ``"visuals"`` on the attack's grid steps."""
         x = batch[0]
         method, encoder = self.method, self.encoder
         mask = method.sample_mask(encoder, x.shape[0], x.device, self._mask_rng())
@@ -278,8 +271,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             self._log_attack(x, loss_aux, result, objective)
         self.log("train/loss", loss, prog_bar=True)
         if self.attack is not None and self.attack.should_log_images(self.trainer):
-            self.visuals = self._visuals(x, mask, pred, x_adv)
-        return loss
+            return {"loss": loss, "visuals": self._visuals(x, mask, pred, x_adv)}
+        return {"loss": loss}
 
     def _aux_loss(self, x: Tensor, mask: Mask, latent: Tensor) -> tuple[Tensor, AttackResult, Objective]:
         """AEMIM auxiliary reconstruction under ``mask``, attacking from this step's clean ``latent``.
