@@ -59,13 +59,18 @@ class SeededStream:
         self.generator: torch.Generator | None = None
         self._pending: Tensor | None = None
 
-    def get(self, device: torch.device | str, seed: int) -> torch.Generator:
+    def get(self, device: torch.device | str, seed: int, rank: int = 0) -> torch.Generator:
         """The generator for ``device`` (made and seeded with ``seed`` if there is none for it yet), with any
-        waiting state applied."""
+        waiting state applied: a state saved per rank (``rank_states``) gives this ``rank`` its own row, and a
+        rank the saved run did not have starts from ``seed``."""
         if not made_for(self.generator, device):
             self.generator = generator_for(device).manual_seed(seed)
         if self._pending is not None:
-            self.generator.set_state(self._pending)
+            state = self._pending
+            if state.dim() == 2:  # a copy: set_state misreads a row view that starts past its storage's start
+                fresh = rank >= state.shape[0]
+                state = generator_for(device).manual_seed(seed).get_state() if fresh else state[rank].clone()
+            self.generator.set_state(state)
             self._pending = None
         return self.generator
 
@@ -76,5 +81,13 @@ class SeededStream:
         return self.generator.get_state()
 
     def restore(self, state: Tensor | None) -> None:
-        """Apply ``state`` at the next draw."""
+        """Apply ``state`` (one generator state, or one row per rank) at the next draw."""
         self._pending = state
+
+
+def rank_states(strategy, state: Tensor) -> Tensor:
+    """Every rank's generator state ``state`` (n,) uint8, gathered into (world_size, n) on the CPU, so that a
+    checkpoint, which rank 0 writes, resumes each rank's own random stream. All ranks must call it."""
+    if strategy.world_size == 1:
+        return state.unsqueeze(0)
+    return strategy.all_gather(state.to(strategy.root_device)).cpu()

@@ -113,7 +113,7 @@ class Attacker:
     def ensure_generator(self, device: torch.device, rank: int = 0) -> torch.Generator:
         """The attack's generator on ``device``, made at the first draw: seeded with ``seed + rank``, or restored
         from a checkpoint."""
-        return self.stream.get(device, self.seed + rank)
+        return self.stream.get(device, self.seed + rank, rank)
 
     def current_eps(self, trainer: L.Trainer | None) -> float:
         """The budget of this step: eps times the warm-up ramp."""

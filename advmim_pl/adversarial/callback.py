@@ -9,6 +9,7 @@ from torchvision.utils import make_grid
 
 from advmim_pl.adversarial.attack import Perturbation
 from advmim_pl.adversarial.attacker import Attacker, AttackMask, AttackResult, Distance, require
+from advmim_pl.rng import rank_states
 
 __all__ = ["AdversarialTargetCallback", "AttackResult"]
 
@@ -43,6 +44,12 @@ class AdversarialTargetCallback(Attacker, L.Callback):
         require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
         self.on_validation = on_validation
         self.log_images_every_n_steps = log_images_every_n_steps
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Every rank's generator state goes into the checkpoint (rank 0 writes it), so each resumes its own."""
+        state = checkpoint["callbacks"][self.state_key]
+        if state["rng"] is not None and state["rng"].dim() == 1:  # 2-d: a per-rank state not yet drawn from
+            state["rng"] = rank_states(trainer.strategy, state["rng"])
 
     def should_log_images(self, trainer: L.Trainer) -> bool:
         """Whether this step's image grids are wanted (a TensorBoard logger and the grid period)."""

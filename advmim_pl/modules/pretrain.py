@@ -21,7 +21,7 @@ from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.clipping import UnscaledClipping
-from advmim_pl.rng import SeededStream, generator_for, preserved
+from advmim_pl.rng import SeededStream, generator_for, preserved, rank_states
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 
@@ -194,10 +194,10 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         seed and the rank, saved in checkpoints, so a resumed run draws the masks the uninterrupted run would
         have drawn."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        return self.mask_stream.get(self.device, torch.initial_seed() + rank)
+        return self.mask_stream.get(self.device, torch.initial_seed() + rank, rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mask_rng"] = self._mask_rng().get_state()
+        checkpoint["mask_rng"] = rank_states(self.trainer.strategy, self._mask_rng().get_state())  # (ranks, n)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.mask_stream.restore(checkpoint.get("mask_rng"))  # applied at the next draw, on the model's device
