@@ -186,3 +186,23 @@ def test_build_time_config_errors(job, overlay, named, tmp_path, capsys, monkeyp
     assert code not in (0, None)
     for name in named:
         assert name in message, f"{name!r} not in: {message}"
+
+
+@pytest.mark.parametrize(
+    "overlay, named",
+    [
+        (data(batch_size=-1), "batch_size"),
+        (data(num_workers=-2), "num_workers"),
+        (data(img_size=0), "img_size"),
+        (data(channels=2), "channels"),
+        (
+            {"data": {"class_path": "advmim_pl.data.SyntheticDataModule", "init_args": {"num_samples": 0}}},
+            "num_samples",
+        ),
+    ],
+)
+def test_data_module_values_are_refused_at_parse_time(overlay, named, tmp_path, capsys, monkeypatch):
+    """The data modules' arguments are typed, so the parser itself (exit code 2) rejects them."""
+    monkeypatch.chdir(tmp_path)
+    code, message = config_error(MAE_JOB, overlay, tmp_path, capsys)
+    assert code == 2 and named in message, (code, message)

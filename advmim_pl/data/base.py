@@ -10,16 +10,15 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from advmim_pl.data.device import DeviceBatches
+from advmim_pl.checks import require_non_negative, require_positive
+from advmim_pl.data.device import GREY_WEIGHTS, DeviceBatches
 from advmim_pl.data.resumable import ResumableSampler, SeededSamples, TrainingOrder, global_seed
-
-# torchvision's rgb_to_grayscale weights, used to derive grey statistics from RGB ones.
-_LUMA = (0.2989, 0.587, 0.114)
 
 
 def stats_for_channels(
@@ -34,8 +33,8 @@ def stats_for_channels(
         return tuple(mean), tuple(std)
     if len(mean) == 1:
         return tuple(mean) * channels, tuple(std) * channels
-    return (sum(w * m for w, m in zip(_LUMA, mean, strict=True)),), (
-        sum(w * s for w, s in zip(_LUMA, std, strict=True)),
+    return (sum(w * m for w, m in zip(GREY_WEIGHTS, mean, strict=True)),), (
+        sum(w * s for w, s in zip(GREY_WEIGHTS, std, strict=True)),
     )
 
 
@@ -88,10 +87,10 @@ class ImageDataModule(LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        img_size: int = 224,
-        channels: int = 3,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 2,
+        img_size: PositiveInt = 224,
+        channels: Literal[1, 3] = 3,
         crop_scale: tuple[float, float] = (0.2, 1.0),
         hflip: bool = True,
         pin_memory: bool = True,
@@ -101,12 +100,8 @@ class ImageDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if img_size <= 0:
-            raise ValueError(f"img_size must be > 0, got {img_size}")
+        require_positive(batch_size=batch_size, img_size=img_size)
+        require_non_negative(num_workers=num_workers)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         crop_scale = (float(crop_scale[0]), float(crop_scale[1]))

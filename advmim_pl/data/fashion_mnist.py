@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import Tensor
 
+from advmim_pl.checks import require_positive
 from advmim_pl.data.base import InMemoryDataModule
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -103,13 +105,13 @@ class FashionMNISTDataModule(_FashionMNISTModule):
         self,
         root: str = DEFAULT_ROOT,
         download: bool = False,
-        limit_train: int | None = None,
+        limit_train: PositiveInt | None = None,
         **kwargs,
     ) -> None:
         """``kwargs``: the shared options of ``InMemoryDataModule`` (batch_size, img_size, channels, ...)."""
         super().__init__(**kwargs)
-        if limit_train is not None and limit_train <= 0:
-            raise ValueError(f"limit_train must be > 0 or None, got {limit_train}")
+        if limit_train is not None:
+            require_positive(limit_train=limit_train)
         if not download:  # fail at configuration time, before any training starts
             for name in (name for split_names in IDX_NAMES.values() for name in split_names):
                 require_idx_file(root, name)

@@ -1,9 +1,11 @@
 """Deterministic synthetic RGB images with per-class structure, for tests and benchmarks."""
 
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import Tensor
 from torch.nn import functional as F
 
+from advmim_pl.checks import require_positive
 from advmim_pl.data.base import InMemoryDataModule
 
 NATIVE_SIZE = 32  # resolution the images are generated at; the transforms resize them to img_size
@@ -38,17 +40,15 @@ class SyntheticDataModule(InMemoryDataModule):
 
     def __init__(
         self,
-        num_samples: int = 256,
-        num_classes: int = 10,
+        num_samples: PositiveInt = 256,
+        num_classes: PositiveInt = 10,
         seed: int = 0,
-        num_val_samples: int = 64,
+        num_val_samples: PositiveInt = 64,
         **kwargs,
     ) -> None:
         """``kwargs``: the shared options of ``InMemoryDataModule`` (batch_size, img_size, channels, ...)."""
         super().__init__(**kwargs)
-        for name, value in (("num_samples", num_samples), ("num_val_samples", num_val_samples)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        require_positive(num_samples=num_samples, num_val_samples=num_val_samples)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_samples = num_samples

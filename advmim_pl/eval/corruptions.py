@@ -35,6 +35,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from advmim_pl.rng import rand, randn
+
 REFERENCE_SIZE = 224  # the image size the severity tables are written for
 
 # Name -> the parameter of each severity 1..5, for 224-px images (make_imagenet_c.py unless noted).
@@ -76,20 +78,6 @@ ELASTIC_NOISE = 1.12  # px at 224: half-width of the uniform noise that is smoot
 def _scale(x: Tensor) -> float:
     """Size of x (B, C, H, W) relative to the 224-px reference images."""
     return min(x.shape[-2:]) / REFERENCE_SIZE
-
-
-def _sample_device(x: Tensor, generator: torch.Generator | None) -> torch.device:
-    return x.device if generator is None else generator.device
-
-
-def _rand(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """U[0, 1) of ``shape`` in x's dtype on x's device, drawn from ``generator`` on its own device."""
-    return torch.rand(shape, generator=generator, device=_sample_device(x, generator), dtype=x.dtype).to(x.device)
-
-
-def _randn(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """N(0, 1) of ``shape`` in x's dtype on x's device, drawn from ``generator`` on its own device."""
-    return torch.randn(shape, generator=generator, device=_sample_device(x, generator), dtype=x.dtype).to(x.device)
 
 
 def _gaussian_kernel_size(sigma: float, truncate: float, max_size: int) -> int:
@@ -134,24 +122,24 @@ def defocus_kernel(radius: float, alias_sigma: float, supersample: int = 16) -> 
 
 
 def _gaussian_noise(x: Tensor, sigma: float, generator: torch.Generator | None) -> Tensor:
-    return x + sigma * _randn(x.shape, x, generator)
+    return x + sigma * randn(x.shape, x.device, generator).to(x.dtype)
 
 
 def _shot_noise(x: Tensor, photons: float, generator: torch.Generator | None) -> Tensor:
-    rate = (x * photons).to(_sample_device(x, generator))
+    rate = (x * photons).to(x.device if generator is None else generator.device)  # drawn where the generator is
     return torch.poisson(rate, generator=generator).to(x.device) / photons
 
 
 def _impulse_noise(x: Tensor, amount: float, generator: torch.Generator | None) -> Tensor:
     # each value independently (channels too, as skimage's random_noise 's&p'): pepper with probability
     # amount / 2, salt with probability amount / 2
-    u = _rand(x.shape, x, generator)
+    u = rand(x.shape, x.device, generator).to(x.dtype)
     x = torch.where(u < amount / 2, 0.0, x)
     return torch.where((u >= amount / 2) & (u < amount), 1.0, x)
 
 
 def _speckle_noise(x: Tensor, sigma: float, generator: torch.Generator | None) -> Tensor:
-    return x + x * sigma * _randn(x.shape, x, generator)
+    return x + x * sigma * randn(x.shape, x.device, generator).to(x.dtype)
 
 
 def _gaussian_blur(x: Tensor, sigma: float, generator: torch.Generator | None) -> Tensor:
@@ -189,7 +177,7 @@ def _elastic_transform(x: Tensor, alpha: float, generator: torch.Generator | Non
     b, _, h, w = x.shape
     s = _scale(x)
     ref_h, ref_w = round(h / s), round(w / s)
-    noise = (2 * _rand((b, 2, ref_h, ref_w), x, generator) - 1) * ELASTIC_NOISE
+    noise = (2 * rand((b, 2, ref_h, ref_w), x.device, generator).to(x.dtype) - 1) * ELASTIC_NOISE
     size = _gaussian_kernel_size(ELASTIC_SIGMA, truncate=3.0, max_size=min(ref_h, ref_w))
     field = alpha * TF.gaussian_blur(noise, kernel_size=[size, size], sigma=[ELASTIC_SIGMA, ELASTIC_SIGMA])
     field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)  # (B, 2, H, W)
