@@ -22,8 +22,8 @@ QUICKSTART = [
         "Pre-train a small ViT with MAE + AEMIM on the bundled Fashion-MNIST sample for one epoch "
         "(about a minute on a laptop CPU), or load a checkpoint of your own by setting `CHECKPOINT`. "
         "Then look at one batch: the clean image, what the encoder sees, the reconstruction, the "
-        "adversarial example and its perturbation (amplified), next to a Gaussian perturbation of the "
-        "same L-inf size."
+        "adversarial example and its perturbation (amplified), next to a random +-eps sign pattern of the "
+        "same size (the energy-matched control)."
     ),
     new_code_cell(
         "import os\n"
@@ -60,16 +60,16 @@ QUICKSTART = [
         "    reconstruction = method.to_image(method.decode(module.decoder, latent, mask), x, mask, encoder)\n"
         "objective = module.feature_objective(x, mask, latent)\n"
         "adversarial = attack.generate(module, x, objective).x_adv\n"
-        "gaussian, _ = perturb('gaussian', objective, x, attack.eps, 0, generator=torch.Generator().manual_seed(0))\n"
+        "sign, _ = perturb('sign', objective, x, attack.eps, 0, generator=torch.Generator().manual_seed(0))\n"
         "with torch.no_grad():\n"
         "    distance = {name: objective(image).mean().item()\n"
-        "                for name, image in [('clean', x), ('PGD', adversarial), ('Gaussian', gaussian)]}\n"
+        "                for name, image in [('clean', x), ('PGD', adversarial), ('random sign', sign)]}\n"
         "print('feature distance to the clean encoding (the objective the attack maximises):')\n"
         "for name, value in distance.items():\n"
         "    print(f'  {name:9s} {value:.5f}')\n"
-        "for name, image in [('PGD', adversarial), ('Gaussian', gaussian)]:\n"
+        "for name, image in [('PGD', adversarial), ('random sign', sign)]:\n"
         "    print(f'L-inf size of {name}: {(image - x).abs().max().item():.4f}')\n"
-        "assert distance['PGD'] > distance['Gaussian']"
+        "assert distance['PGD'] > distance['random sign']"
     ),
     new_code_cell(
         "def amplified(delta):\n"
@@ -78,7 +78,7 @@ QUICKSTART = [
         "rows = {\n"
         "    'clean': x, 'masked': x * (1 - pixel_mask), 'reconstruction': reconstruction,\n"
         "    'adversarial': adversarial, 'PGD perturbation (amplified)': amplified(adversarial - x),\n"
-        "    'Gaussian, same eps': gaussian, 'Gaussian noise (amplified)': amplified(gaussian - x),\n"
+        "    'random sign, same eps': sign, 'random sign (amplified)': amplified(sign - x),\n"
         "}\n"
         "fig, axes = plt.subplots(len(rows), len(x), figsize=(len(x), 1.15 * len(rows)))\n"
         "for r, (name, images) in enumerate(rows.items()):\n"
@@ -90,9 +90,10 @@ QUICKSTART = [
         "plt.show()"
     ),
     new_markdown_cell(
-        "With the default `attack_mask: same`, MAE's masked patches get no gradient, so the PGD "
-        "perturbation lives on the visible patches (outside them only the random start remains). "
-        "The Gaussian control spreads the same L-inf budget everywhere and moves the features much less."
+        "With the default `attack_mask: none` the attacked encoder sees the whole image, so the PGD perturbation "
+        "covers every patch, including the masked ones that the auxiliary loss scores. The random-sign control has "
+        "the same size (RMS eps) and moves the features much less. (With `attack_mask: same` the masked patches "
+        "would get no gradient and carry only the random start.)"
     ),
 ]
 
