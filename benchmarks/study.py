@@ -145,6 +145,7 @@ PRESETS = {
     "gpu": Preset(
         "gpu", epochs=30, time_ratio=None, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM"), screen=SCREEN
     ),
+    # the cpu preset's configs at toy size, for the tests
     "smoke": Preset(
         "cpu",
         epochs=1,
@@ -160,6 +161,22 @@ PRESETS = {
         extra=SMOKE_TRAIN,
         pilot_epochs=(1, 2),
         budget_epochs=2,
+    ),
+    # the gpu preset's configs and job list at toy size, so that the CPU tests them
+    "smoke-gpu": Preset(
+        "gpu",
+        epochs=1,
+        time_ratio=None,
+        seeds=1,
+        arms=("MAE", "MAE+AEMIM", "MAE compute-matched", "SimMIM", "SimMIM+AEMIM"),
+        screen=("MAE+AEMIM eps 8",),
+        robust_images=20,
+        mnist_folds=2,
+        eval_batch=100,
+        limit_train=300,
+        limit_test=100,
+        limit_mnist=400,
+        extra=SMOKE_TRAIN,
     ),
 }
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -339,7 +356,7 @@ def time_ratio(preset: Preset, records: list[dict], seed: int, pilot: Path) -> f
         if not pilot.exists():
             raise FileNotFoundError(f"the compute-matched arm takes its time ratio from {pilot}: run --pilot first")
         return json.loads(pilot.read_text())["time_ratio"]
-    minutes = {r["arm"]: r["minutes"]["pretrain"] for r in records if r["seed"] == seed}
+    minutes = {r["arm"]: r["minutes"]["pretrain"] for r in records if r["seed"] == seed and r["arm"] in ARMS}
     if not {"MAE", "MAE+AEMIM"} <= minutes.keys():
         raise RuntimeError(f"seed {seed}: the compute-matched arm needs the MAE and MAE+AEMIM records of seed {seed}")
     return minutes["MAE+AEMIM"] / minutes["MAE"]

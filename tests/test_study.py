@@ -203,8 +203,8 @@ def test_the_report_states_the_decision_and_one_table_width_per_table():
 
 
 # ---- end to end --------------------------------------------------------------------------------------
-def run_study(tmp_path: Path, *args: str) -> str:
-    command = [sys.executable, str(BENCHMARKS / "study.py"), "--preset", "smoke", "--out", str(tmp_path / "out"),
+def run_study(tmp_path: Path, *args: str, preset: str = "smoke") -> str:
+    command = [sys.executable, str(BENCHMARKS / "study.py"), "--preset", preset, "--out", str(tmp_path / "out"),
                "--workdir", str(tmp_path / "runs"), *args]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -246,3 +246,16 @@ def test_the_smoke_pilot_records_both_encoders_and_the_time_ratio(tmp_path):
     assert all(0 < m[k] <= 1 for m in [pilot["random encoder"], *pilot["MAE"].values()] for k in ("probe", "knn"))
     assert pilot["time_ratio"] > 1  # the plug-in's step costs more than MAE's
     assert pilot["chosen_epochs"] == study.choose_epochs(pilot, pilot["budget_epochs"])
+
+
+def test_the_gpu_configs_run_at_smoke_size_within_a_time_budget(tmp_path):
+    log = run_study(tmp_path, "--minutes", "0.01", preset="smoke-gpu")  # the first job, then out of time
+    assert "jobs left for a later run" in log
+    results = tmp_path / "out" / "study_smoke-gpu.json"
+    assert [r["arm"] for r in json.loads(results.read_text())] == [study.PIXELS]
+    run_study(tmp_path, preset="smoke-gpu")  # the rest: SimMIM arms, the compute-matched MAE and a screen arm
+    records = {r["arm"]: r for r in json.loads(results.read_text())}
+    assert list(records) == [study.PIXELS, *study.PRESETS["smoke-gpu"].arms, "MAE+AEMIM eps 8"]
+    ratio = records["MAE+AEMIM"]["minutes"]["pretrain"] / records["MAE"]["minutes"]["pretrain"]
+    assert records["MAE compute-matched"]["time_ratio"] == pytest.approx(ratio)
+    assert records["MAE compute-matched"]["epochs"] == round(ratio)
