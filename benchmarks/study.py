@@ -43,7 +43,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from provenance import REPO, device_info, git_commit
-from scipy import stats
 from torch import Tensor
 
 from advmim_pl.adversarial.attack import pgd_attack
@@ -183,13 +182,21 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 # ---- statistics ----------------------------------------------------------------------------------------
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (scipy, imported here: the study's records
+    need no scipy, only its report)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(p, df))
+
+
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): the two-sided ``level`` t-interval of the mean of ``values`` (n - 1 degrees of freedom);
     the bounds are nan for fewer than two values."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan, math.nan
-    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
@@ -200,7 +207,7 @@ def detectable_effect(sd: float, n: int, level: float = 0.95, power: float = 0.8
     if n < 2:
         return math.nan
     df = n - 1
-    return (stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n)
+    return (t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * sd / math.sqrt(n)
 
 
 def paired_differences(records: list[dict], metric: str, arm: str, reference: str) -> dict[int, float]:
@@ -620,7 +627,13 @@ def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
 
 
 def write_report(preset: str, records: list[dict], out: Path) -> None:
-    (out / f"study_{preset}.md").write_text(markdown(preset, records))
+    """study_<preset>.md and the plots; skipped where scipy is missing (``--report`` redraws them later)."""
+    try:
+        text = markdown(preset, records)
+    except ModuleNotFoundError as err:
+        print(f"[study {preset}] {err.name} is not installed: report skipped (rebuild it with --report)")
+        return
+    (out / f"study_{preset}.md").write_text(text)
     plot(preset, records, out)
 
 
