@@ -13,6 +13,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.checks import plain
+from advmim_pl.eval.features import EvaluationInputError
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
 
 CONFIG_FLAGS = ("--config", "-c")
@@ -120,12 +122,14 @@ class AdvMIMCLI(LightningCLI):
             ("std", "std"),
             ("batch_size", "batch_size"),
         ):
-            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+            # plain numbers: the data modules keep jsonargparse's PositiveInt, their hparams plain int, and Lightning
+            # refuses to log a model and data pair whose shared hparams differ in type
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", plain, apply_on="instantiate")
         # Classification modules take num_classes from the data. jsonargparse skips an instantiation link whose
         # target the chosen model class lacks (PretrainModule) or whose source object lacks the attribute, but it
         # still reports the link as applied, and Lightning then writes num_classes into the model's hparams (which
         # breaks --ckpt_path on its checkpoints): instantiate_classes drops it again (_drop_unaccepted_num_classes).
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", plain, apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``--ckpt_path``'s hyperparameters with a bare ``torch.load``; check the file first so
@@ -224,7 +228,7 @@ def run(argv: list[str] | None = None) -> AdvMIMCLI | None:
             sys.argv[1:] = resolve_config_args(args)
             return AdvMIMCLI()
         return AdvMIMCLI(args=resolve_config_args(args))
-    except CheckpointError as err:
+    except (CheckpointError, EvaluationInputError) as err:
         raise SystemExit(f"advmim: {err}") from None
 
 

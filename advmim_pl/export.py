@@ -44,7 +44,8 @@ def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
     """Write the clean encoder of a pre-training checkpoint to ``output`` (safetensors).
 
     The file loads with ``timm.create_model(**kwargs).load_state_dict(load_file(output))``, strict; the
-    create-model arguments and the pixel normalisation (mean, std) are stored in the file's metadata.
+    create-model arguments, the pixel normalisation (mean, std) and the pre-training method's class name are stored in
+    the file's metadata.
     """
     checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters", {})
@@ -55,6 +56,7 @@ def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
         "timm_kwargs": json.dumps(kwargs),
         "mean": json.dumps(list(hparams["mean"])),
         "std": json.dumps(list(hparams["std"])),
+        "method": hparams.get("method", {}).get("class_path", "").rpartition(".")[2],  # MAE / SimMIM, for the pooling
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
-"""Robustness evaluation: corruption suite, PGD robust accuracy, out-of-distribution sets."""
+"""Evaluation: frozen-feature probes (kNN, logistic regression) with their floors; corruption suite, PGD robust
+accuracy and out-of-distribution sets."""
 
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from advmim_pl.eval.features import FeatureEvalModule
 from advmim_pl.eval.robustness import OODSet, RobustnessEvaluator
 
-__all__ = ["CORRUPTIONS", "OODSet", "RobustnessEvaluator", "SEVERITIES", "corrupt"]
+__all__ = ["CORRUPTIONS", "FeatureEvalModule", "OODSet", "RobustnessEvaluator", "SEVERITIES", "corrupt"]

@@ -39,6 +39,30 @@ from advmim_pl.reliability import read_checkpoint
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
 
 GlobalPool = Literal["avg", "token"]
+POOL_DESCRIPTIONS = {"token": "the cls token after the final norm", "avg": "the mean patch token through fc_norm"}
+
+
+def method_pooling(method: str | None, default: GlobalPool) -> GlobalPool:
+    """The pooling a classifier of an encoder pre-trained by ``method`` (e.g. "MAE", "SimMIM"; None if unknown)
+    defaults to: ``avg`` for SimMIM, whose decoder drops the cls token's output so that no loss reads it (SimMIM's
+    own protocol pools the patch tokens), else ``default``."""
+    return "avg" if method == "SimMIM" else default
+
+
+def resolve_pooling(global_pool: GlobalPool | None, method: str | None, default: GlobalPool, source: str) -> GlobalPool:
+    """``global_pool``, or the per-method default when it is None; warns when a token classifier reads a SimMIM
+    encoder's untrained cls token."""
+    if global_pool not in (None, *POOL_DESCRIPTIONS):
+        raise ValueError(f"unknown pooling {global_pool!r}: choose token, avg, or null (the per-method default)")
+    if global_pool is None:
+        return method_pooling(method, default)
+    if global_pool == "token" and method == "SimMIM":
+        rank_zero_warn(
+            f"init_from {source!r} was pre-trained with SimMIM, whose loss never reads the cls token's output: "
+            "global_pool token classifies from a token that was not trained to summarise the image. Set "
+            "model.init_args.global_pool: avg (or null, the per-method default)."
+        )
+    return global_pool
 
 
 def probe_lars(params: Iterable) -> torch.optim.Optimizer:
@@ -69,6 +93,16 @@ class EncoderWeights:
     made_by: str
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    method: str | None = None  # the pre-training method's class name ("MAE", "SimMIM"), when the file says
+
+    def check_statistics(self, source: str, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Warn when the pixel mean/std the encoder was pre-trained with differ from ``mean`` / ``std``."""
+        for name, saved, now in (("mean", self.mean, mean), ("std", self.std, std)):
+            if saved is not None and not torch.allclose(torch.tensor(saved), torch.tensor(tuple(now))):
+                rank_zero_warn(
+                    f"init_from {source!r} was pre-trained with pixel {name} {saved}, this model "
+                    f"normalises with {tuple(now)}: the encoder sees differently scaled inputs"
+                )
 
 
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
@@ -90,7 +124,9 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
         except (SafetensorError, OSError) as err:
             raise ValueError(f"init_from {str(path)!r} is not a readable safetensors file: {err}") from None
         stats = [tuple(json.loads(meta[k])) if k in meta else None for k in ("mean", "std")]
-        return EncoderWeights(state, f"timm_kwargs={meta.get('timm_kwargs', 'unknown')}", *stats)
+        return EncoderWeights(
+            state, f"timm_kwargs={meta.get('timm_kwargs', 'unknown')}", *stats, meta.get("method") or None
+        )
     checkpoint = read_checkpoint(path)
     if "state_dict" in checkpoint:  # Lightning checkpoint
         hp = checkpoint.get("hyper_parameters", {})
@@ -98,7 +134,10 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
             f"{k}={hp[k]!r}" for k in ("encoder", "patch_size", "img_size", "encoder_kwargs") if k in hp
         )
         stats = [tuple(hp[k]) if hp.get(k) is not None else None for k in ("mean", "std")]
-        return EncoderWeights(encoder_state_dict(checkpoint["state_dict"]), made_by or "a Lightning checkpoint", *stats)
+        method = hp.get("method", {}).get("class_path", "").rpartition(".")[2] or None
+        return EncoderWeights(
+            encoder_state_dict(checkpoint["state_dict"]), made_by or "a Lightning checkpoint", *stats, method
+        )
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"init_from {str(path)!r} holds neither a Lightning checkpoint nor a state dict")
@@ -159,10 +198,14 @@ class ClassifierModule(UnscaledClipping, L.LightningModule):
     linear warm-up, then half-cycle cosine per step to ``min_lr``; each group's ``lr_scale`` multiplies
     its lr throughout, so lr = base * lr_scale * schedule).
 
-    Subclasses set ``self.head`` (features (B, D) -> logits (B, num_classes)) and ``param_groups()``.
+    ``global_pool: null`` picks the pooling from the method that pre-trained ``init_from`` (``method_pooling``):
+    ``avg`` for SimMIM, else the subclass's ``default_pool``; the resolved value is what the hyperparameters
+    (and so checkpoints) keep. Subclasses set ``default_pool``, ``self.head`` (features (B, D) -> logits
+    (B, num_classes)) and ``param_groups()``.
     """
 
     head: nn.Module
+    default_pool: GlobalPool
 
     def __init__(
         self,
@@ -174,7 +217,7 @@ class ClassifierModule(UnscaledClipping, L.LightningModule):
         std: Sequence[float],
         encoder_kwargs: dict[str, Any] | None,
         sincos_pos_embed: bool,
-        global_pool: GlobalPool,
+        global_pool: GlobalPool | None,
         drop_path_rate: float,
         num_classes: int,
         init_from: str | None,
@@ -191,7 +234,10 @@ class ClassifierModule(UnscaledClipping, L.LightningModule):
         require_non_negative(base_lr=base_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr)
         if encoder_kwargs and "global_pool" in encoder_kwargs:
             raise ValueError("set the pooling with model.init_args.global_pool, not in encoder_kwargs")
+        weights = read_encoder_weights(init_from) if init_from is not None else None
+        global_pool = resolve_pooling(global_pool, weights and weights.method, self.default_pool, str(init_from))
         self.save_hyperparameters(ignore=["optimizer"])
+        self.hparams["global_pool"] = global_pool
         self.hparams.update(plain(dict(self.hparams)))  # loadable with torch.load(weights_only=True)
         self.optimizer_factory = optimizer
         self.encoder = MaskedViT(
@@ -205,15 +251,9 @@ class ClassifierModule(UnscaledClipping, L.LightningModule):
             sincos_pos_embed,
             {**(encoder_kwargs or {}), "global_pool": global_pool},
         )
-        if init_from is not None:
-            weights = read_encoder_weights(init_from)
+        if weights is not None:
             load_encoder_weights(self.encoder.vit, weights.state, str(init_from), weights.made_by)
-            for name, saved, now in (("mean", weights.mean, mean), ("std", weights.std, std)):
-                if saved is not None and not torch.allclose(torch.tensor(saved), torch.tensor(tuple(now))):
-                    rank_zero_warn(
-                        f"init_from {str(init_from)!r} was pre-trained with pixel {name} {saved}, this model "
-                        f"normalises with {tuple(now)}: the encoder sees differently scaled inputs"
-                    )
+            weights.check_statistics(str(init_from), mean, std)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
@@ -312,7 +352,8 @@ class LinearProbeModule(ClassifierModule):
         std: per-channel std of that Normalize (linked from the data).
         encoder_kwargs: extra timm ``create_model`` arguments, e.g. ``{depth: 6}`` (must match ``init_from``).
         sincos_pos_embed: fixed 2-D sin-cos positions; the table is loaded from ``init_from`` either way.
-        global_pool: features: ``token`` (cls token after the final norm, MAE's probe) or ``avg``.
+        global_pool: features: ``token`` (cls token after the final norm, MAE's probe), ``avg`` (mean patch
+            token through a fresh, frozen fc_norm), or null: ``avg`` for a SimMIM encoder, else ``token``.
         init_from: ``PretrainModule`` checkpoint (.ckpt, clean branch) or exported encoder (.safetensors);
             None probes a randomly initialised encoder (a baseline).
         batch_size: per-device batch size (linked from the data), for the lr scaling rule.
@@ -323,6 +364,8 @@ class LinearProbeModule(ClassifierModule):
         warmup_epochs: linear lr warm-up length; then half-cycle cosine per step.
         min_lr: final lr of the cosine.
     """
+
+    default_pool: GlobalPool = "token"
 
     def __init__(
         self,
@@ -335,7 +378,7 @@ class LinearProbeModule(ClassifierModule):
         std: Sequence[float] = IMAGENET_STD,
         encoder_kwargs: dict[str, Any] | None = None,
         sincos_pos_embed: bool = True,
-        global_pool: GlobalPool = "token",
+        global_pool: GlobalPool | None = None,
         init_from: str | None = None,
         batch_size: PositiveInt = 64,
         optimizer: OptimizerCallable = probe_lars,
@@ -422,7 +465,7 @@ class FinetuneModule(ClassifierModule):
         std: per-channel std of that Normalize (linked from the data).
         encoder_kwargs: extra timm ``create_model`` arguments (must match ``init_from``).
         sincos_pos_embed: fixed 2-D sin-cos positions (loaded from ``init_from``); false trains them.
-        global_pool: ``avg`` (mean patch token + fc_norm) or ``token`` (cls token).
+        global_pool: ``avg`` (mean patch token + fc_norm) or ``token`` (cls token; warns for a SimMIM encoder).
         drop_path_rate: stochastic depth of the encoder.
         init_from: ``PretrainModule`` checkpoint (.ckpt) or exported encoder (.safetensors); None trains
             from scratch.
@@ -449,6 +492,8 @@ class FinetuneModule(ClassifierModule):
         adv_weight: weight of the cross-entropy on x_a.
         branch_params: ``norm`` gives x_a its own normalisation layers (AdvProp); ``none`` shares all.
     """
+
+    default_pool: GlobalPool = "avg"
 
     def __init__(
         self,
