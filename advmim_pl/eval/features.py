@@ -33,7 +33,7 @@ from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat,
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from advmim_pl.checks import plain, require_positive
 from advmim_pl.data.base import ImageDataModule, TensorImageDataset
@@ -425,18 +425,112 @@ def with_intervals(counts: dict[str, dict]) -> dict[str, dict]:
     }
 
 
+# ---- floors as classifiers ----------------------------------------------------------------------------
+def random_encoder(architecture: dict[str, Any], seed: int) -> MaskedViT:
+    """A randomly initialised encoder (the floor), seeded without touching the global RNG. ``architecture``: the
+    ``encoder``, ``img_size``, ``patch_size``, ``in_chans``, ``mean``, ``std``, ``encoder_kwargs`` and
+    ``sincos_pos_embed`` hyperparameters of a module; the encoder keeps its final norm (``pooled_features``)."""
+    kwargs = {k: v for k, v in (architecture.get("encoder_kwargs") or {}).items() if k != "global_pool"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MaskedViT(
+            architecture["encoder"],
+            architecture["img_size"],
+            architecture["patch_size"],
+            architecture["in_chans"],
+            architecture["mean"],
+            architecture["std"],
+            0.0,
+            architecture["sincos_pos_embed"],
+            kwargs,
+        )
+
+
+class Pooled(nn.Module):
+    """One pooling of ``pooled_features``: images (B, C, H, W) -> (B, D)."""
+
+    def __init__(self, encoder: MaskedViT, pooling: GlobalPool) -> None:
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pooled_features(self.encoder, x)[self.pooling]
+
+
+class Pixels(nn.Module):
+    """``pixel_features`` as a module: images (B, C, H, W) -> (B, C * s * s)."""
+
+    def __init__(self, normalize: nn.Module, size: int) -> None:
+        super().__init__()
+        self.normalize, self.size = normalize, size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pixel_features(x, self.normalize, self.size)
+
+
+class LinearReadout(nn.Module):
+    """A logistic regression fit on frozen features, as a classifier of images: ``logits(x)`` (B, K) of images
+    x (B, C, H, W) in [0, 1], differentiable in x, and the ``cross_entropy_objective`` that PGD maximises, so the
+    robustness evaluator scores a floor as it scores a classifier module."""
+
+    def __init__(self, features_of: nn.Module, probe: LogisticProbe) -> None:
+        super().__init__()
+        self.features_of, self.probe = features_of.requires_grad_(False).eval(), probe
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.probe.logits(self.features_of(x).float())
+
+    def cross_entropy_objective(self, labels: Tensor) -> Callable[[Tensor], Tensor]:
+        """objective(x_adv) -> per-sample cross-entropy (B,) of ``logits(x_adv)`` against labels (B,)."""
+        labels = labels.detach()
+        return lambda x_adv: F.cross_entropy(self.logits(x_adv), labels, reduction="none")
+
+
+def fit_readout(
+    features_of: nn.Module,
+    batches: Iterable,
+    num_classes: int,
+    device: torch.device,
+    settings: ProbeSettings,
+    context: Callable[[], AbstractContextManager] = nullcontext,
+) -> LinearReadout:
+    """``features_of`` moved to ``device``, with the logistic regression of ``logistic_probe`` fit on its features
+    of the labelled ``batches`` (extracted inside ``context``)."""
+    features_of = features_of.to(device)
+    train = extract(lambda x: {"f": features_of(x)}, batches, device, context)
+    probe = logistic_probe(
+        train.features["f"],
+        train.labels,
+        num_classes,
+        settings.c_grid,
+        settings.holdout,
+        settings.select_limit,
+        settings.seed,
+        settings.max_iter,
+        settings.tolerance,
+    )
+    return LinearReadout(features_of, probe)
+
+
 # ---- the command ---------------------------------------------------------------------------------------
-def evaluation_batches(dataset: Dataset, transform: Callable, batch_size: int, num_workers: int = 0) -> Iterable:
-    """(images, labels) batches of a data module's split under ``transform``, in order. An in-memory uint8 split
-    (``TensorImageDataset``) is transformed a whole batch at a time; other splits go through a DataLoader over
-    ``evaluation_view``."""
+def evaluation_batches(
+    dataset: Dataset, transform: Callable, batch_size: int, num_workers: int = 0, indices: Tensor | None = None
+) -> Iterable:
+    """(images, labels) batches of a data module's split (only the images at ``indices``, if given) under
+    ``transform``, in order. An in-memory uint8 split (``TensorImageDataset``) is transformed a whole batch at a
+    time; other splits go through a DataLoader over ``evaluation_view``."""
     if isinstance(dataset, TensorImageDataset):
         images, labels = dataset.images, dataset.labels
+        if indices is not None:
+            images, labels = images[indices], labels[indices]
         return (
             (transform(images[i : i + batch_size]), labels[i : i + batch_size])
             for i in range(0, len(images), batch_size)
         )
-    return DataLoader(evaluation_view(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    view = evaluation_view(dataset, transform)
+    if indices is not None:
+        view = Subset(view, indices.tolist())
+    return DataLoader(view, batch_size=batch_size, num_workers=num_workers)
 
 
 class FeatureEvalModule(L.LightningModule):
@@ -515,12 +609,10 @@ class FeatureEvalModule(L.LightningModule):
         require_positive(knn_k=knn_k, knn_temperature=knn_temperature, pixel_size=pixel_size, max_iter=max_iter)
         self.save_hyperparameters()
         self.hparams.update(plain(dict(self.hparams)))  # jsonargparse's PositiveInt etc. as plain numbers
-        architecture = (encoder, img_size, patch_size, in_chans, mean, std, 0.0, sincos_pos_embed, encoder_kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random = MaskedViT(*architecture)
-        sources = {"encoder": random if init_from == "random" else MaskedViT(*architecture)}
+        random = random_encoder(self.hparams, seed)
+        sources = {"encoder": random}
         if init_from != "random":
+            sources["encoder"] = random_encoder(self.hparams, seed + 1)  # its weights come from init_from
             weights = read_encoder_weights(init_from)
             load_encoder_weights(sources["encoder"].vit, weights.state, init_from, weights.made_by)
             weights.check_statistics(init_from, mean, std)

@@ -4,7 +4,9 @@
 images, on each corruption x severity, and on PGD examples crafted by ``AdversarialTargetCallback`` with the
 module's ``cross_entropy_objective``; at the end of the test epoch it scores the out-of-distribution
 ImageFolders, prints a table, logs every accuracy and writes ``robustness.md`` / ``robustness.json`` next to
-the logs.
+the logs. With ``floors`` the same table has two more columns: logistic regressions on the frozen features of a
+randomly initialised encoder of the same architecture and on the raw pixels, scored on the same clean,
+corrupted and PGD images: what the representation adds over none.
 """
 
 import json
@@ -17,12 +19,22 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from advmim_pl.eval.features import (
+    EvaluationInputError,
+    LinearReadout,
+    Pixels,
+    Pooled,
+    ProbeSettings,
+    evaluation_batches,
+    fit_readout,
+    random_encoder,
+)
 from advmim_pl.rng import generator_for
 
 
@@ -75,7 +87,12 @@ class RobustnessEvaluator(L.Callback):
         pgd_random_start: start PGD from uniform noise.
         ood_sets: name -> OOD ImageFolder, scored at the end of the test epoch.
         ood_batch_size: batch size for the OOD sets.
-        seed: seed of the corruption noise (per batch) and of the PGD random start.
+        floors: also score the floors: logistic regressions (``advmim_pl.eval.features``, C chosen on a held-out
+            10%) on the frozen features of a random encoder of the module's architecture and pooling, and on the
+            raw pixels, fit on the data module's training images (evaluation transform). Not on the OOD sets.
+        floor_images: at most this many training images (a seeded random subset) fit the floors.
+        floor_pixel_size: side the raw-pixel floor is area-averaged down to (at most the image side).
+        seed: seed of the corruption noise (per batch), the PGD random start, the random encoder and the subset.
     """
 
     def __init__(
@@ -88,6 +105,9 @@ class RobustnessEvaluator(L.Callback):
         pgd_random_start: bool = False,
         ood_sets: dict[str, OODSet] | None = None,
         ood_batch_size: PositiveInt = 128,
+        floors: bool = False,
+        floor_images: PositiveInt = 10_000,
+        floor_pixel_size: PositiveInt = 32,
         seed: NonNegativeInt = 0,
     ) -> None:
         corruptions = list(CORRUPTIONS) if corruptions is None else corruptions
@@ -100,20 +120,54 @@ class RobustnessEvaluator(L.Callback):
         if not pgd_eps or min(pgd_eps) <= 0:
             raise ValueError(f"RobustnessEvaluator: pgd_eps {pgd_eps} must list at least one positive epsilon")
         self.corruptions, self.severities = corruptions, tuple(severities)
-        self.attacks = {
-            eps: AdversarialTargetCallback(
-                eps=eps, steps=pgd_steps, step_size=pgd_step_size, random_start=pgd_random_start, seed=seed
-            )
-            for eps in pgd_eps
-        }
+        self.pgd = dict(steps=pgd_steps, step_size=pgd_step_size, random_start=pgd_random_start, seed=seed)
+        self.pgd_eps = tuple(pgd_eps)
         self.ood_sets = ood_sets or {}
         self.ood_batch_size, self.seed = ood_batch_size, seed
+        self.floors, self.floor_images, self.floor_pixel_size = floors, floor_images, floor_pixel_size
+        self.classifiers: dict[str, LinearReadout] = {}  # results-key prefix -> floor classifier
+        self.attacks: dict[str, dict[float, AdversarialTargetCallback]] = {}  # prefix -> eps -> attack
         self.correct: dict[str, Tensor] = {}
         self.total = torch.zeros(())
         self.results: dict[str, float] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.correct, self.total = {}, torch.zeros((), device=pl_module.device)
+        if self.floors and not self.classifiers:
+            self.classifiers = self._fit_floors(trainer, pl_module)
+        # each classifier has its own attacks, so that the floors never shift the model's random starts
+        self.attacks = {
+            prefix: {eps: AdversarialTargetCallback(eps=eps, **self.pgd) for eps in self.pgd_eps}
+            for prefix in ("", *self.classifiers)
+        }
+
+    def _fit_floors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, LinearReadout]:
+        """Logistic regressions on a random encoder's features (the module's architecture and pooling) and on the
+        raw pixels, fit on up to ``floor_images`` training images."""
+        data = trainer.datamodule
+        if not isinstance(getattr(data, "train_set", None), Dataset):
+            raise EvaluationInputError(
+                f"RobustnessEvaluator(floors=true) fits the floors on the data module's training images; "
+                f"{type(data).__name__} has none"
+            )
+        hp = pl_module.hparams
+        subset = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(self.seed))
+        subset = subset[: self.floor_images].sort().values
+        features = {
+            "floor/random/": Pooled(random_encoder(hp, self.seed), hp.global_pool),
+            "floor/pixels/": Pixels(pl_module.encoder.normalize, self.floor_pixel_size),
+        }
+        return {
+            prefix: fit_readout(
+                features_of,
+                evaluation_batches(data.train_set, data.eval_transform(), data.batch_size, indices=subset),
+                hp.num_classes,
+                pl_module.device,
+                ProbeSettings(seed=self.seed),
+                trainer.precision_plugin.forward_context,
+            )
+            for prefix, features_of in features.items()
+        }
 
     def _add(self, key: str, count: Tensor) -> None:
         self.correct[key] = self.correct.get(key, 0) + count
@@ -121,17 +175,18 @@ class RobustnessEvaluator(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         x, y = batch[0], batch[1]
         self.total = self.total + len(y)
-        with torch.no_grad():
-            self._add("clean", accuracy_counts(pl_module.logits(x), y))
-            generator = generator_for(x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
-            for name in self.corruptions:
-                for severity in self.severities:
-                    xc = corrupt(x, name, severity, generator)
-                    self._add(f"corruption/{name}/{severity}", accuracy_counts(pl_module.logits(xc), y))
-        for eps, attack in self.attacks.items():
-            x_adv = attack.generate(pl_module, x, pl_module.cross_entropy_objective(y)).x_adv
+        for prefix, classifier in (("", pl_module), *self.classifiers.items()):
             with torch.no_grad():
-                self._add(pgd_key(eps), accuracy_counts(pl_module.logits(x_adv), y))
+                self._add(f"{prefix}clean", accuracy_counts(classifier.logits(x), y))
+                generator = generator_for(x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+                for name in self.corruptions:
+                    for severity in self.severities:
+                        xc = corrupt(x, name, severity, generator)
+                        self._add(f"{prefix}corruption/{name}/{severity}", accuracy_counts(classifier.logits(xc), y))
+            for eps, attack in self.attacks[prefix].items():
+                x_adv = attack.generate(pl_module, x, classifier.cross_entropy_objective(y)).x_adv
+                with torch.no_grad():
+                    self._add(f"{prefix}{pgd_key(eps)}", accuracy_counts(classifier.logits(x_adv), y))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = trainer.strategy.reduce(self.total.float(), reduce_op="sum")
@@ -139,9 +194,10 @@ class RobustnessEvaluator(L.Callback):
             key: float(trainer.strategy.reduce(count.float(), reduce_op="sum") / total.clamp_min(1))
             for key, count in self.correct.items()
         }
-        corruption = [v for k, v in results.items() if k.startswith("corruption/")]
-        if corruption:
-            results["corruption/mean"] = sum(corruption) / len(corruption)
+        for prefix in ("", *self.classifiers):
+            corruption = [v for k, v in results.items() if k.startswith(f"{prefix}corruption/")]
+            if corruption:
+                results[f"{prefix}corruption/mean"] = sum(corruption) / len(corruption)
         for name, ood in self.ood_sets.items():
             results[f"ood/{name}"] = self._ood_accuracy(ood, pl_module)
         self.results = results
@@ -171,25 +227,31 @@ class RobustnessEvaluator(L.Callback):
         return float(correct) / max(len(dataset), 1)
 
     def _report(self, trainer: L.Trainer, results: dict[str, float]) -> None:
-        """Print a table and write Markdown and JSON copies to the log folder."""
-        rows = [("clean", "", results["clean"])]
+        """Print a table (the floors in two more columns) and write Markdown and JSON copies to the log folder."""
+        rows = [("clean", "", "clean")]
         for name in self.corruptions:
             for severity in self.severities:
-                rows.append((name, str(severity), results[f"corruption/{name}/{severity}"]))
-        rows.append(("mean corruption accuracy", "", results["corruption/mean"]))
-        rows += [
-            ("PGD L-inf", f"eps {pgd_eps(k) * 255:.2g}/255", val) for k, val in results.items() if k.startswith("pgd/")
-        ]
-        rows += [("OOD", k[4:], val) for k, val in results.items() if k.startswith("ood/")]
+                rows.append((name, str(severity), f"corruption/{name}/{severity}"))
+        rows.append(("mean corruption accuracy", "", "corruption/mean"))
+        rows += [("PGD L-inf", f"eps {pgd_eps(k) * 255:.2g}/255", k) for k in results if k.startswith("pgd/")]
+        rows += [("OOD", k[4:], k) for k in results if k.startswith("ood/")]
+        header = ["test", "setting", "top-1 %"]
+        if self.classifiers:
+            header += ["random encoder (floor)", "raw pixels (floor)"]
+
+        def cells(key: str) -> list[str]:
+            keys = [key] + [f"{prefix}{key}" for prefix in self.classifiers]
+            return [f"{100 * results[k]:.2f}" if k in results else "" for k in keys]
+
         table = Table(title="robustness (top-1 accuracy)")
-        for column in ("test", "setting", "accuracy"):
+        for column in header:
             table.add_column(column)
-        for test, setting, value in rows:
-            table.add_row(test, setting, f"{100 * value:.2f}")
+        for test, setting, key in rows:
+            table.add_row(test, setting, *cells(key))
         Console().print(table)
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        lines = ["| test | setting | top-1 % |", "| --- | --- | --- |"]
-        lines += [f"| {test} | {setting} | {100 * value:.2f} |" for test, setting, value in rows]
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join([test, setting, *cells(key)]) + " |" for test, setting, key in rows]
         (folder / "robustness.md").write_text("\n".join(lines) + "\n")
         (folder / "robustness.json").write_text(json.dumps(results, indent=2))

@@ -1,5 +1,6 @@
 """RobustnessEvaluator: agreement with an independent PGD, OOD scoring, the report, bad settings."""
 
+import itertools
 import json
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.data.fashion_mnist import SAMPLE_PATH
 from advmim_pl.eval.robustness import OODSet, RobustnessEvaluator
 from advmim_pl.modules import LinearProbeModule
@@ -122,3 +124,34 @@ def test_corruptions_ood_and_report(probe, tmp_path):
 def test_bad_settings_are_errors_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RobustnessEvaluator(**kwargs)
+
+
+def test_floors_are_scored_like_the_model_without_changing_its_numbers(probe, tmp_path):
+    data = BundledSampleDataModule(img_size=32, channels=1, batch_size=64, num_workers=0)  # the probe's batch_size
+    settings = dict(
+        corruptions=["contrast"], severities=[5], pgd_eps=[EPS[1]], pgd_steps=STEPS, pgd_step_size=STEP_SIZE
+    )
+    runs = {}
+    for floors in (False, True):
+        evaluator = RobustnessEvaluator(**settings, floors=floors, floor_images=2000)
+        trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path / str(floors), enable_progress_bar=False,
+                            enable_model_summary=False, inference_mode=False, callbacks=[evaluator],
+                            limit_test_batches=2)  # fmt: skip
+        trainer.test(probe, datamodule=data)
+        runs[floors] = evaluator
+    plain, floored = runs[False].results, runs[True].results
+    assert {k: v for k, v in floored.items() if not k.startswith("floor/")} == plain  # the model's numbers unchanged
+    batches = list(itertools.islice(iter(data.test_dataloader()), 2))
+    n = sum(len(yb) for _, yb in batches)
+    assert set(runs[True].classifiers) == {"floor/random/", "floor/pixels/"}
+    for prefix, readout in runs[True].classifiers.items():
+        with torch.no_grad():
+            clean = sum((readout.logits(xb).argmax(1) == yb).sum().item() for xb, yb in batches)
+        adversarial = [(reference_pgd(readout.logits, xb, yb, EPS[1]), yb) for xb, yb in batches]
+        with torch.no_grad():
+            reference = sum((readout.logits(xa).argmax(1) == yb).sum().item() for xa, yb in adversarial)
+        assert floored[f"{prefix}clean"] * n == pytest.approx(clean)
+        assert abs(floored[f"{prefix}pgd/{EPS[1]:.5f}"] * n - reference) <= 1, (prefix, reference)
+        assert clean > 0.5 * n and reference < clean  # fit on 2,000 training images; PGD attacks the floor too
+    table = (tmp_path / "True" / "lightning_logs" / "version_0" / "robustness.md").read_text()
+    assert "| test | setting | top-1 % | random encoder (floor) | raw pixels (floor) |" in table
