@@ -715,10 +715,10 @@ def pilot_markdown(pilot: dict) -> str:
         rows.append(["MAE", epochs, pct(m["probe"]), pct(m["knn"]), *gains])
     chosen = pilot["chosen_epochs"]
     verdict = (
-        f"E = {chosen}: the smallest pilot epoch count within the budget ({pilot['budget_epochs']} epochs) at which "
+        f"E = {chosen}: the smallest pilot epoch count within the budget (E <= {pilot['budget_epochs']}) at which "
         "MAE beats the random encoder by at least 3 points on both."
         if chosen
-        else f"No epoch count within the budget ({pilot['budget_epochs']} epochs) makes MAE beat the random encoder "
+        else f"No epoch count within the budget (E <= {pilot['budget_epochs']}) makes MAE beat the random encoder "
         "by 3 points on both: this preset only checks the machinery; the gpu preset is the answer."
     )
     steps = pilot["seconds_per_step"]
