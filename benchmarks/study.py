@@ -501,6 +501,11 @@ def summary(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def epochs_cell(record: dict) -> str:
+    """A record's pre-training epochs ("-" for the raw pixels, which have none)."""
+    return "-" if record.get("epochs") is None else str(record["epochs"])
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines."""
     return ["| " + " | ".join(cells) + " |" for cells in (header, ["---"] * len(header), *rows)]
@@ -538,12 +543,12 @@ def markdown(preset: str, records: list[dict]) -> str:
         robust.append(f"- PGD-10 {eps}/255: **{'helps' if verdict else 'does not help'}** ({why})")
     diffs, mdes = difference_rows(records)
     summary_rows = [
-        [arm, ", ".join(str(r["seed"]) for r in runs_of(records, arm)), str(runs_of(records, arm)[0].get("epochs", ""))]
+        [arm, ", ".join(str(r["seed"]) for r in runs_of(records, arm)), epochs_cell(runs_of(records, arm)[0])]
         + [summary([r["metrics"][k] for r in runs_of(records, arm)]) for k in keys]
         for arm in arms
     ]
     run_rows = [
-        [arm, str(r["seed"]), str(r.get("epochs", "")), *(pct(r["metrics"][k]) for k in keys)]
+        [arm, str(r["seed"]), epochs_cell(r), *(pct(r["metrics"][k]) for k in keys)]
         + [f"{r['minutes'].get('pretrain', 0):.1f}", f"{r['minutes']['eval']:.1f}", r["device"], r["commit"], r["date"]]
         for arm in arms
         for r in runs_of(records, arm)
@@ -552,7 +557,8 @@ def markdown(preset: str, records: list[dict]) -> str:
         f"# Study v2, preset `{preset}`: does the AEMIM plug-in help?",
         "",
         f"Made by `python benchmarks/study.py --preset {preset}` (design and decision rule: benchmarks/README.md). "
-        f"Pre-training E = {spec.epochs} epochs on Fashion-MNIST train; frozen encoders, average-pooled features. "
+        f"Pre-training for E = {spec.epochs} epoch(s) on Fashion-MNIST train; frozen encoders, average-pooled "
+        "features. "
         "Top-1 accuracy in %: converged logistic-regression probe (primary) and kNN on the 10,000 Fashion-MNIST "
         f"test images; MNIST 5-fold probe; corruptions (11 x 5) and PGD-10 of the frozen encoder plus its probe on "
         f"the first {spec.robust_images} test images.",
