@@ -1,10 +1,8 @@
 """PretrainModule: MAE or SimMIM pre-training, with the AEMIM auxiliary task as an option."""
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
@@ -14,15 +12,14 @@ from torch import Tensor
 
 from advmim_pl.adversarial.attack import Objective, frozen_eval, random_sign
 from advmim_pl.adversarial.attacker import Attacker, AttackResult
-from advmim_pl.adversarial.callback import AdversarialTargetCallback
-from advmim_pl.checks import plain, require_non_negative, require_positive
+from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
-from advmim_pl.modules.clipping import UnscaledClipping
+from advmim_pl.modules.base import BaseModule
 from advmim_pl.rng import SeededStream, generator_for, preserved, rank_states
-from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine, weight_decay_groups
+from advmim_pl.schedule import weight_decay_groups
 
 
 def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -30,8 +27,10 @@ def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, betas=(0.9, 0.95), fused=True)
 
 
-class PretrainModule(UnscaledClipping, L.LightningModule):
+class PretrainModule(BaseModule):
     """Masked-image-modeling pre-training of a timm ViT, optionally with AEMIM adversarial targets.
+
+    The optimiser, its learning-rate schedule and the attack wiring come from ``BaseModule``.
 
     Without the plug-in (``adversarial: false``) a step is exactly the host method: one masked clean
     pass of encoder and decoder. With it, an ``AdversarialTargetCallback`` must be on the trainer; per
@@ -75,6 +74,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
     """
 
+    baseline = "the plain MIM baseline"
+
     def __init__(
         self,
         method: MIMMethod = lazy_instance(MAE),
@@ -104,7 +105,7 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         aux_norm_floor: NonNegativeFloat = 2.0,
         compile: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer)
         require_positive(batch_size=batch_size, lr_reference_batch=lr_reference_batch)
         require_non_negative(
             base_lr=base_lr,
@@ -116,11 +117,8 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
         )
         if isinstance(method, dict):  # {"class_path", "init_args"} from a checkpoint's hyperparameters
             method = instantiate_class((), method)
-        self.save_hyperparameters(ignore=["method", "optimizer"])
-        self.hparams["method"] = method.config()  # so that load_from_checkpoint rebuilds the same method
-        self.hparams.update(plain(dict(self.hparams)))
+        self.store_hparams(ignore=("method",), method=method.config())  # load_from_checkpoint rebuilds the method
         self.method = method
-        self.optimizer_factory = optimizer
         self.encoder = MaskedViT(
             encoder,
             img_size,
@@ -140,7 +138,6 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
                 add_branch_norms(self.encoder)
             if aux_decoder == "separate":
                 self.aux_decoder = method.make_decoder(self.encoder)
-        self.attack: AdversarialTargetCallback | None = None
         self.mask_stream = SeededStream()
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
@@ -151,22 +148,10 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
                     part.compile()
 
     def setup(self, stage: str) -> None:
-        """Find the attack callback; for fit, refuse a module/callback mismatch before training starts."""
-        callbacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
-        self.attack = callbacks[0] if callbacks else None
+        """Find the attack (``BaseModule.setup``); then refuse or warn about an attack that cannot move."""
+        super().setup(stage)
         if stage != "fit":
             return
-        if self.hparams.adversarial and not callbacks:
-            raise RuntimeError(
-                "PretrainModule(adversarial=True) needs an AdversarialTargetCallback on the trainer. Add\n"
-                "  trainer:\n    callbacks:\n      - class_path: advmim_pl.adversarial.AdversarialTargetCallback\n"
-                "or start from configs/mae_adv.yaml; set model.init_args.adversarial: false for the baseline."
-            )
-        if callbacks and not self.hparams.adversarial:
-            raise RuntimeError(
-                "An AdversarialTargetCallback is on the trainer but the module was built without the plug-in: "
-                "set model.init_args.adversarial: true, or remove the callback for the baseline."
-            )
         self.check_attack(self.attack)
         if self.attack is not None and self.attack.perturbation == "pgd" and not self.attack.random_start:
             rank_zero_warn(
@@ -351,18 +336,6 @@ class PretrainModule(UnscaledClipping, L.LightningModule):
             self.log("val/delta_linf", result.delta_linf, sync_dist=True)
 
     # ---- optimisation -------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
-        trainer, hp = self.trainer, self.hparams
-        total_batch = hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        lr = scaled_lr(hp.base_lr, total_batch, hp.lr_reference_batch)
-        groups = weight_decay_groups(self, hp.weight_decay)
-        for group in groups:
-            group["lr"] = lr
-        optimizer = self.optimizer_factory(groups)
-        total_steps = max(int(trainer.estimated_stepping_batches), 1)  # also sets num_training_batches
-        warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch(trainer)) if hp.warmup_epochs else 0
-        min_ratio = hp.min_lr / lr if lr > 0 else 0.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def param_groups(self) -> list[dict]:
+        """Weights with ``weight_decay``; biases, norms, positions and tokens without."""
+        return weight_decay_groups(self, self.hparams.weight_decay)

@@ -1,0 +1,89 @@
+"""BaseModule: what pre-training and classification modules share.
+
+Subclasses build their networks and supply ``param_groups()``; the base owns the hyperparameters (kept as plain
+numbers, so checkpoints load with ``torch.load(weights_only=True)``), the optimiser with the scaled learning rate
+and its schedule, and the wiring of the plug-in's attack.
+"""
+
+import inspect
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.checks import plain
+from advmim_pl.modules.clipping import UnscaledClipping
+from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine
+
+
+class BaseModule(UnscaledClipping, L.LightningModule):
+    """Shared skeleton. The learning rate of a parameter group is
+    ``base_lr * total batch / lr_reference_batch * lr_scale * schedule``, the total batch being ``batch_size``
+    times the world size and ``accumulate_grad_batches``, and the schedule a linear warm-up over
+    ``warmup_epochs`` followed by a half-cycle cosine per step to ``min_lr``. A group's ``lr_scale`` defaults to 1.
+
+    A subclass calls ``store_hparams()`` in its ``__init__`` (its constructor arguments must include
+    ``batch_size``, ``base_lr``, ``lr_reference_batch``, ``warmup_epochs`` and ``min_lr``), sets
+    ``baseline`` (what the module is without the attack, for messages) and implements ``param_groups()``.
+    A module built with ``adversarial=True`` needs an ``AdversarialTargetCallback`` on the trainer (the CLI's
+    ``attack:`` section) and finds it as ``self.attack``; one built without refuses it.
+    """
+
+    baseline: str = "the baseline"
+
+    def __init__(self, optimizer: OptimizerCallable) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.attack: AdversarialTargetCallback | None = None
+
+    def store_hparams(self, ignore: tuple[str, ...] = (), **replaced) -> None:
+        """Save the calling ``__init__``'s arguments (less ``optimizer`` and ``ignore``) as hyperparameters, with
+        ``replaced`` values put in, all as plain numbers."""
+        self.save_hyperparameters(ignore=["optimizer", *ignore], frame=inspect.currentframe().f_back)
+        self.hparams.update(replaced)
+        self.hparams.update(plain(dict(self.hparams)))
+
+    # ---- fit-time wiring ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Find the attack on the trainer; for fit, refuse a module/attack mismatch before training starts."""
+        attacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
+        self.attack = attacks[0] if attacks else None
+        if stage != "fit":
+            return
+        name, adversarial = type(self).__name__, bool(self.hparams.get("adversarial"))
+        if adversarial and not attacks:
+            raise RuntimeError(
+                f"{name}(adversarial=True) needs an AdversarialTargetCallback on the trainer. Add an\n"
+                "  attack:\n    class_path: advmim_pl.adversarial.AdversarialTargetCallback\n"
+                "section to the config (or the callback to trainer.callbacks), e.g. by starting from a *_adv.yaml "
+                f"config; set model.init_args.adversarial: false for {self.baseline}."
+            )
+        if attacks and not adversarial:
+            raise RuntimeError(
+                f"An AdversarialTargetCallback is on the trainer but {name} was built without the plug-in "
+                f"(adversarial: false): set model.init_args.adversarial: true, or remove the attack section "
+                f"(--attack null) for {self.baseline}."
+            )
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups with their ``weight_decay`` and optional ``lr_scale``."""
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> dict:
+        trainer, hp = self.trainer, self.hparams
+        total_batch = hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        lr = scaled_lr(hp.base_lr, total_batch, hp.lr_reference_batch)
+        groups = [g for g in self.param_groups() if g["params"]]
+        for group in groups:
+            group["lr"] = lr * group.setdefault("lr_scale", 1.0)
+        optimizer = self.optimizer_factory(groups)
+        total_steps = max(int(trainer.estimated_stepping_batches), 1)  # also sets num_training_batches
+        warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch(trainer)) if hp.warmup_epochs else 0
+        min_ratio = hp.min_lr / lr if lr > 0 else 0.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
