@@ -218,6 +218,14 @@ def fit_logistic(
     l2 = 1 / (C * N): an exact change of variables (the same minimiser) that gives every direction a curvature
     of about one when the columns are uncorrelated.
     """
+    with torch.inference_mode(False), torch.enable_grad():  # also when called from an inference-mode loop
+        return _lbfgs(x.clone(), y.clone(), num_classes, c, max_iter, tolerance, init)
+
+
+def _lbfgs(
+    x: Tensor, y: Tensor, num_classes: int, c: float, max_iter: int, tolerance: float, init: LogisticFit | None
+) -> LogisticFit:
+    """The body of ``fit_logistic``, with autograd on."""
     l2 = 1.0 / (c * len(x))
     scale = (x.var(dim=0) + l2).rsqrt().unsqueeze(1)  # (D, 1)
     params = torch.zeros(x.shape[1] + 1, num_classes, device=x.device, dtype=torch.float32)
@@ -243,9 +251,8 @@ def fit_logistic(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        optimizer.step(objective)
-        objective()  # the gradient at the final point
+    optimizer.step(objective)
+    objective()  # the gradient at the final point
     weight, bias = params.detach()[:-1] * scale, params.detach()[-1].clone()
     iterations = int(optimizer.state[params]["n_iter"])
     return LogisticFit(weight, bias, c, iterations, float(params.grad.abs().max()))

@@ -15,8 +15,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
-from advmim_pl.cli import run
-from advmim_pl.data import BundledSampleDataModule
+from advmim_pl.cli import AdvMIMCLI, resolve_config_args, run
+from advmim_pl.data import BundledSampleDataModule, FashionMNISTDataModule, MNISTSubsetDataModule
+from advmim_pl.data.fashion_mnist import DEFAULT_ROOT, find_idx_file
 from advmim_pl.eval.features import (
     FeatureEvalModule,
     FeatureSet,
@@ -254,3 +255,15 @@ def test_bad_input_is_a_one_line_error(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="the dataset has no labels: its batches are a 1-tuple"):
         labelled((torch.rand(4, 1, 32, 32),))
     L.seed_everything(0)
+
+
+def test_the_fashion_mnist_config_and_the_mnist_cross_validation_overlay_compose():
+    if find_idx_file(DEFAULT_ROOT, "t10k-images-idx3-ubyte") is None:
+        pytest.skip("the Fashion-MNIST Debian package is not installed")
+    base = ["-c", "eval/features.yaml", "--model.init_args.init_from", "random"]
+    cli = AdvMIMCLI(args=resolve_config_args(base), run=False)
+    assert isinstance(cli.datamodule, FashionMNISTDataModule) and cli.model.hparams.folds == 0
+    assert set(cli.model.encoders) == {"encoder"}  # random init: the encoder is the random floor itself
+    mnist = AdvMIMCLI(args=resolve_config_args([*base, "-c", "eval/features_mnist.yaml"]), run=False)
+    assert isinstance(mnist.datamodule, MNISTSubsetDataModule) and mnist.model.hparams.folds == 5
+    assert mnist.model.hparams.mean == cli.model.hparams.mean  # the encoder sees the pre-training statistics
