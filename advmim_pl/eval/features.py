@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from advmim_pl.checks import plain, require_positive
 from advmim_pl.data.base import ImageDataModule, TensorImageDataset
+from advmim_pl.export import load_encoder_weights, read_encoder_weights
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
-from advmim_pl.modules.classify import GlobalPool, load_encoder_weights, read_encoder_weights
+from advmim_pl.modules.classifier import GlobalPool
 
 POOLINGS = ("token", "avg")
 POOLING_NAMES = {"token": "cls token", "avg": "patch average"}

@@ -23,7 +23,7 @@ from advmim_pl.eval.features import (
     pooled_features,
 )
 from advmim_pl.models.branch_norm import BranchNorm, branch
-from advmim_pl.modules.classify import GlobalPool, method_pooling
+from advmim_pl.modules.classifier import GlobalPool, method_pooling
 
 
 class KNNMonitor(L.Callback):

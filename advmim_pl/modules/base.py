@@ -63,7 +63,7 @@ class BaseModule(UnscaledClipping, L.LightningModule):
         if attacks and not adversarial:
             raise RuntimeError(
                 f"An AdversarialTargetCallback is on the trainer but {name} was built without the plug-in "
-                f"(adversarial: false): set model.init_args.adversarial: true, or remove the attack section "
+                f"(adversarial=False): set model.init_args.adversarial: true, or remove the attack section "
                 f"(--attack null) for {self.baseline}."
             )
 

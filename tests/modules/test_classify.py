@@ -19,10 +19,9 @@ from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args
 from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.eval.features import C_GRID, FeatureSet, evaluation_batches, extract, knn_predict, logistic_probe
-from advmim_pl.export import export_encoder
+from advmim_pl.export import export_encoder, read_encoder_weights
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
-from advmim_pl.modules.classify import read_encoder_weights
 from advmim_pl.schedule import warmup_cosine
 
 ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
