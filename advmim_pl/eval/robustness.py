@@ -1,7 +1,7 @@
 """Robustness evaluation of a classifier during ``advmim test``: corruptions, PGD and out-of-distribution sets.
 
 ``RobustnessEvaluator`` is a callback: on every test batch it scores the module's ``logits`` on the clean
-images, on each corruption x severity, and on PGD examples crafted by ``AdversarialTargetCallback`` with the
+images, on each corruption x severity, and on PGD examples crafted by the plug-in's ``Attacker`` with the
 module's ``cross_entropy_objective``; at the end of the test epoch it scores the out-of-distribution
 ImageFolders, prints a table, logs every accuracy and writes ``robustness.md`` / ``robustness.json`` next to
 the logs. With ``floors`` the same table has two more columns: logistic regressions on the frozen features of a
@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
@@ -23,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.adversarial.attack import check_eps
+from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from advmim_pl.eval.features import (
     EvaluationInputError,
@@ -119,6 +121,10 @@ class RobustnessEvaluator(L.Callback):
             raise ValueError(f"RobustnessEvaluator: severities {severities} must be a non-empty list within 1..5")
         if not pgd_eps or min(pgd_eps) <= 0:
             raise ValueError(f"RobustnessEvaluator: pgd_eps {pgd_eps} must list at least one positive epsilon")
+        for eps in pgd_eps:  # in pixel units of [0, 1] images: 8 instead of 8/255 is refused, above 32/255 warned
+            warning = check_eps(eps, "RobustnessEvaluator", "pgd_eps")
+            if warning:
+                rank_zero_warn(warning)
         self.corruptions, self.severities = corruptions, tuple(severities)
         self.pgd = dict(steps=pgd_steps, step_size=pgd_step_size, random_start=pgd_random_start, seed=seed)
         self.pgd_eps = tuple(pgd_eps)
@@ -126,7 +132,7 @@ class RobustnessEvaluator(L.Callback):
         self.ood_batch_size, self.seed = ood_batch_size, seed
         self.floors, self.floor_images, self.floor_pixel_size = floors, floor_images, floor_pixel_size
         self.classifiers: dict[str, LinearReadout] = {}  # results-key prefix -> floor classifier
-        self.attacks: dict[str, dict[float, AdversarialTargetCallback]] = {}  # prefix -> eps -> attack
+        self.attacks: dict[str, dict[float, Attacker]] = {}  # prefix -> eps -> attack
         self.correct: dict[str, Tensor] = {}
         self.total = torch.zeros(())
         self.results: dict[str, float] = {}
@@ -137,8 +143,7 @@ class RobustnessEvaluator(L.Callback):
             self.classifiers = self._fit_floors(trainer, pl_module)
         # each classifier has its own attacks, so that the floors never shift the model's random starts
         self.attacks = {
-            prefix: {eps: AdversarialTargetCallback(eps=eps, **self.pgd) for eps in self.pgd_eps}
-            for prefix in ("", *self.classifiers)
+            prefix: {eps: Attacker(eps=eps, **self.pgd) for eps in self.pgd_eps} for prefix in ("", *self.classifiers)
         }
 
     def _fit_floors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, LinearReadout]:

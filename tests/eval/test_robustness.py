@@ -117,6 +117,7 @@ def test_corruptions_ood_and_report(probe, tmp_path):
     "kwargs, message",
     [
         (dict(pgd_eps=[]), "pgd_eps"),
+        (dict(pgd_eps=[4 / 255, 8]), r"pgd_eps=8.*did you mean 8/255 = 0.0314"),
         (dict(severities=[0, 6]), "severities"),
         (dict(corruptions=["fog_of_war"]), "fog_of_war"),
     ],
@@ -124,6 +125,11 @@ def test_corruptions_ood_and_report(probe, tmp_path):
 def test_bad_settings_are_errors_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RobustnessEvaluator(**kwargs)
+
+
+def test_a_large_pgd_budget_warns_with_the_usual_ones():
+    with pytest.warns(UserWarning, match=r"pgd_eps=0.2.*8/255 = 0.0314"):
+        RobustnessEvaluator(pgd_eps=[0.2])
 
 
 def test_floors_are_scored_like_the_model_without_changing_its_numbers(probe, tmp_path):
