@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from config_tools import assert_contains, printed_config
 
 from advmim_pl.cli import resolve_config
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
+from tests.helpers.config_tools import assert_contains, printed_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -53,7 +53,7 @@ ARM_CONFIGS = [(preset, arm) for preset in ("cpu", "gpu") for arm in study.PRESE
 @pytest.mark.parametrize(("preset", "arm"), ARM_CONFIGS, ids=[f"{p}-{a}" for p, a in ARM_CONFIGS])
 def test_every_arm_composes_with_its_values(preset, arm, capsys):
     spec = study.ARMS[arm]
-    paths = [f"study/{preset}/{spec.pretrain}", *(f"study/{name}" for name in spec.overlays)]
+    paths = [f"study/{preset}/{spec.pretrain}", *spec.overlays]
     printed = printed_config(capsys, *(arg for path in paths for arg in ("-c", path)))
     expected = {}
     for path in paths:
