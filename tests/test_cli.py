@@ -7,12 +7,12 @@ import pytest
 import timm
 import torch
 import yaml
-from config_tools import assert_contains, leaves, printed_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.cli import EXPORT_HELP, AdvMIMCLI, resolve_config, resolve_config_args, run, shipped_configs
+from tests.helpers.config_tools import assert_contains, leaves, printed_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 JOBS = sorted(p for p in CONFIGS.glob("*.yaml"))

@@ -7,7 +7,8 @@ value that a plug-in file sets to its default does not count as a difference, an
 from pathlib import Path
 
 import pytest
-from config_tools import leaves, printed_config
+
+from tests.helpers.config_tools import leaves, printed_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PAIRS = sorted((p.name.removesuffix("_adv.yaml") + ".yaml", p.name) for p in CONFIGS.glob("*_adv.yaml"))

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from config_tools import leaves, printed_config
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -13,6 +12,7 @@ from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from advmim_pl.cli import AdvMIMCLI, resolve_config_args
+from tests.helpers.config_tools import leaves, printed_config
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "trainer"
 TRAINER_CONFIGS = sorted(CONFIGS.glob("*.yaml"))

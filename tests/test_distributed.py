@@ -14,13 +14,13 @@ import yaml
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from micro import loader, micro_module, trainer
 from torch import multiprocessing
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.data.resumable import TrainingOrder
+from tests.helpers.micro import loader, micro_module, trainer
 
 WORLD = 2
 N, BATCH = 32, 4  # 32 images, 4 per rank and step: 4 steps per rank in one epoch

@@ -7,9 +7,10 @@ import torch
 
 from advmim_pl.cli import run
 from advmim_pl.eval.corruptions import CORRUPTIONS
+from tests.helpers.micro import MICRO_VIT_FLAG
 
 MICRO = ["--model.init_args.encoder", "vit_base_patch16_224",
-         "--model.init_args.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 4}",
+         "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG,
          "--data.init_args.num_workers", "0"]  # fmt: skip
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from micro import loader, micro_module, trainer
 
 from advmim_pl import adversarial
 from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.cli import run
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, read_checkpoint
+from tests.helpers.micro import loader, micro_module, trainer
 
 
 class PoisonSteps(L.Callback):

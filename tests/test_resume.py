@@ -11,17 +11,17 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from micro import micro_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.reliability import read_checkpoint
+from tests.helpers.micro import MICRO_VIT_FLAG, micro_module
 
 STEPS = 8
 MICRO = [
     "-c", "quickstart_adv.yaml",
     "--model.init_args.encoder", "vit_base_patch16_224",
-    "--model.init_args.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 4}",
+    "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG,
     "--model.init_args.method.init_args.decoder_dim", "32",
     "--model.init_args.method.init_args.decoder_depth", "1",
     "--model.init_args.method.init_args.decoder_heads", "4",
@@ -38,7 +38,7 @@ MICRO = [
 
 
 def advmim(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # tests.helpers.killer
     return subprocess.run([sys.executable, "-m", "advmim_pl.cli", "fit", *MICRO, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
@@ -56,7 +56,8 @@ def test_a_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path
 
     kill = killed / "kill.yaml"
     kill.write_text(
-        f"trainer:\n  callbacks:\n    - class_path: killer.KillAtStep\n      init_args: {{step: {STEPS // 2}}}\n"
+        "trainer:\n  callbacks:\n    - class_path: tests.helpers.killer.KillAtStep\n"
+        f"      init_args: {{step: {STEPS // 2}}}\n"
     )
     first = advmim(killed, "--trainer.max_steps", str(STEPS), "-c", str(kill))
     assert first.returncode == -9  # SIGKILL

@@ -13,8 +13,8 @@ from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, SimMIM
 from advmim_pl.models.branch_norm import BranchNorm, branch
 from advmim_pl.modules.pretrain import PretrainModule
+from tests.helpers.micro import MICRO_VIT, smooth_images
 
-MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)
 CPU = torch.device("cpu")
 
 
@@ -41,13 +41,6 @@ def make_module(method: str = "mae", seed: int = 0, **kwargs) -> PretrainModule:
     )
     options.update(kwargs)
     return PretrainModule(method=make_method(method), **options)
-
-
-def smooth_images(batch: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(batch, 1, 8, 8, generator=g)
-    x = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
-    return x.clamp(0, 1)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from micro import MICRO, micro_module
 from scipy.stats import binomtest
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_predict
@@ -36,6 +35,7 @@ from advmim_pl.eval.features import (
 )
 from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules import LinearProbeModule
+from tests.helpers.micro import MICRO, micro_module
 
 ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "encoder_kwargs")}
 MICRO_ARGS = [

@@ -5,7 +5,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from micro import micro_module, trainer
 from sklearn.neighbors import KNeighborsClassifier
 
 from advmim_pl.adversarial import AdversarialTargetCallback
@@ -13,6 +12,7 @@ from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.eval import KNNMonitor
 from advmim_pl.eval.features import EvaluationInputError
 from advmim_pl.models.branch_norm import branch
+from tests.helpers.micro import micro_module, trainer
 
 
 def sample(batch_size: int = 64) -> BundledSampleDataModule:

@@ -15,6 +15,7 @@ from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.data.fashion_mnist import SAMPLE_PATH
 from advmim_pl.eval.robustness import OODSet, RobustnessEvaluator
 from advmim_pl.modules import LinearProbeModule
+from tests.helpers.micro import MICRO_VIT
 
 EPS = (2 / 255, 8 / 255)
 STEPS, STEP_SIZE = 5, 1 / 255
@@ -35,7 +36,7 @@ def probe() -> LinearProbeModule:
     torch.manual_seed(0)
     module = LinearProbeModule(
         num_classes=10, encoder="vit_base_patch16_224", img_size=32, patch_size=4, in_chans=1, mean=(0.286,),
-        std=(0.353,), encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=4), batch_size=64, warmup_epochs=0,
+        std=(0.353,), encoder_kwargs=dict(MICRO_VIT), batch_size=64, warmup_epochs=0,
         base_lr=4e-2, global_pool="avg", optimizer=torch.optim.Adam,  # Adam: quick to fit, unlike LARS
     )  # fmt: skip
     x, y = fashion(1024, "train")

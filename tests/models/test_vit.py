@@ -10,8 +10,7 @@ import torch
 from advmim_pl.mim.masking import random_masking
 from advmim_pl.models.pos_embed import sincos_2d
 from advmim_pl.models.vit import MaskedViT
-
-MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)
+from tests.helpers.micro import MICRO_VIT
 
 # prefix-token layouts timm supports: cls token (default), cls + registers with no position on the
 # prefix, no prefix token at all.

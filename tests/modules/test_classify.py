@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from micro import MICRO, loader, micro_module, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
@@ -23,6 +22,8 @@ from advmim_pl.export import export_encoder, read_encoder_weights
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
 from advmim_pl.schedule import warmup_cosine
+from tests.helpers.micro import MICRO, loader, micro_module, trainer
+from tests.helpers.recording import RecordingAttack
 
 ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
 PLAIN = dict(randaugment=False, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)  # no augmentation
@@ -231,17 +232,6 @@ def test_random_erasing_fills_one_rectangle_per_image_with_normalised_noise():
     assert torch.equal(untouched, x)
 
 
-class RecordingAttack(AdversarialTargetCallback):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.crafted = []
-
-    def generate(self, pl_module, x, objective):
-        result = super().generate(pl_module, x, objective)
-        self.crafted.append((x.clone(), result.x_adv.clone(), objective(x).detach(), objective(result.x_adv).detach()))
-        return result
-
-
 def test_adversarial_finetuning_crafts_within_eps_and_trains():
     L.seed_everything(0)
     module = FinetuneModule(10, **ENCODER, batch_size=8, adversarial=True)
@@ -249,12 +239,12 @@ def test_adversarial_finetuning_crafts_within_eps_and_trains():
     t = trainer(3, [attack])
     t.fit(module, labelled())
     assert len(attack.crafted) == 3
-    for x, x_adv, _, _ in attack.crafted:
+    for x, x_adv, _, _ in attack.calls:
         delta = (x_adv - x).abs().max()
         assert 0 < delta <= 8 / 255 + 1e-6
         assert 0 <= x_adv.min() and x_adv.max() <= 1
     # objective(x) is logged at the module's (train-mode) state, so compare the mean, as the attack maximises it
-    assert sum(adv.mean() for *_, adv in attack.crafted) > sum(clean.mean() for *_, clean, _ in attack.crafted)
+    assert sum(adv.mean() for *_, adv in attack.calls) > sum(clean.mean() for *_, clean, _ in attack.calls)
     assert all(torch.isfinite(t.callback_metrics[k]) for k in ("train/loss_clean", "train/loss_adv"))
 
 

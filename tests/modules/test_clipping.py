@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.micro import loader, micro_module, trainer
+from tests.helpers.micro import loader, micro_module, trainer
 
 
 def _grads(module: L.LightningModule) -> list[torch.Tensor]:

@@ -5,7 +5,6 @@ import pytest
 import timm
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from micro import loader, micro_module, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
@@ -15,6 +14,8 @@ from advmim_pl.mim import SimMIM
 from advmim_pl.models.branch_norm import branch, clean_state_dict
 from advmim_pl.modules import PretrainModule
 from advmim_pl.schedule import warmup_cosine, weight_decay_groups
+from tests.helpers.micro import MICRO_VIT, MICRO_VIT_FLAG, loader, micro_module, trainer
+from tests.helpers.recording import RecordingAttack
 
 
 def fit_from_seed(module: PretrainModule, steps: int, callbacks=()) -> PretrainModule:
@@ -38,21 +39,6 @@ def test_lambda_zero_gives_the_baseline_update():
     plug = fit_from_seed(micro_module(adversarial=True), 4, [AdversarialTargetCallback(eps=8 / 255, steps=2)])
     blocks = "vit.blocks.0.attn.qkv.weight"
     assert not torch.allclose(plug.encoder.state_dict()[blocks], base.encoder.state_dict()[blocks])
-
-
-class RecordingAttack(AdversarialTargetCallback):
-    """Keeps every crafted x_a and the autocast dtype the attack ran under, to compare runs."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.crafted, self.autocast = [], []
-
-    def generate(self, pl_module, x, objective):
-        device = x.device.type
-        self.autocast.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
-        result = super().generate(pl_module, x, objective)
-        self.crafted.append(result.x_adv.clone())
-        return result
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -134,9 +120,7 @@ def test_export_keeps_only_the_clean_branch(tmp_path):
     path = export_encoder(tmp_path / "adv.ckpt", tmp_path / "encoder.safetensors")
 
     model = load_exported(path).eval()
-    plain = timm.create_model(
-        "vit_base_patch16_224", num_classes=0, img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=4
-    )
+    plain = timm.create_model("vit_base_patch16_224", num_classes=0, img_size=32, patch_size=4, in_chans=1, **MICRO_VIT)
     plain.load_state_dict(encoder_state_dict(module.state_dict()), strict=True)
     x = torch.rand(4, 1, 32, 32)
     module.eval()
@@ -155,7 +139,7 @@ def test_load_from_checkpoint_rebuilds_the_method_and_the_weights(tmp_path, monk
     t.fit(module, loader())
     t.save_checkpoint(tmp_path / "plain.ckpt")
     monkeypatch.chdir(tmp_path)  # the same through the CLI, whose checkpoints name an instantiator
-    micro = ["--model.init_args.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 4}"]
+    micro = ["--model.init_args.encoder_kwargs", MICRO_VIT_FLAG]
     cli = run(["fit", "-c", "quickstart_simmim_adv.yaml", *micro, "--trainer.max_steps", "2",
                "--trainer.limit_val_batches", "1", "--data.init_args.num_workers", "0"])  # fmt: skip
     for trained, path in (

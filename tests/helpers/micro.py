@@ -7,6 +7,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
 
+MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)  # timm kwargs of the micro ViT body
+MICRO_VIT_FLAG = "{depth: 2, embed_dim: 64, num_heads: 4}"  # the same, as an --model.init_args.encoder_kwargs value
+MICRO_ENCODER = dict(
+    name="vit_base_patch16_224", img_size=32, patch_size=4, in_chans=1, mean=(0.5,), std=(0.25,), mask_token=True
+)
 MICRO = dict(
     encoder="vit_base_patch16_224",
     img_size=32,
@@ -14,7 +19,7 @@ MICRO = dict(
     in_chans=1,
     mean=(0.5,),
     std=(0.25,),
-    encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=4),
+    encoder_kwargs=dict(MICRO_VIT),
     batch_size=8,
     base_lr=1e-2,
     warmup_epochs=0,
@@ -46,3 +51,10 @@ def trainer(max_steps: int, callbacks=(), precision: str | None = "32-true", **k
         log_every_n_steps=1,
         **kwargs,
     )
+
+
+def smooth_images(batch: int, seed: int, channels: int = 1, size: int = 32) -> torch.Tensor:
+    """(batch, channels, size, size) smooth random images in [0, 1]: bilinear upsampling of a size/4 grid."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, channels, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
