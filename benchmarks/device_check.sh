@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# All GPU checks in one short run, for a session that is lent a GPU (see the device tool's README):
-#   throughput of the speed issue's targets (ViT-B/16 224 px batch 256 bf16, eager and compiled; ViT-Tiny
+# All GPU checks in one short run on one GPU:
+#   throughput at the speed targets (ViT-B/16 224 px batch 256 bf16, eager and compiled; ViT-Tiny
 #   32 px end to end on GPU-resident Fashion-MNIST), an FSDP fit on one GPU with the plug-in, and a bf16
 #   AEMIM quickstart. Results (JSON/Markdown named with the device) go to benchmarks/results/ and to $OUT.
-# Usage on the device machine, after `pip install --no-deps -e .` and the jsonargparse wheels:
+# Usage on a GPU machine with torch, timm and lightning, after `pip install --no-deps -e .` and jsonargparse:
 #   OUT=/tmp/out bash benchmarks/device_check.sh
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
