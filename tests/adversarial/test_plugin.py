@@ -13,7 +13,7 @@ from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, SimMIM
 from advmim_pl.models.branch_norm import BranchNorm, branch
 from advmim_pl.modules.pretrain import PretrainModule
-from tests.helpers.micro import MICRO_VIT, smooth_images
+from tests.helpers.micro import MICRO, smooth_images
 
 CPU = torch.device("cpu")
 
@@ -26,20 +26,7 @@ def make_method(name: str):
 
 def make_module(method: str = "mae", seed: int = 0, **kwargs) -> PretrainModule:
     torch.manual_seed(seed)
-    options = dict(
-        encoder="vit_base_patch16_224",
-        img_size=32,
-        patch_size=4,
-        in_chans=1,
-        mean=(0.5,),
-        std=(0.25,),
-        encoder_kwargs=dict(MICRO_VIT),
-        batch_size=8,
-        base_lr=0.05,
-        warmup_epochs=0.0,
-        adversarial=True,
-    )
-    options.update(kwargs)
+    options = {**MICRO, "base_lr": 0.05, "adversarial": True, **kwargs}
     return PretrainModule(method=make_method(method), **options)
 
 
