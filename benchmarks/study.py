@@ -54,7 +54,6 @@ from advmim_pl.eval.features import (
     ProbeSettings,
     cross_validate,
     knn_predict,
-    logistic_probe,
     pixel_features,
     pooled_features,
 )
@@ -299,13 +298,10 @@ def evaluate(
     differentiable for PGD), as fractions; only the probe and kNN unless ``full``."""
     batch, metrics = preset.eval_batch, {}
     train, test = extract(features_of, data.train_x, batch), extract(features_of, data.test_x, batch)
-    p = PROBES
-    probe = logistic_probe(
-        train, data.train_y, 10, p.c_grid, p.holdout, p.select_limit, p.seed, p.max_iter, p.tolerance
-    )
+    probe = PROBES.logistic(train, data.train_y, 10)
     metrics["probe"] = accuracy(probe.logits(test), data.test_y)
     metrics["probe_c"] = probe.fit.c
-    knn = knn_predict(train, data.train_y, test, 10, p.k, p.temperature)
+    knn = knn_predict(train, data.train_y, test, 10, PROBES.k, PROBES.temperature)
     metrics["knn"] = float((knn == data.test_y).float().mean())
     if not full:
         return metrics

@@ -365,6 +365,12 @@ class ProbeSettings:
     tolerance: float = 1e-5
     seed: int = 0
 
+    def logistic(self, x: Tensor, y: Tensor, num_classes: int) -> LogisticProbe:
+        """``logistic_probe`` of x (N, D), y (N,) with these settings."""
+        return logistic_probe(
+            x, y, num_classes, self.c_grid, self.holdout, self.select_limit, self.seed, self.max_iter, self.tolerance
+        )
+
 
 def probe_counts(train: FeatureSet, test: FeatureSet, num_classes: int, settings: ProbeSettings) -> dict[str, dict]:
     """Fit both probes on every feature of ``train`` and score them on ``test``: {"<feature>/knn": {"correct",
@@ -372,17 +378,7 @@ def probe_counts(train: FeatureSet, test: FeatureSet, num_classes: int, settings
     counts = {}
     for name, features in train.features.items():
         knn = knn_predict(features, train.labels, test.features[name], num_classes, settings.k, settings.temperature)
-        probe = logistic_probe(
-            features,
-            train.labels,
-            num_classes,
-            settings.c_grid,
-            settings.holdout,
-            settings.select_limit,
-            settings.seed,
-            settings.max_iter,
-            settings.tolerance,
-        )
+        probe = settings.logistic(features, train.labels, num_classes)
         logreg = probe.logits(test.features[name]).argmax(dim=1)
         total = len(test)
         counts[f"{name}/knn"] = {"correct": int((knn == test.labels).sum()), "total": total}
@@ -506,17 +502,7 @@ def fit_readout(
     of the labelled ``batches`` (extracted inside ``context``)."""
     features_of = features_of.to(device)
     train = extract(lambda x: {"f": features_of(x)}, batches, device, context)
-    probe = logistic_probe(
-        train.features["f"],
-        train.labels,
-        num_classes,
-        settings.c_grid,
-        settings.holdout,
-        settings.select_limit,
-        settings.seed,
-        settings.max_iter,
-        settings.tolerance,
-    )
+    probe = settings.logistic(train.features["f"], train.labels, num_classes)
     return LinearReadout(features_of, probe)
 
 
