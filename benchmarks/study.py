@@ -453,15 +453,19 @@ def todo(
     return [j for j in jobs if rerun or j not in done]
 
 
-def claim(claims: Path, lock: Path, records: Path, jobs: list[tuple[int, str]]) -> tuple[int, str] | None:
-    """The first job that no live process has claimed and that has no record yet (unless rerun); claimed for this
-    process. Claims of dead processes are ignored."""
+def claim(
+    claims: Path, lock: Path, records: Path, jobs: list[tuple[int, str]], rerun: bool = False
+) -> tuple[int, str] | None:
+    """The first job that no live process has claimed and, unless ``rerun``, that has no record in ``records`` yet
+    (another process may have run it since ``jobs`` was listed); claimed for this process. Claims of dead
+    processes are ignored."""
     with locked(lock):
         held = json.loads(claims.read_text()) if claims.exists() else {}
         alive = {k: pid for k, pid in held.items() if pid_alive(pid)}
+        done = set() if rerun else {(r["seed"], r["arm"]) for r in read_records(records)}
         for seed, arm in jobs:
             key = f"{seed}/{arm}"
-            if key not in alive:
+            if key not in alive and (seed, arm) not in done:
                 alive[key] = os.getpid()
                 claims.write_text(json.dumps(alive))
                 return seed, arm
@@ -786,7 +790,7 @@ def main() -> None:
     jobs = todo(read_records(results), arms, seeds, args.rerun, () if args.arms else preset.screen)
     begun, longest = time.perf_counter(), 0.0
     lock, claims = work / "records.lock", work / "claims.json"
-    while (job := claim(claims, lock, results, jobs)) is not None:
+    while (job := claim(claims, lock, results, jobs, args.rerun)) is not None:
         if args.minutes and (time.perf_counter() - begun + longest) / 60 > args.minutes:
             print(f"[study {args.preset}] {args.minutes} min budget: {len(jobs)} jobs left for a later run")
             break
