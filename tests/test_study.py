@@ -183,19 +183,19 @@ def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp
         (1, "MAE"),
         (0, "MAE+AEMIM eps 8"),
     ]
-    claims, lock = tmp_path / "claims.json", tmp_path / "lock"
+    claims, lock, records_file = tmp_path / "claims.json", tmp_path / "lock", tmp_path / "records.json"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     claims.write_text(json.dumps({"0/random encoder": dead.pid, "1/random encoder": os.getppid()}))
-    assert study.claim(claims, lock, tmp_path / "records.json", jobs) == (0, "random encoder")  # the dead claim is void
-    assert study.claim(claims, lock, tmp_path / "records.json", jobs[1:]) == (1, "MAE")  # a live process holds seed 1's
+    assert study.claim(claims, lock, records_file, jobs) == (0, "random encoder")  # the dead claim is void
+    assert study.claim(claims, lock, records_file, jobs[1:]) == (1, "MAE")  # a live process holds seed 1's
     assert json.loads(claims.read_text())["1/MAE"] == os.getpid()
-    assert study.claim(claims, lock, tmp_path / "records.json", []) is None
+    assert study.claim(claims, lock, records_file, []) is None
     # a process that listed its jobs before another one recorded (1, MAE) and died skips it, unless rerun
-    (tmp_path / "records.json").write_text(json.dumps([record("MAE", 1, 0.8)]))
+    records_file.write_text(json.dumps([record("MAE", 1, 0.8)]))
     claims.write_text(json.dumps({"1/MAE": dead.pid}))
-    assert study.claim(claims, lock, tmp_path / "records.json", [(1, "MAE")]) is None
-    assert study.claim(claims, lock, tmp_path / "records.json", [(1, "MAE")], rerun=True) == (1, "MAE")
+    assert study.claim(claims, lock, records_file, [(1, "MAE")]) is None
+    assert study.claim(claims, lock, records_file, [(1, "MAE")], rerun=True) == (1, "MAE")
 
 
 def test_the_report_states_the_decision_and_one_table_width_per_table():
