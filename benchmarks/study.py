@@ -136,7 +136,7 @@ class Preset:
 
 
 MAE_ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+AEMIM same", "MAE+sign", "MAE compute-matched")
-SMOKE_TRAIN = ("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32")
+SMOKE_TRAIN = ("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1")
 PRESETS = {
     # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
     "cpu": Preset("cpu", epochs=1, time_ratio="pilot", seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=1),
@@ -395,6 +395,13 @@ def pretrain(preset: Preset, arm: str, seed: int, folder: Path, epochs: int, dat
     return run(argv + [f"--trainer.callbacks+={c}" for c in callbacks])
 
 
+def attack_log(trainer) -> dict[str, float]:
+    """The attack's objectives at the last logging step, ``attack/objective_*`` (none for arms without the
+    plug-in): the feature distance to the clean target at x, at the attack's x_a and at an energy-matched random
+    sign. Their ratio adv / random says whether the attack was adversarial at all."""
+    return {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("attack/objective")}
+
+
 def encoder_features(module) -> Callable[[Tensor], Tensor]:
     """Average-pooled features of a pre-trained module's encoder (frozen, eval mode)."""
     encoder = module.encoder.eval().requires_grad_(False)
@@ -532,6 +539,18 @@ def difference_rows(records: list[dict]) -> tuple[list[list[str]], list[list[str
     return diffs, mdes
 
 
+RUN_DETAILS = ["pre-train min", "eval min", "device", "commit", "date"]
+
+
+def attack_cell(record: dict) -> str:
+    """The attack objective at x_a over that at a random sign, at the run's last logging step ("-": no attack or
+    a record made before it was kept)."""
+    attack = record.get("attack", {})
+    if "attack/objective_random" not in attack:
+        return "-"
+    return f"{attack['attack/objective_adv'] / attack['attack/objective_random']:.1f}"
+
+
 def markdown(preset: str, records: list[dict]) -> str:
     """The results file: decision, paired differences, per-arm summary, every run."""
     spec, arms = PRESETS[preset], arm_order(records)
@@ -548,7 +567,7 @@ def markdown(preset: str, records: list[dict]) -> str:
         for arm in arms
     ]
     run_rows = [
-        [arm, str(r["seed"]), epochs_cell(r), *(pct(r["metrics"][k]) for k in keys)]
+        [arm, str(r["seed"]), epochs_cell(r), *(pct(r["metrics"][k]) for k in keys), attack_cell(r)]
         + [f"{r['minutes'].get('pretrain', 0):.1f}", f"{r['minutes']['eval']:.1f}", r["device"], r["commit"], r["date"]]
         for arm in arms
         for r in runs_of(records, arm)
@@ -561,7 +580,8 @@ def markdown(preset: str, records: list[dict]) -> str:
         "features. "
         "Top-1 accuracy in %: converged logistic-regression probe (primary) and kNN on the 10,000 Fashion-MNIST "
         f"test images; MNIST 5-fold probe; corruptions (11 x 5) and PGD-10 of the frozen encoder plus its probe on "
-        f"the first {spec.robust_images} test images.",
+        f"the first {spec.robust_images} test images. Attack adv / random: the attack objective at the adversarial "
+        "example over that at an energy-matched random sign, at the last logging step of pre-training.",
         "",
         "## Decision (pre-registered rule)",
         "",
@@ -582,7 +602,7 @@ def markdown(preset: str, records: list[dict]) -> str:
         "",
         "## Every run",
         "",
-        *table(["arm", "seed", "epochs", *columns, "pre-train min", "eval min", "device", "commit", "date"], run_rows),
+        *table(["arm", "seed", "epochs", *columns, "attack adv / random", *RUN_DETAILS], run_rows),
     ]
     return "\n".join(lines) + "\n"
 
@@ -797,7 +817,7 @@ def main() -> None:
         jobs.remove(job)
         seed, arm = job
         start = time.perf_counter()
-        minutes, epochs, ratio = {}, None, None
+        minutes, epochs, ratio, attack = {}, None, None, {}
         if arm == PIXELS:
             features_of = pixel_floor(img_size)
         else:
@@ -812,12 +832,15 @@ def main() -> None:
             cli = pretrain(preset, arm, seed, work / arm.replace(" ", "_") / f"seed{seed}", epochs, data_args)
             minutes["pretrain"] = (time.perf_counter() - start) / 60
             features_of = encoder_features(cli.model)
+            attack = attack_log(cli.trainer)
         start = time.perf_counter()
         metrics = evaluate(features_of, data, preset)
         minutes["eval"] = (time.perf_counter() - start) / 60
         longest = max(longest, 60 * sum(minutes.values()))
         record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "time_ratio": ratio}
         record["metrics"] = metrics
+        if attack:
+            record["attack"] = attack
         record |= {"minutes": minutes, **provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         with locked(lock):
             records = read_records(results)

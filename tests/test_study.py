@@ -230,6 +230,14 @@ def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path
         assert r["epochs"] == (
             None if r["arm"] == study.PIXELS else study.arm_epochs(smoke, r["arm"], smoke.time_ratio)
         )
+    # the attack's last logged objectives: PGD beats the energy-matched random sign; the sign arm matches it
+    objectives = {f"attack/objective_{at}" for at in ("clean", "adv", "random")}
+    for r in records:
+        attacked = r["arm"] != study.PIXELS and bool(study.ARMS[r["arm"]].overlays)
+        assert set(r.get("attack", {})) == (objectives if attacked else set()), r["arm"]
+        if attacked:
+            ratio = r["attack"]["attack/objective_adv"] / r["attack"]["attack/objective_random"]
+            assert (0.8 < ratio < 1.25) if r["arm"] == "MAE+sign" else ratio > 1.5, (r["arm"], ratio)
     table = (tmp_path / "out" / "study_smoke.md").read_text()
     assert "## Decision (pre-registered rule)" in table and "| MAE+AEMIM − MAE | 2 |" in table
     assert all((tmp_path / "out" / f"study_smoke_{n}.png").stat().st_size > 10_000 for n in ("corruptions", "pgd"))
