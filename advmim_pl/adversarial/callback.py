@@ -2,13 +2,12 @@
 image grids). The attack itself is the plain ``Attacker``."""
 
 import lightning as L
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from advmim_pl.adversarial.attack import Perturbation
-from advmim_pl.adversarial.attacker import Attacker, AttackMask, AttackResult, Distance, require
+from advmim_pl.adversarial.attacker import Attacker, AttackResult, require
 from advmim_pl.rng import rank_states
 
 __all__ = ["AdversarialTargetCallback", "AttackResult"]
@@ -20,27 +19,17 @@ class AdversarialTargetCallback(Attacker, L.Callback):
     a training step returns under ``outputs["visuals"]`` to TensorBoard.
 
     Args:
-        eps, steps, step_size, random_start, perturbation, distance, attack_mask, warmup_epochs, seed: the
-            attack's settings, as ``Attacker`` documents them.
         on_validation: also craft targets for validation batches.
         log_images_every_n_steps: image-grid period in optimizer steps (0 = never).
+        attack: the attack's settings (eps, steps, step_size, random_start, perturbation, distance, attack_mask,
+            warmup_epochs, seed), passed to ``Attacker``, which documents and checks them; LightningCLI reads
+            their types and defaults from there.
     """
 
     def __init__(
-        self,
-        eps: NonNegativeFloat = 4 / 255,
-        steps: NonNegativeInt = 1,
-        step_size: PositiveFloat | None = None,
-        random_start: bool = True,
-        perturbation: Perturbation = "pgd",
-        distance: Distance = "mse",
-        attack_mask: AttackMask = "none",
-        warmup_epochs: NonNegativeFloat = 0.0,
-        on_validation: bool = False,
-        log_images_every_n_steps: NonNegativeInt = 500,
-        seed: int = 0,
+        self, *, on_validation: bool = False, log_images_every_n_steps: NonNegativeInt = 500, **attack
     ) -> None:
-        super().__init__(eps, steps, step_size, random_start, perturbation, distance, attack_mask, warmup_epochs, seed)
+        super().__init__(**attack)
         require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
         self.on_validation = on_validation
         self.log_images_every_n_steps = log_images_every_n_steps
