@@ -136,7 +136,16 @@ class Preset:
 
 
 MAE_ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+AEMIM same", "MAE+sign", "MAE compute-matched")
-SMOKE_TRAIN = ("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1")
+# the smoke presets' sizes: seconds per arm on a CPU
+SMOKE_SIZES = dict(
+    robust_images=20,
+    mnist_folds=2,
+    eval_batch=100,
+    limit_train=300,
+    limit_test=100,
+    limit_mnist=400,
+    extra=("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1"),
+)
 PRESETS = {
     # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
     "cpu": Preset("cpu", epochs=1, time_ratio="pilot", seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=1),
@@ -150,13 +159,7 @@ PRESETS = {
         time_ratio=2.5,
         seeds=2,
         arms=MAE_ARMS,
-        robust_images=20,
-        mnist_folds=2,
-        eval_batch=100,
-        limit_train=300,
-        limit_test=100,
-        limit_mnist=400,
-        extra=SMOKE_TRAIN,
+        **SMOKE_SIZES,
         pilot_epochs=(1, 2),
         budget_epochs=2,
     ),
@@ -168,13 +171,7 @@ PRESETS = {
         seeds=1,
         arms=("MAE", "MAE+AEMIM", "MAE compute-matched", "SimMIM", "SimMIM+AEMIM"),
         screen=("MAE+AEMIM eps 8",),
-        robust_images=20,
-        mnist_folds=2,
-        eval_batch=100,
-        limit_train=300,
-        limit_test=100,
-        limit_mnist=400,
-        extra=SMOKE_TRAIN,
+        **SMOKE_SIZES,
     ),
 }
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
