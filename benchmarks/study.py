@@ -57,6 +57,7 @@ from advmim_pl.eval.features import (
     pixel_features,
     pooled_features,
 )
+from advmim_pl.models.normalize import Normalize
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def decide(records: list[dict], metric: str = PRIMARY) -> tuple[bool, str]:
 # ---- evaluation ----------------------------------------------------------------------------------------
 @dataclass
 class EvalData:
-    """Evaluation images in [0, 1] (N, C, H, W) float32 and labels (N,) on one device."""
+    """Evaluation images in [0, 1] (N, C, H, W) float32 and labels (N,) on one device, and the Fashion-MNIST
+    pixel normalisation on that device."""
 
     train_x: Tensor
     train_y: Tensor
@@ -252,6 +254,7 @@ class EvalData:
     test_y: Tensor
     mnist_x: Tensor
     mnist_y: Tensor
+    normalize: Normalize
 
 
 def eval_images(module: FashionMNISTDataModule | MNISTSubsetDataModule, device: torch.device) -> tuple[Tensor, ...]:
@@ -275,7 +278,9 @@ def load_eval_data(preset: Preset, img_size: int, device: torch.device, fashion_
     digits = MNISTSubsetDataModule(path=mnist, normalize_mean=fashion.mean, normalize_std=fashion.std, **common)
     a, b, c, d = eval_images(digits, device)
     test, digits = slice(None, preset.limit_test), slice(None, preset.limit_mnist)
-    return EvalData(train_x, train_y, test_x[test], test_y[test], torch.cat([a, c])[digits], torch.cat([b, d])[digits])
+    mnist_x, mnist_y = torch.cat([a, c])[digits], torch.cat([b, d])[digits]
+    normalize = Normalize(fashion.mean, fashion.std).to(device)
+    return EvalData(train_x, train_y, test_x[test], test_y[test], mnist_x, mnist_y, normalize)
 
 
 def extract(features_of: Callable[[Tensor], Tensor], x: Tensor, batch: int) -> Tensor:
@@ -405,12 +410,8 @@ def encoder_features(module) -> Callable[[Tensor], Tensor]:
     return lambda x: pooled_features(encoder, x)["avg"]
 
 
-def pixel_floor(img_size: int) -> Callable[[Tensor], Tensor]:
-    """Raw pixels normalised with the Fashion-MNIST statistics, at full resolution."""
-    stats_module = FashionMNISTDataModule(img_size=img_size, channels=1, num_workers=0)
-    from advmim_pl.models.normalize import Normalize
-
-    normalize = Normalize(stats_module.mean, stats_module.std)
+def pixel_floor(normalize: Normalize, img_size: int) -> Callable[[Tensor], Tensor]:
+    """Raw pixels normalised with the Fashion-MNIST statistics (``normalize``), at full resolution."""
     return lambda x: pixel_features(x, normalize, img_size)
 
 
@@ -816,7 +817,7 @@ def main() -> None:
         start = time.perf_counter()
         minutes, epochs, ratio, attack = {}, None, None, {}
         if arm == PIXELS:
-            features_of = pixel_floor(img_size)
+            features_of = pixel_floor(data.normalize, img_size)
         else:
             if ARMS[arm].epoch_factor == "time_ratio":
                 pilot = args.out / "study_pilot.json"
