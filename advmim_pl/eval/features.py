@@ -490,22 +490,6 @@ class LinearReadout(nn.Module):
         return lambda x_adv: F.cross_entropy(self.logits(x_adv), labels, reduction="none")
 
 
-def fit_readout(
-    features_of: nn.Module,
-    batches: Iterable,
-    num_classes: int,
-    device: torch.device,
-    settings: ProbeSettings,
-    context: Callable[[], AbstractContextManager] = nullcontext,
-) -> LinearReadout:
-    """``features_of`` moved to ``device``, with the logistic regression of ``logistic_probe`` fit on its features
-    of the labelled ``batches`` (extracted inside ``context``)."""
-    features_of = features_of.to(device)
-    train = extract(lambda x: {"f": features_of(x)}, batches, device, context)
-    probe = settings.logistic(train.features["f"], train.labels, num_classes)
-    return LinearReadout(features_of, probe)
-
-
 # ---- the command ---------------------------------------------------------------------------------------
 def evaluation_batches(
     dataset: Dataset, transform: Callable, batch_size: int, num_workers: int = 0, indices: Tensor | None = None

@@ -34,7 +34,7 @@ from advmim_pl.eval.features import (
     Pooled,
     ProbeSettings,
     evaluation_batches,
-    fit_readout,
+    extract,
     random_encoder,
 )
 from advmim_pl.rng import generator_for
@@ -159,18 +159,18 @@ class RobustnessEvaluator(L.Callback):
         subset = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(self.seed))
         subset = subset[: self.floor_images].sort().values
         features = {
-            "floor/random/": Pooled(random_encoder(hp, self.seed), hp.global_pool),
-            "floor/pixels/": Pixels(pl_module.encoder.normalize, self.floor_pixel_size),
+            "floor/random/": Pooled(random_encoder(hp, self.seed), hp.global_pool).to(pl_module.device),
+            "floor/pixels/": Pixels(pl_module.encoder.normalize, self.floor_pixel_size).to(pl_module.device),
         }
+        train = extract(  # both floors' features in one pass over the images
+            lambda x: {prefix: features_of(x) for prefix, features_of in features.items()},
+            evaluation_batches(data.train_set, data.eval_transform(), data.batch_size, indices=subset),
+            pl_module.device,
+            trainer.precision_plugin.forward_context,
+        )
+        settings = ProbeSettings(seed=self.seed)
         return {
-            prefix: fit_readout(
-                features_of,
-                evaluation_batches(data.train_set, data.eval_transform(), data.batch_size, indices=subset),
-                hp.num_classes,
-                pl_module.device,
-                ProbeSettings(seed=self.seed),
-                trainer.precision_plugin.forward_context,
-            )
+            prefix: LinearReadout(features_of, settings.logistic(train.features[prefix], train.labels, hp.num_classes))
             for prefix, features_of in features.items()
         }
 
@@ -180,14 +180,17 @@ class RobustnessEvaluator(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         x, y = batch[0], batch[1]
         self.total = self.total + len(y)
-        for prefix, classifier in (("", pl_module), *self.classifiers.items()):
-            with torch.no_grad():
+        classifiers = (("", pl_module), *self.classifiers.items())
+        with torch.no_grad():  # each corrupted batch is made once and scored by every classifier
+            for prefix, classifier in classifiers:
                 self._add(f"{prefix}clean", accuracy_counts(classifier.logits(x), y))
-                generator = generator_for(x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
-                for name in self.corruptions:
-                    for severity in self.severities:
-                        xc = corrupt(x, name, severity, generator)
+            generator = generator_for(x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+            for name in self.corruptions:
+                for severity in self.severities:
+                    xc = corrupt(x, name, severity, generator)
+                    for prefix, classifier in classifiers:
                         self._add(f"{prefix}corruption/{name}/{severity}", accuracy_counts(classifier.logits(xc), y))
+        for prefix, classifier in classifiers:
             for eps, attack in self.attacks[prefix].items():
                 x_adv = attack.generate(pl_module, x, classifier.cross_entropy_objective(y)).x_adv
                 with torch.no_grad():
