@@ -60,7 +60,7 @@ def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
         "timm_kwargs": json.dumps(kwargs),
         "mean": json.dumps(list(hparams["mean"])),
         "std": json.dumps(list(hparams["std"])),
-        "method": hparams.get("method", {}).get("class_path", "").rpartition(".")[2],  # MAE / SimMIM, for the pooling
+        "method": method_name(hparams),  # MAE / SimMIM, for the pooling
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-            state = load_file(str(path))
+                state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"init_from {str(path)!r} is not a readable safetensors file: {err}") from None
         stats = [tuple(json.loads(meta[k])) if k in meta else None for k in ("mean", "std")]
@@ -126,15 +126,22 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
             f"{k}={hp[k]!r}" for k in ("encoder", "patch_size", "img_size", "encoder_kwargs") if k in hp
         )
         stats = [tuple(hp[k]) if hp.get(k) is not None else None for k in ("mean", "std")]
-        method = hp.get("method", {}).get("class_path", "").rpartition(".")[2] or None
         return EncoderWeights(
-            encoder_state_dict(checkpoint["state_dict"]), made_by or "a Lightning checkpoint", *stats, method
+            encoder_state_dict(checkpoint["state_dict"]),
+            made_by or "a Lightning checkpoint",
+            *stats,
+            method_name(hp) or None,
         )
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"init_from {str(path)!r} holds neither a Lightning checkpoint nor a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
     return EncoderWeights(state, "a plain state dict")
+
+
+def method_name(hparams: dict) -> str:
+    """The MIM method's class name ("MAE", "SimMIM") in a PretrainModule's hyperparameters; "" when absent."""
+    return hparams.get("method", {}).get("class_path", "").rpartition(".")[2]
 
 
 def _listing(items: list[str], limit: int = 12) -> str:

@@ -130,7 +130,7 @@ class Attacker:
                 f"{type(self).__name__} needs autograd, but this loop runs under torch.inference_mode: "
                 "set trainer.inference_mode: false (the advmim CLI's default)"
             )
-        rank = pl_module.trainer.global_rank if pl_module._trainer is not None else 0
+        rank = pl_module.global_rank
         generator = self.ensure_generator(x.device, rank)
         eps = self.current_eps(pl_module._trainer)
         try:

@@ -7,10 +7,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from advmim_pl.adversarial.attacker import Attacker, AttackResult, require
+from advmim_pl.adversarial.attacker import Attacker, require
 from advmim_pl.rng import rank_states
 
-__all__ = ["AdversarialTargetCallback", "AttackResult"]
+__all__ = ["AdversarialTargetCallback"]
 
 
 class AdversarialTargetCallback(Attacker, L.Callback):

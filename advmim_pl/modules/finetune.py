@@ -13,6 +13,7 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from advmim_pl.checks import require_non_negative
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD
 from advmim_pl.modules.classifier import ClassifierModule, GlobalPool, soft_cross_entropy
@@ -122,9 +123,7 @@ class FinetuneModule(ClassifierModule):
         ):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha), ("adv_weight", adv_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be non-negative, got {value}")
+        require_non_negative(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, adv_weight=adv_weight)
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         if not 0 <= randaugment_magnitude <= 30:

@@ -178,7 +178,7 @@ class PretrainModule(BaseModule):
         """The generator of training masks, on the module's device (made at the first draw): seeded from the global
         seed and the rank, saved in checkpoints, so a resumed run draws the masks the uninterrupted run would
         have drawn."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.global_rank
         return self.mask_stream.get(self.device, torch.initial_seed() + rank, rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -330,7 +330,7 @@ class PretrainModule(BaseModule):
         self.log("val/loss", self.method.loss(pred, x, mask, self.encoder), prog_bar=True, sync_dist=True)
         if self.attack is not None and self.attack.on_validation:
             # validation draws leave the attack's generator as it was: they never shift the training stream
-            with preserved(self.attack.ensure_generator(x.device, self.trainer.global_rank)):
+            with preserved(self.attack.ensure_generator(x.device, self.global_rank)):
                 loss_aux, result, _ = self._aux_loss(x, mask, latent)
             self.log("val/loss_aux", loss_aux, sync_dist=True)
             self.log("val/delta_linf", result.delta_linf, sync_dist=True)
