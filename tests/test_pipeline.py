@@ -7,11 +7,9 @@ import torch
 
 from advmim_pl.cli import run
 from advmim_pl.eval.corruptions import CORRUPTIONS
-from tests.helpers.micro import MICRO_VIT_FLAG
+from tests.helpers.micro import MICRO_FLAGS
 
-MICRO = ["--model.init_args.encoder", "vit_base_patch16_224",
-         "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG,
-         "--data.init_args.num_workers", "0"]  # fmt: skip
+MICRO = [*MICRO_FLAGS, "--data.init_args.num_workers", "0"]
 
 
 def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):

@@ -35,15 +35,9 @@ from advmim_pl.eval.features import (
 )
 from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules import LinearProbeModule
-from tests.helpers.micro import MICRO, micro_module
+from tests.helpers.micro import MICRO, MICRO_FLAGS, micro_module, save
 
 ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "encoder_kwargs")}
-MICRO_ARGS = [
-    "--model.init_args.encoder",
-    MICRO["encoder"],
-    "--model.init_args.encoder_kwargs",
-    str(MICRO["encoder_kwargs"]),
-]
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +139,12 @@ def test_batched_evaluation_transform_equals_the_per_image_one():
 
 def test_both_poolings_in_one_pass_equal_the_probe_modules_features(tmp_path):
     module = micro_module()
-    path = tmp_path / "mae.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    path = save(module, tmp_path / "mae.ckpt")
     x = torch.rand(6, 1, 32, 32)
     with torch.no_grad():
         pooled = pooled_features(module.encoder.eval(), x)
         for pooling in ("token", "avg"):
-            probe = LinearProbeModule(10, **ENCODER, mean=MICRO["mean"], std=MICRO["std"], init_from=str(path),
+            probe = LinearProbeModule(10, **ENCODER, mean=MICRO["mean"], std=MICRO["std"], init_from=path,
                                       global_pool=pooling).eval()  # fmt: skip
             torch.testing.assert_close(pooled[pooling], probe.features(x))
 
@@ -179,10 +172,8 @@ SMALL = ["--model.init_args.logreg_c", "[0.1, 1.0, 10.0]", "--model.init_args.pi
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("pretrain") / "mae.ckpt"
     module = micro_module(seed=1)  # not the random floor's seed-0 initialisation
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return str(path)
+    return save(module, tmp_path_factory.mktemp("pretrain") / "mae.ckpt")
 
 
 def test_the_command_reports_the_encoder_beside_its_floors_as_the_functions_compute_them(
@@ -190,7 +181,7 @@ def test_the_command_reports_the_encoder_beside_its_floors_as_the_functions_comp
 ):
     monkeypatch.chdir(tmp_path)
     args = ["test", "-c", "eval/quickstart_features.yaml", "--model.init_args.init_from", checkpoint]
-    cli = run([*args, *MICRO_ARGS, *SYNTHETIC, *QUIET, *SMALL])
+    cli = run([*args, *MICRO_FLAGS, *SYNTHETIC, *QUIET, *SMALL])
     report = json.loads((tmp_path / "runs/features/version_0/features.json").read_text())
     keys = {f"{s}/{p}/{m}" for s in ("encoder", "random") for p in ("token", "avg") for m in ("knn", "logreg")}
     assert set(report["results"]) == keys | {"pixels/knn", "pixels/logreg"}
@@ -228,7 +219,7 @@ def test_the_command_reports_the_encoder_beside_its_floors_as_the_functions_comp
 def test_random_init_and_cross_validation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["test", "-c", "eval/quickstart_features.yaml", "--model.init_args.init_from", "random"]
-    cli = run([*args, *MICRO_ARGS, *SYNTHETIC, *QUIET, *SMALL, "--model.init_args.folds", "4"])
+    cli = run([*args, *MICRO_FLAGS, *SYNTHETIC, *QUIET, *SMALL, "--model.init_args.folds", "4"])
     results = cli.model.results
     assert set(results) == {f"encoder/{p}/{m}" for p in ("token", "avg") for m in ("knn", "logreg")} | {
         "pixels/knn",
@@ -247,7 +238,7 @@ def test_bad_input_is_a_one_line_error(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="does not fit this encoder: .*not in the model|missing from the checkpoint"):
         run([*args, "--model.init_args.init_from", checkpoint, "--model.init_args.encoder", MICRO["encoder"], *other])
     with pytest.raises(SystemExit, match=r"advmim: kNN k=700 is larger than the training set \(600 features\)"):
-        run([*args, *MICRO_ARGS, "--model.init_args.init_from", "random", "--model.init_args.knn_k", "700"])
+        run([*args, *MICRO_FLAGS, "--model.init_args.init_from", "random", "--model.init_args.knn_k", "700"])
     with pytest.raises(ValueError, match=r"unknown pooling \['max'\]"):
         FeatureEvalModule("random", 10, **ENCODER, poolings=("token", "max"))
     with pytest.raises(ValueError, match="the dataset has no labels: its batches are Tensor"):

@@ -8,17 +8,10 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from advmim_pl.adversarial import AdversarialTargetCallback
-from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.eval import KNNMonitor
 from advmim_pl.eval.features import EvaluationInputError
 from advmim_pl.models.branch_norm import branch
-from tests.helpers.micro import micro_module, trainer
-
-
-def sample(batch_size: int = 64) -> BundledSampleDataModule:
-    return BundledSampleDataModule(
-        img_size=32, channels=1, batch_size=batch_size, num_workers=0, crop_scale=(0.5, 1.0), device_resident=True
-    )
+from tests.helpers.micro import bundled_sample, micro_module, trainer
 
 
 def reference_accuracy(module, monitor: KNNMonitor, branch_name: str, pooling: str) -> float:
@@ -36,7 +29,7 @@ def reference_accuracy(module, monitor: KNNMonitor, branch_name: str, pooling: s
             return torch.nn.functional.layer_norm(mean_patch, mean_patch.shape[-1:], eps=1e-6).numpy()
 
     (bank_x, bank_y), (query_x, query_y) = monitor.images["bank"], monitor.images["query"]
-    weights = lambda d: np.exp((1 - d) / monitor.temperature)  # noqa: E731
+    weights = lambda d: np.exp((1 - d) / monitor.temperature)
     knn = KNeighborsClassifier(monitor.k, metric="cosine", algorithm="brute", weights=weights)
     predicted = knn.fit(features(bank_x), bank_y.numpy()).predict(features(query_x))
     return float((predicted == query_y.numpy()).mean())
@@ -44,7 +37,7 @@ def reference_accuracy(module, monitor: KNNMonitor, branch_name: str, pooling: s
 
 def test_the_clean_and_aux_accuracies_agree_with_scikit_learn():
     L.seed_everything(0)
-    data = sample()
+    data = bundled_sample()
     module = micro_module(adversarial=True, mean=data.mean, std=data.std, batch_size=64)
     monitor = KNNMonitor(bank_size=600, query_size=300)
     t = trainer(-1, [AdversarialTargetCallback(eps=8 / 255), monitor], max_epochs=1, limit_train_batches=4,
@@ -59,7 +52,7 @@ def test_the_clean_and_aux_accuracies_agree_with_scikit_learn():
 
 def test_simmim_is_monitored_on_the_patch_average_and_only_every_n_epochs():
     L.seed_everything(0)
-    data = sample()
+    data = bundled_sample()
     module = micro_module("simmim", mean=data.mean, std=data.std, batch_size=64)
     monitor = KNNMonitor(every_n_epochs=2, bank_size=400, query_size=200)
     runs = []
@@ -78,7 +71,7 @@ def test_simmim_is_monitored_on_the_patch_average_and_only_every_n_epochs():
 
 def test_the_monitored_accuracy_rises_with_pre_training():
     L.seed_everything(0)
-    data = sample()
+    data = bundled_sample()
     module = micro_module(mean=data.mean, std=data.std, batch_size=64, base_lr=3e-3, warmup_epochs=1)
     monitor = KNNMonitor(bank_size=1000, query_size=500)
     untrained = None

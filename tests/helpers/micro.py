@@ -4,11 +4,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
 
 MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)  # timm kwargs of the micro ViT body
 MICRO_VIT_FLAG = "{depth: 2, embed_dim: 64, num_heads: 4}"  # the same, as an --model.init_args.encoder_kwargs value
+MICRO_FLAGS = ["--model.init_args.encoder", "vit_base_patch16_224", "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG]
 MICRO_ENCODER = dict(
     name="vit_base_patch16_224", img_size=32, patch_size=4, in_chans=1, mean=(0.5,), std=(0.25,), mask_token=True
 )
@@ -30,6 +32,19 @@ def micro_module(method: str = "mae", seed: int = 0, **overrides) -> PretrainMod
     torch.manual_seed(seed)
     host = MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4) if method == "mae" else SimMIM(mask_patch_size=8)
     return PretrainModule(method=host, **{**MICRO, **overrides})
+
+
+def save(module: L.LightningModule, path) -> str:
+    """A checkpoint with the keys ``read_encoder_weights`` reads, without running a trainer."""
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)
+
+
+def bundled_sample(batch_size: int = 64) -> BundledSampleDataModule:
+    """The bundled Fashion-MNIST sample at 32 px, grey, on the device, with light random crops."""
+    return BundledSampleDataModule(
+        img_size=32, channels=1, batch_size=batch_size, num_workers=0, crop_scale=(0.5, 1.0), device_resident=True
+    )
 
 
 def loader(n: int = 24, seed: int = 0) -> DataLoader:

@@ -16,13 +16,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args
-from advmim_pl.data import BundledSampleDataModule
 from advmim_pl.eval.features import C_GRID, FeatureSet, evaluation_batches, extract, knn_predict, logistic_probe
 from advmim_pl.export import export_encoder, read_encoder_weights
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
 from advmim_pl.schedule import warmup_cosine
-from tests.helpers.micro import MICRO, loader, micro_module, trainer
+from tests.helpers.micro import MICRO, MICRO_FLAGS, bundled_sample, loader, micro_module, save, trainer
 from tests.helpers.recording import RecordingAttack
 
 ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
@@ -37,12 +36,6 @@ def labelled(n: int = 24, seed: int = 0, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x, y = torch.rand(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def save(module: L.LightningModule, path) -> str:
-    """A checkpoint with the keys ``read_encoder_weights`` reads, without running a trainer."""
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +269,7 @@ def test_module_and_callback_must_agree():
 def test_num_classes_flows_from_the_data_through_the_cli(config, plugin_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path, _ = plugin_checkpoint
-    micro = [
-        "--model.init_args.encoder",
-        MICRO["encoder"],
-        "--model.init_args.encoder_kwargs",
-        str(MICRO["encoder_kwargs"]),
-    ]
-    args = ["-c", config, "--model.init_args.init_from", path, *micro, "--data.init_args.num_workers", "0"]
+    args = ["-c", config, "--model.init_args.init_from", path, *MICRO_FLAGS, "--data.init_args.num_workers", "0"]
     with pytest.warns(UserWarning, match="pre-trained with pixel mean"):  # micro checkpoint: other statistics
         cli = AdvMIMCLI(args=resolve_config_args(args), run=False)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
@@ -295,17 +282,11 @@ def test_num_classes_flows_from_the_data_through_the_cli(config, plugin_checkpoi
 
 
 # ---- a real signal -----------------------------------------------------------------------------------
-def fashion(batch_size: int = 64) -> BundledSampleDataModule:
-    return BundledSampleDataModule(
-        img_size=32, channels=1, batch_size=batch_size, num_workers=0, crop_scale=(0.5, 1.0), device_resident=True
-    )
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> dict[str, str]:
     """Checkpoints of micro encoders pre-trained for 400 steps (~6 epochs) on the bundled sample, seed 0: MAE and
     SimMIM (learned positions, as SimMIM)."""
-    data, folder = fashion(), tmp_path_factory.mktemp("pretrained")
+    data, folder = bundled_sample(), tmp_path_factory.mktemp("pretrained")
     paths = {}
     for name, method in (
         ("mae", MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4)),
@@ -324,7 +305,7 @@ def pretrained(tmp_path_factory) -> dict[str, str]:
 def cached_features(probe: LinearProbeModule) -> tuple[FeatureSet, FeatureSet]:
     """The probe's own features (its encoder and pooling) of the bundled sample's training and test images, with
     the evaluation transform: cached once, as ``advmim_pl.eval.features`` does."""
-    data = fashion()
+    data = bundled_sample()
     data.setup("test")
     transform = data.eval_transform()
     with torch.no_grad():
