@@ -2,11 +2,13 @@
 
 Both files of a pair are resolved the way ``advmim fit`` resolves them (defaults, links, class paths), so a
 value that a plug-in file sets to its default does not count as a difference, and one that drifted does.
+The quickstart feature evaluation is likewise the full one on other data.
 """
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers.config_tools import leaves, printed_config
 
@@ -17,6 +19,7 @@ PLUGIN_MODEL_KEYS = {"adversarial", "aux_weight", "aux_input", "aux_target", "br
 # per job, not per method: how often the image grids are written (every 500 steps on ImageNet, 50 in a quickstart)
 PER_JOB = {("attack", "init_args", "log_images_every_n_steps")}
 ABSENT = "<absent>"
+FEATURE_JOBS = ("features.yaml", "quickstart_features.yaml")
 
 
 def is_plugin_key(key: tuple) -> bool:
@@ -54,3 +57,11 @@ def test_every_pair_shares_one_overlay(capsys):
         shared = {k: v for k, v in changes.items() if k not in PER_JOB}
         drift = {k: (reference.get(k, ABSENT), shared.get(k, ABSENT)) for k in reference.keys() | shared.keys()}
         assert {k: v for k, v in drift.items() if v[0] != v[1]} == {}, f"{plugin} drifted from mae_adv.yaml"
+
+
+def test_the_quickstart_feature_evaluation_is_the_full_one_on_other_data():
+    """``eval/quickstart_features.yaml`` is ``eval/features.yaml`` with the bundled sample as data: every other
+    section (model, trainer, seed) is the same, so the two cannot drift apart."""
+    full, quick = (yaml.safe_load((CONFIGS / "eval" / name).read_text()) for name in FEATURE_JOBS)
+    assert full.keys() == quick.keys() and quick["data"]["class_path"].endswith("BundledSampleDataModule")
+    assert {k: v for k, v in full.items() if k != "data"} == {k: v for k, v in quick.items() if k != "data"}
