@@ -587,15 +587,15 @@ class FeatureEvalModule(L.LightningModule):
         require_positive(knn_k=knn_k, knn_temperature=knn_temperature, pixel_size=pixel_size, max_iter=max_iter)
         self.save_hyperparameters()
         self.hparams.update(plain(dict(self.hparams)))  # jsonargparse's PositiveInt etc. as plain numbers
-        random = random_encoder(self.hparams, seed)
-        sources = {"encoder": random}
-        if init_from != "random":
-            sources["encoder"] = random_encoder(self.hparams, seed + 1)  # its weights come from init_from
+        if init_from == "random":
+            sources = {"encoder": random_encoder(self.hparams, seed)}
+        else:
+            sources = {"encoder": random_encoder(self.hparams, seed + 1)}  # its weights come from init_from
             weights = read_encoder_weights(init_from)
             load_encoder_weights(sources["encoder"].vit, weights.state, init_from, weights.made_by)
             weights.check_statistics(init_from, mean, std)
-            if floors:
-                sources["random"] = random
+            if floors:  # the random-encoder floor
+                sources["random"] = random_encoder(self.hparams, seed)
         self.encoders = nn.ModuleDict(sources).requires_grad_(False).eval()
         self.settings = ProbeSettings(
             knn_k, knn_temperature, logreg_c, holdout, select_limit, max_iter, tolerance, seed
