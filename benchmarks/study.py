@@ -175,6 +175,7 @@ PRESETS = {
         **SMOKE_SIZES,
     ),
 }
+CONTINUE = ("cpu-continue", "smoke-continue")  # the continuation study's presets (study_continue.py)
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -768,7 +769,7 @@ def pilot_markdown(pilot: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, required=True)
+    parser.add_argument("--preset", choices=[*PRESETS, *CONTINUE], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 .. the preset's count - 1)")
     parser.add_argument("--arms", nargs="+", choices=[*ARMS, PIXELS], help="arms (default: the preset's)")
     parser.add_argument("--rerun", action="store_true", help="run recorded (arm, seed) again; says if it reproduced")
@@ -781,7 +782,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="start no job that could end after this many minutes")
     args = parser.parse_args()
     sys.argv[1:] = []  # the pre-trainings get their own argument lists
-    preset = PRESETS[args.preset]
+    if args.preset in CONTINUE:  # the continuation study (study_continue.py): its pilot so far
+        from study_continue import CONTINUE_PRESETS
+
+        preset = CONTINUE_PRESETS[args.preset].pretrain
+    else:
+        preset = PRESETS[args.preset]
     seeds = args.seeds if args.seeds is not None else list(range(preset.seeds))
     if min(seeds) < 0:
         parser.error(f"--seeds must be non-negative, got {seeds}")
@@ -801,6 +807,13 @@ def main() -> None:
     img_size = 28 if preset.configs == "cpu" else 32
     data = load_eval_data(preset, img_size, device, args.fashion_mnist_root, args.mnist_csv)
     work = args.workdir / args.preset
+    if args.preset in CONTINUE:
+        from study_continue import run_pilot as run_continue_pilot
+
+        if not args.pilot:
+            parser.error(f"--preset {args.preset}: only its --pilot runs so far; the arms follow its choice")
+        run_continue_pilot(args.preset, work, data, data_args, args.out, provenance)
+        return
     if args.pilot:
         run_pilot(args.preset, preset, work, data_args, data, args.out, provenance)
         return

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -218,6 +218,29 @@ class ImageDataModule(LightningDataModule):
         return self._loader(self.test_set, train=False)
 
 
+def balanced_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    """Indices (M,) of a class-balanced random subset: round(fraction * N / K) samples of each of the K classes
+    present in ``labels`` (N,), drawn without replacement by ``seed`` (the same seed gives the same subset), in
+    ascending order. ValueError when a class has fewer samples than its share."""
+    classes = labels.unique()
+    per_class = round(fraction * len(labels) / len(classes))
+    if per_class < 1:
+        raise ValueError(
+            f"label_fraction {fraction} keeps no image of each of the {len(classes)} classes among {len(labels)} "
+            f"training images: use at least {len(classes) / (2 * len(labels)):.2g}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label in classes:
+        members = (labels == label).nonzero().squeeze(1)
+        if len(members) < per_class:
+            raise ValueError(
+                f"label_fraction {fraction} asks for {per_class} images of class {int(label)}, which has {len(members)}"
+            )
+        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(picked).sort().values
+
+
 def resident_on(device: torch.device, device_resident: bool | Literal["auto"]) -> bool:
     """Whether training batches are made on ``device``: always (true), never (false), or on accelerators (auto)."""
     return device.type != "cpu" if device_resident == "auto" else bool(device_resident)
@@ -235,14 +258,30 @@ class InMemoryDataModule(ImageDataModule):
     on the device and random-resized-crop, flip and channel conversion run batched there
     (``advmim_pl.data.device``; continuous crop boxes, no antialiasing, other random draws).
     ``num_workers`` and ``pin_memory`` then apply to validation and test only, which keep the DataLoader.
+
+    ``label_fraction`` keeps a class-balanced subset of the training split (``balanced_subset``: e.g. 0.01 for the
+    1%-of-labels fine-tuning protocol), drawn by ``label_seed``; validation and test keep every image.
     """
 
-    def __init__(self, device_resident: bool | Literal["auto"] = False, **kwargs) -> None:
+    def __init__(
+        self,
+        device_resident: bool | Literal["auto"] = False,
+        label_fraction: OpenUnitInterval | None = None,
+        label_seed: NonNegativeInt = 0,
+        **kwargs,
+    ) -> None:
         """``kwargs``: the shared options of ``ImageDataModule`` (batch_size, img_size, channels, ...)."""
         super().__init__(**kwargs)
         if device_resident not in (True, False, "auto"):
             raise ValueError(f"device_resident must be true, false or auto, got {device_resident!r}")
+        if label_fraction is not None and not 0 < label_fraction < 1:
+            raise ValueError(
+                f"label_fraction must be in (0, 1) (e.g. 0.01 for 1% of the labels; null keeps them all), "
+                f"got {label_fraction}"
+            )
         self.device_resident = device_resident
+        self.label_fraction = label_fraction
+        self.label_seed = label_seed
         self._resident: tuple[Tensor, Tensor] | None = None
 
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -254,6 +293,9 @@ class InMemoryDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         train_images, train_labels, eval_images, eval_labels = self.load_splits()
+        if self.label_fraction is not None:
+            keep = balanced_subset(train_labels, self.label_fraction, self.label_seed)
+            train_images, train_labels = train_images[keep], train_labels[keep]
         self.train_set = TensorImageDataset(train_images, train_labels, self.train_transform())
         self.val_set = TensorImageDataset(eval_images, eval_labels, self.eval_transform())
         self.test_set = self.val_set
