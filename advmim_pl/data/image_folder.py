@@ -1,16 +1,18 @@
 """ImageFolder-style image data (root/class_x/img.jpg), e.g. ImageNet, tolerant of corrupt files."""
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from advmim_pl.data.base import ImageDataModule
+from advmim_pl.data.jpeg import JpegCropFlip
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +28,22 @@ def check_image_root(root: str, arg: str) -> list[str]:
             "into class (synset) subfolders."
         )
     return find_classes(root)[0]
+
+
+def check_class_folders(root: str, classes: list[str], arg: str) -> None:
+    """FileNotFoundError naming the first class folder of ``root`` that holds no image file."""
+    for name in classes:
+        with os.scandir(Path(root, name)) as entries:  # stops at the first image: cheap even for ImageNet
+            if not any(e.name.lower().endswith(IMG_EXTENSIONS) for e in entries):
+                raise FileNotFoundError(
+                    f"{arg} {root!r}: class folder {name!r} holds no image file "
+                    f"(extensions {', '.join(IMG_EXTENSIONS)})"
+                )
+
+
+def machine_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class SkipCorruptImageFolder(ImageFolder):
@@ -56,6 +74,8 @@ class SkipCorruptImageFolder(ImageFolder):
                 continue
             path, target = self.samples[i]
             try:
+                if isinstance(self.transform, JpegCropFlip):  # the fast path reads and decodes the file itself
+                    return self.transform(path), target
                 image = self.loader(path)
             except (OSError, SyntaxError) as err:
                 # Two workers failing on the same file at the same moment may both warn; the count is exact.
@@ -70,9 +90,21 @@ class SkipCorruptImageFolder(ImageFolder):
 class ImageFolderDataModule(ImageDataModule):
     """Images in class subfolders (train_root/class_x/img.jpg), e.g. ImageNet, with ImageNet statistics.
 
-    ``num_classes`` is the number of class folders in ``train_root``. ``val_root``, if given, must have
-    the same class folders and serves validation and test; without it there is no validation (empty
-    val/test loaders). Unreadable files are skipped, see SkipCorruptImageFolder.
+    ``num_classes`` is the number of class folders in ``train_root``; a class folder without an image file is an
+    error naming it. ``val_root``, if given, must have the same class folders and serves validation and test;
+    without it there is no validation (empty val/test loaders). Unreadable files are skipped, see
+    SkipCorruptImageFolder. More ``num_workers`` than the machine has cores warns when training starts.
+
+    ``decode`` chooses the training images' path (validation, test and the evaluation callbacks, which read the
+    datasets with ``eval_transform``, always take the PIL path and get float32 images):
+
+    - ``pil``: torchvision's loader decodes every image at full resolution, ``train_transform`` crops, resizes
+      and converts it to float32 [0, 1] in the worker.
+    - ``fast``: ``advmim_pl.data.jpeg.JpegCropFlip``: the same random-resized-crop distribution and flip, from a
+      reduced JPEG decode (DCT scaling, ``simplejpeg``), resized with PIL's antialiased bicubic; the batch stays
+      uint8 (4x fewer bytes to collate, pin and copy) and ``on_after_batch_transfer`` converts it to float32
+      [0, 1] on the device, so the model receives what ``pil`` gives it. A file that is not a JPEG (or a CMYK JPEG)
+      is decoded in full by PIL instead, with a warning naming it. ``benchmarks/input_pipeline.py`` measures both.
     """
 
     dataset_mean = IMAGENET_MEAN
@@ -82,10 +114,14 @@ class ImageFolderDataModule(ImageDataModule):
         self,
         train_root: str,
         val_root: str | None = None,
+        decode: Literal["pil", "fast"] = "pil",
         **kwargs,
     ) -> None:
         """``kwargs``: the shared options of ``ImageDataModule`` (batch_size, img_size, channels, ...)."""
         super().__init__(**kwargs)
+        if decode not in ("pil", "fast"):
+            raise ValueError(f"decode must be pil or fast, got {decode!r}")
+        self.decode = decode
         classes = check_image_root(train_root, "train_root")
         if val_root is not None:
             val_classes = check_image_root(val_root, "val_root")
@@ -95,6 +131,8 @@ class ImageFolderDataModule(ImageDataModule):
                     f"missing {sorted(set(classes) - set(val_classes))}, "
                     f"extra {sorted(set(val_classes) - set(classes))}"
                 )
+            check_class_folders(val_root, val_classes, "val_root")
+        check_class_folders(train_root, classes, "train_root")
         self.train_root = train_root
         self.val_root = val_root
         self.num_classes = len(classes)
@@ -103,10 +141,34 @@ class ImageFolderDataModule(ImageDataModule):
         """Scan the folders once (this lists every file, which takes a while for ImageNet)."""
         if self.train_set is not None:
             return
-        self.train_set = SkipCorruptImageFolder(self.train_root, self.train_transform())
+        train_transform = self.fast_transform() if self.decode == "fast" else self.train_transform()
+        self.train_set = SkipCorruptImageFolder(self.train_root, train_transform)
         if self.val_root is not None:
             self.val_set = SkipCorruptImageFolder(self.val_root, self.eval_transform())
             self.test_set = self.val_set
+
+    def fast_transform(self) -> JpegCropFlip:
+        """The ``decode: fast`` training transform: file path -> uint8 (channels, img_size, img_size)."""
+        return JpegCropFlip(self.img_size, self.crop_scale, self.hflip, self.channels)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled full batches (``ImageDataModule``); warns when ``num_workers`` exceeds the machine's cores."""
+        cores = machine_cores()
+        if self.num_workers > cores:
+            warnings.warn(
+                f"num_workers={self.num_workers} is more than the {cores} CPU cores of this machine: the workers "
+                f"share them and loading gets no faster; set num_workers <= {cores}",
+                stacklevel=2,
+            )
+        return super().train_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 training batches of ``decode: fast`` -> float32 [0, 1], on the device after the copy; other
+        batches (already float) pass unchanged."""
+        images, *rest = batch
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return [images, *rest] if isinstance(batch, list) else (images, *rest)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order, or [] (no validation) without val_root."""
