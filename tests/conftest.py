@@ -1,10 +1,13 @@
 """Shared fixtures: micro ViTs (depth 2, width 64) on 32-px single-channel images, patch 4."""
 
+import lightning as L
 import pytest
 import torch
 
+from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.models.vit import MaskedViT
-from tests.helpers.micro import MICRO_ENCODER, MICRO_VIT, smooth_images
+from advmim_pl.modules import PretrainModule
+from tests.helpers.micro import MICRO_ENCODER, MICRO_VIT, SAMPLE, bundled_sample, smooth_images, trainer
 
 
 def pytest_configure(config):
@@ -34,3 +37,23 @@ def images():
         return smooth_images(batch, seed, channels, size)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> dict[str, str]:
+    """Checkpoints of micro encoders pre-trained for 400 steps (~6 epochs) on the bundled sample, seed 0: MAE and
+    SimMIM (learned positions, as SimMIM). Trained once per session for every test that needs a trained encoder."""
+    data, folder = bundled_sample(), tmp_path_factory.mktemp("pretrained")
+    paths = {}
+    for name, method in (
+        ("mae", MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4)),
+        ("simmim", SimMIM(mask_patch_size=8)),
+    ):
+        L.seed_everything(0)
+        module = PretrainModule(method=method, **SAMPLE, sincos_pos_embed=name == "mae", batch_size=64, base_lr=3e-3,
+                                warmup_epochs=1)  # fmt: skip
+        t = trainer(400, limit_val_batches=0)
+        t.fit(module, datamodule=data)
+        t.save_checkpoint(folder / f"{name}.ckpt")
+        paths[name] = str(folder / f"{name}.ckpt")
+    return paths

@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from advmim_pl.checks import plain, require_positive
 from advmim_pl.data.base import ImageDataModule, TensorImageDataset
-from advmim_pl.export import load_encoder_weights, read_encoder_weights
 from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.classifier import GlobalPool
+from advmim_pl.weights import load_encoder, read_weights
 
 POOLINGS = ("token", "avg")
 POOLING_NAMES = {"token": "cls token", "avg": "patch average"}
@@ -591,8 +591,8 @@ class FeatureEvalModule(L.LightningModule):
             sources = {"encoder": random_encoder(self.hparams, seed)}
         else:
             sources = {"encoder": random_encoder(self.hparams, seed + 1)}  # its weights come from init_from
-            weights = read_encoder_weights(init_from)
-            load_encoder_weights(sources["encoder"].vit, weights.state, init_from, weights.made_by)
+            weights = read_weights(init_from)
+            load_encoder(sources["encoder"].vit, weights, init_from)
             weights.check_statistics(init_from, mean, std)
             if floors:  # the random-encoder floor
                 sources["random"] = random_encoder(self.hparams, seed)

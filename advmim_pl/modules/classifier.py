@@ -18,10 +18,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from advmim_pl.adversarial.attack import Objective
 from advmim_pl.checks import require_non_negative, require_positive
-from advmim_pl.export import load_encoder_weights, read_encoder_weights
 from advmim_pl.models.branch_norm import Branch, branch
 from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules.base import BaseModule
+from advmim_pl.weights import load_encoder, read_weights
 
 GlobalPool = Literal["avg", "token"]
 POOL_DESCRIPTIONS = {"token": "the cls token after the final norm", "avg": "the mean patch token through fc_norm"}
@@ -99,7 +99,7 @@ class ClassifierModule(BaseModule):
         require_non_negative(base_lr=base_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr)
         if encoder_kwargs and "global_pool" in encoder_kwargs:
             raise ValueError("set the pooling with model.init_args.global_pool, not in encoder_kwargs")
-        weights = read_encoder_weights(init_from) if init_from is not None else None
+        weights = read_weights(init_from) if init_from is not None else None
         global_pool = resolve_pooling(global_pool, weights and weights.method, self.default_pool, str(init_from))
         self.store_hparams(global_pool=global_pool)
         self.encoder = MaskedViT(
@@ -114,7 +114,7 @@ class ClassifierModule(BaseModule):
             {**(encoder_kwargs or {}), "global_pool": global_pool},
         )
         if weights is not None:
-            load_encoder_weights(self.encoder.vit, weights.state, str(init_from), weights.made_by)
+            load_encoder(self.encoder.vit, weights, str(init_from))
             weights.check_statistics(str(init_from), mean, std)
         self.metrics = nn.ModuleDict(
             {

@@ -1,5 +1,6 @@
 """PretrainModule: MAE or SimMIM pre-training, with the AEMIM auxiliary task as an option."""
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
 from advmim_pl.modules.base import BaseModule
 from advmim_pl.rng import SeededStream, generator_for, preserved, rank_states
 from advmim_pl.schedule import weight_decay_groups
+from advmim_pl.weights import load_decoder, load_encoder, read_weights
 
 
 def mae_adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -72,6 +74,13 @@ class PretrainModule(BaseModule):
         aux_norm_floor: the floor's standard deviation in units of the attack's (ramped) eps. 2 adds the least
             unpredictable noise plus distortion of the clean target (``benchmarks/aux_target_norm.py``).
         compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
+        init_from: start from these weights (weights only: the optimiser, step and schedule start fresh, unlike
+            ``--ckpt_path``, which resumes a run): a ``.ckpt`` of this project, an ``advmim export`` file or folder,
+            a facebookresearch/mae ``.pth``, a timm state dict or ``local-dir:`` folder, or ``timm:<model.tag>``
+            (``advmim_pl.weights``). The encoder is loaded, and the decoder when the file has one that fits (else
+            it starts fresh, logged). With the plug-in, the auxiliary norms and decoder start as copies of the loaded
+            clean ones. Checkpoints of the run keep the source as ``checkpoint["init_from"]`` and hold ``init_from:
+            null`` in their hyperparameters, so that loading them never reads the source again.
     """
 
     baseline = "the plain MIM baseline"
@@ -104,6 +113,7 @@ class PretrainModule(BaseModule):
         aux_target_norm: Literal["floor", "clean", "patch"] = "floor",
         aux_norm_floor: NonNegativeFloat = 2.0,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__(optimizer)
         require_positive(batch_size=batch_size, lr_reference_batch=lr_reference_batch)
@@ -132,13 +142,25 @@ class PretrainModule(BaseModule):
             mask_token=method.uses_mask_token,
         )
         self.decoder = method.make_decoder(self.encoder)
+        if init_from is not None:
+            self.load_weights(init_from)
         self.aux_decoder = None
         if adversarial:
             if branch_params == "norm":
-                add_branch_norms(self.encoder)
+                add_branch_norms(self.encoder)  # the aux copies start as the (loaded) clean norms
             if aux_decoder == "separate":
-                self.aux_decoder = method.make_decoder(self.encoder)
+                fresh = init_from is None
+                self.aux_decoder = method.make_decoder(self.encoder) if fresh else copy.deepcopy(self.decoder)
         self.mask_stream = SeededStream()
+
+    def load_weights(self, source: str) -> None:
+        """Load the encoder, the decoder when it fits and SimMIM's mask token from ``source`` (see ``init_from``)."""
+        weights = read_weights(source)
+        load_encoder(self.encoder.vit, weights, source)
+        weights.check_statistics(source, self.hparams.mean, self.hparams.std)
+        load_decoder(self.decoder, weights, source, self.encoder.num_prefix_tokens)
+        if self.encoder.mask_token is not None and weights.mask_token is not None:
+            self.encoder.mask_token.data.copy_(weights.mask_token.reshape(self.encoder.mask_token.shape))
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -182,6 +204,8 @@ class PretrainModule(BaseModule):
         return self.mask_stream.get(self.device, torch.initial_seed() + rank, rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["init_from"] = checkpoint["hyper_parameters"]["init_from"]  # where the weights started
+        checkpoint["hyper_parameters"]["init_from"] = None  # the checkpoint holds its own weights
         checkpoint["mask_rng"] = rank_states(self.trainer.strategy, self._mask_rng().get_state())  # (ranks, n)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

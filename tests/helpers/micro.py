@@ -26,6 +26,8 @@ MICRO = dict(
     base_lr=1e-2,
     warmup_epochs=0,
 )
+ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
+SAMPLE = {**ENCODER, "mean": (0.2860,), "std": (0.3530,)}  # the micro encoder with the bundled sample's statistics
 
 
 def micro_module(method: str = "mae", seed: int = 0, **overrides) -> PretrainModule:
@@ -35,7 +37,7 @@ def micro_module(method: str = "mae", seed: int = 0, **overrides) -> PretrainMod
 
 
 def save(module: L.LightningModule, path) -> str:
-    """A checkpoint with the keys ``read_encoder_weights`` reads, without running a trainer."""
+    """A checkpoint with the keys ``read_weights`` reads, without running a trainer."""
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return str(path)
 

@@ -17,16 +17,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args
 from advmim_pl.eval.features import C_GRID, FeatureSet, evaluation_batches, extract, knn_predict, logistic_probe
-from advmim_pl.export import export_encoder, read_encoder_weights
-from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.export import export_encoder
 from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
 from advmim_pl.schedule import warmup_cosine
-from tests.helpers.micro import MICRO, MICRO_FLAGS, bundled_sample, loader, micro_module, save, trainer
+from advmim_pl.weights import read_weights
+from tests.helpers.micro import ENCODER, MICRO, MICRO_FLAGS, SAMPLE, bundled_sample, loader, micro_module, save, trainer
 from tests.helpers.recording import RecordingAttack
 
-ENCODER = {k: MICRO[k] for k in ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "encoder_kwargs")}
 PLAIN = dict(randaugment=False, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)  # no augmentation
-SAMPLE = {**ENCODER, "mean": (0.2860,), "std": (0.3530,)}  # the micro encoder with the bundled sample's statistics
 # patch average - cls token top-1 of the fixed micro SimMIM encoder (seed 0), measured: logistic regression 68.2 vs
 # 68.0, kNN 54.0 vs 55.1
 MEASURED_SIMMIM_MARGINS = {"logreg": 0.002, "knn": -0.011}
@@ -55,11 +53,11 @@ def test_plugin_checkpoint_and_export_load_with_equal_features(plugin_checkpoint
     path, pretrained = plugin_checkpoint
     assert any(".aux." in k for k in torch.load(path, weights_only=False)["state_dict"])  # the plug-in's norms
     probe = LinearProbeModule(10, **ENCODER, init_from=path)
-    assert set(read_encoder_weights(path).state) == set(probe.encoder.vit.state_dict())  # nothing missing/extra
+    assert set(read_weights(path).encoder) == set(probe.encoder.vit.state_dict())  # nothing missing/extra
     exported = LinearProbeModule(10, **ENCODER, init_from=str(export_encoder(path, tmp_path / "enc.safetensors")))
     # the reference MAE layout: {"model": timm keys + mask_token + decoder_*}
     reference = {
-        **read_encoder_weights(path).state,
+        **read_weights(path).encoder,
         "mask_token": torch.zeros(1, 1, 64),
         "decoder_pred.weight": torch.zeros(3),
     }
@@ -101,7 +99,7 @@ def test_average_pooling_replaces_the_final_norm_by_a_fresh_fc_norm(plugin_check
     module = FinetuneModule(10, **ENCODER, init_from=path)
     assert isinstance(module.encoder.vit.norm, torch.nn.Identity)
     assert torch.equal(module.encoder.vit.fc_norm.weight, torch.ones(64))
-    state = read_encoder_weights(path).state
+    state = read_weights(path).encoder
     for name, value in module.encoder.vit.state_dict().items():
         if not name.startswith("fc_norm."):
             assert torch.equal(value, state[name]), name
@@ -282,26 +280,6 @@ def test_num_classes_flows_from_the_data_through_the_cli(config, plugin_checkpoi
 
 
 # ---- a real signal -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> dict[str, str]:
-    """Checkpoints of micro encoders pre-trained for 400 steps (~6 epochs) on the bundled sample, seed 0: MAE and
-    SimMIM (learned positions, as SimMIM)."""
-    data, folder = bundled_sample(), tmp_path_factory.mktemp("pretrained")
-    paths = {}
-    for name, method in (
-        ("mae", MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4)),
-        ("simmim", SimMIM(mask_patch_size=8)),
-    ):
-        L.seed_everything(0)
-        module = PretrainModule(method=method, **SAMPLE, sincos_pos_embed=name == "mae", batch_size=64, base_lr=3e-3,
-                                warmup_epochs=1)  # fmt: skip
-        t = trainer(400, limit_val_batches=0)
-        t.fit(module, datamodule=data)
-        t.save_checkpoint(folder / f"{name}.ckpt")
-        paths[name] = str(folder / f"{name}.ckpt")
-    return paths
-
-
 def cached_features(probe: LinearProbeModule) -> tuple[FeatureSet, FeatureSet]:
     """The probe's own features (its encoder and pooling) of the bundled sample's training and test images, with
     the evaluation transform: cached once, as ``advmim_pl.eval.features`` does."""

@@ -9,11 +9,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from advmim_pl.adversarial import AdversarialTargetCallback
 from advmim_pl.cli import run
-from advmim_pl.export import encoder_state_dict, export_encoder, load_exported
+from advmim_pl.export import export_encoder, load_exported
 from advmim_pl.mim import SimMIM
 from advmim_pl.models.branch_norm import branch, clean_state_dict
 from advmim_pl.modules import PretrainModule
 from advmim_pl.schedule import warmup_cosine, weight_decay_groups
+from advmim_pl.weights import encoder_state_dict
 from tests.helpers.micro import MICRO_VIT, MICRO_VIT_FLAG, loader, micro_module, trainer
 from tests.helpers.recording import RecordingAttack
 
