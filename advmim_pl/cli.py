@@ -2,6 +2,7 @@
 
 import argparse
 import inspect
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -19,7 +20,10 @@ from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpoin
 
 CONFIG_FLAGS = ("--config", "-c")
 DESCRIPTION = "Masked image modeling (MAE, SimMIM) with the AEMIM adversarial plug-in."
-EXPORT_HELP = "Write the clean encoder of a pre-training checkpoint as a timm ViT state dict (safetensors)."
+EXPORT_HELP = (
+    "Write the clean encoder of a pre-training checkpoint as a timm safetensors file or folder, optionally pushed "
+    "to the Hub."
+)
 
 
 def shipped_configs() -> list[str]:
@@ -200,20 +204,70 @@ class AdvMIMCLI(LightningCLI):
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``advmim export``, added to ``parser`` (argparse or jsonargparse); returns it."""
     parser.add_argument("ckpt_path", help="pre-training checkpoint (.ckpt)")
-    parser.add_argument("output", help="output .safetensors path")
+    parser.add_argument(
+        "output",
+        help="a path ending in .safetensors: one file, the timm state dict with this project's metadata. A folder "
+        "(an existing directory, a path ending in '/' or without a suffix, or any path with --folder): "
+        "model.safetensors, config.json and README.md, loaded by timm.create_model('local-dir:OUTPUT', "
+        "pretrained=True). Other suffixes are refused",
+    )
+    parser.add_argument("--folder", action="store_true", help="write a folder whatever OUTPUT's name")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty folder: replaces model.safetensors, config.json and README.md, keeps the rest",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="also upload the encoder as a folder (model.safetensors, config.json, README.md) to this Hugging Face "
+        "Hub repo, with timm's push_to_hf_hub (needs the network and a token: hf auth login)",
+    )
     return parser
 
 
+def writes_folder(output: str, folder: bool) -> bool:
+    """Whether ``advmim export`` writes a folder at ``output`` (the rule its help states); ValueError for a suffix
+    that is neither."""
+    path = Path(output)
+    if folder or path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix:
+        return True
+    if path.suffix == ".safetensors":
+        return False
+    raise ValueError(
+        f"output {output!r} ends in {path.suffix!r}: name a .safetensors file, or a folder (an existing directory, "
+        "a path ending in '/' or without a suffix, or pass --folder)"
+    )
+
+
 def export_main(argv: list[str]) -> None:
-    """``advmim export CKPT OUTPUT``: the clean encoder as a timm safetensors file."""
-    from advmim_pl.export import export_encoder
+    """``advmim export CKPT OUTPUT [--folder] [--overwrite] [--push-to-hub REPO_ID]``: the clean encoder as a timm
+    safetensors file or folder, then optionally on the Hugging Face Hub. Every error is one line."""
+    from advmim_pl.export import export_encoder, export_folder, push_encoder
 
     args = add_export_arguments(argparse.ArgumentParser(prog="advmim export", description=EXPORT_HELP)).parse_args(argv)
     try:
-        path = export_encoder(args.ckpt_path, args.output)
-    except (FileNotFoundError, CheckpointError, ValueError, KeyError) as err:
+        if writes_folder(args.output, args.folder):
+            path = export_folder(args.ckpt_path, args.output, overwrite=args.overwrite)
+            print(f"wrote {path}: timm.create_model('local-dir:{path}', pretrained=True)")
+        else:
+            path = export_encoder(args.ckpt_path, args.output)
+            print(f"wrote {path}")
+    except FileExistsError as err:
+        raise SystemExit(f"advmim export: {err}; pass --overwrite to write into it, or name an empty folder") from None
+    except (OSError, CheckpointError, ValueError, KeyError) as err:
         raise SystemExit(f"advmim export: {err}") from None
-    print(f"wrote {path}")
+    if args.push_to_hub:
+        try:
+            url = push_encoder(args.ckpt_path, args.push_to_hub)
+        except Exception as err:  # the Hub client's errors differ across its releases (requests, httpx, its own)
+            lines = str(err).strip().splitlines()
+            reason = type(err).__name__ + (f": {lines[0]}" if lines else "")
+            raise SystemExit(
+                f"advmim export: wrote {path}, but the push to the Hugging Face Hub repo {args.push_to_hub!r} "
+                f"failed ({reason}); check the network and the token (hf auth login)"
+            ) from None
+        print(f"pushed to {url}")
 
 
 def run(argv: list[str] | None = None) -> AdvMIMCLI | None:

@@ -1,47 +1,89 @@
-"""Export the pre-trained clean encoder as a plain timm ViT state dict (safetensors), and read one back
-(``read_encoder_weights``, ``load_encoder_weights``: what the probe, fine-tune and feature evaluations load).
+"""Export the pre-trained clean encoder for use outside this project: a plain timm ViT state dict (one safetensors
+file, ``export_encoder``), a timm folder (``export_folder``: weights, ``config.json`` and a model card, loadable with
+``timm.create_model("local-dir:FOLDER", pretrained=True)``), or an upload of that folder to the Hugging Face Hub
+(``push_encoder``). ``load_exported`` rebuilds the timm model from the single file; reading weights back into this
+project's modules is ``advmim_pl.weights``.
 
 The clean encoder is psi_e and phi_c in the notation of docs/method.md: the weights both branches share and the
 clean branch's own normalisation layers. The auxiliary branch's copies (phi_a) and the decoders are dropped.
 """
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from timm.models import push_to_hf_hub, save_for_hf
+from timm.models._hub import generate_readme  # the card push_to_hf_hub writes, so the folder's matches the Hub's
 
-from advmim_pl.models.branch_norm import clean_state_dict
 from advmim_pl.reliability import read_checkpoint
+from advmim_pl.weights import encoder_state_dict, method_name
 
-ENCODER_PREFIX = "encoder.vit."
-
-
-def encoder_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A PretrainModule state dict -> the clean timm encoder's state dict (aux norms and decoders dropped)."""
-    encoder = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-    if not encoder:
-        raise ValueError(f"no '{ENCODER_PREFIX}*' tensors found: not a PretrainModule checkpoint")
-    return clean_state_dict(encoder)
+TASK = "image-feature-extraction"  # the Hub's pipeline tag for an encoder without a classifier head
 
 
 def timm_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
     """``timm.create_model`` arguments that rebuild the encoder of a module with these hyperparameters."""
+    return {"model_name": hparams["encoder"], **model_args(hparams)}
+
+
+def model_args(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The encoder's architecture arguments (``timm_kwargs`` without the model name): timm's ``model_args``."""
     return {
-        "model_name": hparams["encoder"],
         "num_classes": 0,
         "img_size": hparams["img_size"],
         "patch_size": hparams["patch_size"],
         "in_chans": hparams["in_chans"],
         **(hparams.get("encoder_kwargs") or {}),
     }
+
+
+def project_metadata(hparams: dict[str, Any]) -> dict[str, Any]:
+    """What this project reads back from an export besides the weights: the create-model arguments, the pixel
+    normalisation and the pre-training method's class name (MAE / SimMIM, for the pooling)."""
+    return {
+        "timm_kwargs": timm_kwargs(hparams),
+        "mean": list(hparams["mean"]),
+        "std": list(hparams["std"]),
+        "method": method_name(hparams),
+    }
+
+
+def read_pretraining(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``ckpt_path``, checked to be a pre-training one (a ``PretrainModule``'s weights and
+    hyperparameters). A missing file is FileNotFoundError, an unreadable one CheckpointError, another kind
+    ValueError."""
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "encoder" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"checkpoint {str(ckpt_path)!r} is not a pre-training checkpoint (it lacks a PretrainModule's state_dict "
+            "and hyper_parameters): export a .ckpt written by advmim fit"
+        )
+    return checkpoint
+
+
+def clean_encoder(checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """The clean encoder of a pre-training checkpoint as a timm model, whose ``pretrained_cfg`` holds the
+    preprocessing it was trained with (mean, std, input size, the evaluation crop)."""
+    hparams = checkpoint["hyper_parameters"]
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    preprocessing = {
+        "tag": method_name(hparams).lower() + ("_aemim" if hparams.get("adversarial") else ""),
+        "mean": tuple(hparams["mean"]),
+        "std": tuple(hparams["std"]),
+        "input_size": (hparams["in_chans"], hparams["img_size"], hparams["img_size"]),
+        "num_classes": 0,
+        "interpolation": "bicubic",
+        "crop_pct": data.get("eval_crop_ratio", 1.0),  # resize to img_size / crop_pct, then centre crop
+        "crop_mode": "center",
+    }
+    model = timm.create_model(**timm_kwargs(hparams), pretrained_cfg_overlay=preprocessing)
+    model.load_state_dict(encoder_state_dict(checkpoint["state_dict"]), strict=True)
+    return model
 
 
 def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
@@ -51,21 +93,154 @@ def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
     create-model arguments, the pixel normalisation (mean, std) and the pre-training method's class name are stored in
     the file's metadata.
     """
-    checkpoint = read_checkpoint(ckpt_path)
-    hparams = checkpoint.get("hyper_parameters", {})
-    state = encoder_state_dict(checkpoint["state_dict"])
-    kwargs = timm_kwargs(hparams)
-    timm.create_model(**kwargs).load_state_dict(state, strict=True)
+    checkpoint = read_pretraining(ckpt_path)
+    state = clean_encoder(checkpoint).state_dict()
+    # safetensors metadata maps str to str: the lists and dicts as JSON
     metadata = {
-        "timm_kwargs": json.dumps(kwargs),
-        "mean": json.dumps(list(hparams["mean"])),
-        "std": json.dumps(list(hparams["std"])),
-        "method": method_name(hparams),  # MAE / SimMIM, for the pooling
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in project_metadata(checkpoint["hyper_parameters"]).items()
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(output), metadata=metadata)
     return output
+
+
+def export_folder(ckpt_path: str | Path, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write the clean encoder of a pre-training checkpoint as a timm folder, with timm's ``save_for_hf``.
+
+    ``folder`` gets ``model.safetensors`` (the timm state dict), ``config.json`` (timm's: ``architecture``,
+    ``model_args``, ``pretrained_cfg`` with mean, std and input size, plus ``advmim``: ``project_metadata``) and
+    ``README.md`` (``model_card``), so that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` alone rebuilds
+    the encoder. A folder that holds anything is FileExistsError unless ``overwrite``, which replaces these three files
+    and leaves the rest.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"output {str(folder)!r} is an existing file, not a folder")
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise FileExistsError(f"output folder {str(folder)!r} is not empty (it holds {shown})")
+    checkpoint = read_pretraining(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
+    model = clean_encoder(checkpoint)
+    save_for_hf(
+        model,
+        str(folder),
+        model_config={"advmim": project_metadata(hparams)},
+        model_args=model_args(hparams),
+        safe_serialization=True,
+    )
+    card = model_card(checkpoint, Path(ckpt_path), model, f"local-dir:{folder}")
+    (folder / "README.md").write_text(generate_readme(card, folder.name, task_name=TASK), encoding="utf-8")
+    return folder
+
+
+def push_encoder(ckpt_path: str | Path, repo_id: str) -> str:
+    """Upload the clean encoder of a pre-training checkpoint to the Hugging Face Hub repo ``repo_id`` with timm's
+    ``push_to_hf_hub``: the files of ``export_folder`` (the model card only where the repo has no README.md yet).
+    Returns the commit's URL; the Hub client's errors (no network, no token) pass through."""
+    checkpoint = read_pretraining(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
+    model = clean_encoder(checkpoint)
+    return str(
+        push_to_hf_hub(
+            model,
+            repo_id,
+            commit_message=f"Add the clean {method_name(hparams)} encoder of {Path(ckpt_path).name}",
+            model_config={"advmim": project_metadata(hparams)},
+            model_card=model_card(checkpoint, Path(ckpt_path), model, f"hf-hub:{repo_id}"),
+            model_args=model_args(hparams),
+            task_name=TASK,
+            safe_serialization=True,
+        )
+    )
+
+
+def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Module, load_name: str) -> dict[str, Any]:
+    """The model card of an exported encoder, as timm's ``generate_readme`` takes it: the method (and the attack's
+    settings when the plug-in was on), the pre-training options, the data, how long it trained, and the
+    feature-evaluation table when a ``features.md`` lies beside the checkpoint or in its version folder."""
+    hparams = checkpoint["hyper_parameters"]
+    method = method_name(hparams) or "masked image modelling"
+    plugin = "with the AEMIM adversarial plug-in" if hparams.get("adversarial") else "without the adversarial plug-in"
+    size, chans = hparams["img_size"], hparams["in_chans"]
+    details: dict[str, Any] = {
+        "Model type": "Image feature backbone (ViT encoder, no classifier head)",
+        "Pre-training": f"{method}, {plugin}",
+    }
+    if hparams.get("adversarial"):
+        details["Attack"] = attack_settings(checkpoint) or "not recorded in the checkpoint"
+    details |= {
+        "Params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "Image size": f"{size} x {size}, {chans} channel{'s' if chans > 1 else ''}, {hparams['patch_size']}-px patches",
+        "Pixel normalisation": f"[0, 1] images, mean {list(hparams['mean'])}, std {list(hparams['std'])}",
+        "Data": data_description(checkpoint),
+        "Training": training_length(checkpoint),
+        "Method options": hparams.get("method", {}).get("init_args", {}),
+        "Pre-training options": {k: v for k, v in hparams.items() if k != "method" and not k.startswith("_")},
+        "Checkpoint": ckpt_path.name,
+    }
+    card = {
+        "tags": [TASK, "timm", "masked-image-modeling"],
+        "description": (
+            f"The clean encoder of a {method} pre-training run {plugin}, exported by `advmim export`: the weights "
+            "both branches share and the clean branch's normalisation layers, without decoders, auxiliary-branch "
+            "layers or classifier head."
+        ),
+        "details": details,
+        "usage": usage(load_name, chans),
+    }
+    table = features_table(ckpt_path)
+    if table:
+        card["comparison"] = table
+    return card
+
+
+def attack_settings(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The attack's settings saved by ``AdversarialTargetCallback`` (its state is the one with ``settings``)."""
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and "settings" in state:
+            return state["settings"]
+    return None
+
+
+def data_description(checkpoint: dict[str, Any]) -> dict[str, Any] | str:
+    """The data module's class path and options, as Lightning saved them in the checkpoint."""
+    data = checkpoint.get("datamodule_hyper_parameters")
+    if not data:
+        return "not recorded in the checkpoint"
+    options = {k: v for k, v in data.items() if not k.startswith("_")}
+    return {"module": data["_class_path"], **options} if "_class_path" in data else options
+
+
+def training_length(checkpoint: dict[str, Any]) -> str:
+    """The epoch and optimizer step the checkpoint was saved at."""
+    if "epoch" not in checkpoint or "global_step" not in checkpoint:
+        return "not recorded in the checkpoint"
+    return f"{checkpoint['global_step']:,} optimizer steps (saved at epoch index {checkpoint['epoch']}, counted from 0)"
+
+
+def features_table(ckpt_path: Path) -> str | None:
+    """The ``features.md`` (``advmim test -c eval/features.yaml``) beside the checkpoint or in its version folder."""
+    for folder in (ckpt_path.parent, ckpt_path.parent.parent):
+        if (folder / "features.md").is_file():
+            return (folder / "features.md").read_text(encoding="utf-8").strip()
+    return None
+
+
+def usage(load_name: str, in_chans: int) -> str:
+    """The model card's loading snippet for ``load_name`` (``local-dir:...`` or ``hf-hub:...``)."""
+    image = "a PIL image" + (" in mode 'L' (grey)" if in_chans == 1 else " in mode 'RGB'")
+    return (
+        "```python\n"
+        "import timm\n\n"
+        f'model = timm.create_model("{load_name}", pretrained=True).eval()\n'
+        "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))\n"
+        f"tokens = model.forward_features(transform(image).unsqueeze(0))  # image: {image}\n"
+        "```"
+    )
 
 
 def load_exported(path: str | Path) -> torch.nn.Module:
@@ -75,116 +250,3 @@ def load_exported(path: str | Path) -> torch.nn.Module:
     model = timm.create_model(**kwargs)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model
-
-
-@dataclass
-class EncoderWeights:
-    """A timm encoder state dict read from ``init_from``, with what is known about the model that made it."""
-
-    state: dict[str, Tensor]
-    made_by: str
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    method: str | None = None  # the pre-training method's class name ("MAE", "SimMIM"), when the file says
-
-    def check_statistics(self, source: str, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Warn when the pixel mean/std the encoder was pre-trained with differ from ``mean`` / ``std``."""
-        for name, saved, now in (("mean", self.mean, mean), ("std", self.std, std)):
-            if saved is not None and not torch.allclose(torch.tensor(saved), torch.tensor(tuple(now))):
-                rank_zero_warn(
-                    f"init_from {source!r} was pre-trained with pixel {name} {saved}, this model "
-                    f"normalises with {tuple(now)}: the encoder sees differently scaled inputs"
-                )
-
-
-def read_encoder_weights(path: str | Path) -> EncoderWeights:
-    """The timm encoder state dict stored in ``path``.
-
-    Accepts a ``PretrainModule`` Lightning checkpoint (clean branch only: aux norms and decoders dropped),
-    a file written by ``advmim export`` (``.safetensors``), or a plain ``torch.save``-d timm / reference-MAE
-    state dict (``{"model": {...}}`` or the dict itself; ``decoder*`` and ``mask_token`` entries dropped).
-    A missing file is FileNotFoundError, an unreadable one CheckpointError or ValueError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from {str(path)!r} does not exist (expected a .ckpt or .safetensors file)")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"init_from {str(path)!r} is not a readable safetensors file: {err}") from None
-        stats = [tuple(json.loads(meta[k])) if k in meta else None for k in ("mean", "std")]
-        return EncoderWeights(
-            state, f"timm_kwargs={meta.get('timm_kwargs', 'unknown')}", *stats, meta.get("method") or None
-        )
-    checkpoint = read_checkpoint(path)
-    if "state_dict" in checkpoint:  # Lightning checkpoint
-        hp = checkpoint.get("hyper_parameters", {})
-        made_by = ", ".join(
-            f"{k}={hp[k]!r}" for k in ("encoder", "patch_size", "img_size", "encoder_kwargs") if k in hp
-        )
-        stats = [tuple(hp[k]) if hp.get(k) is not None else None for k in ("mean", "std")]
-        return EncoderWeights(
-            encoder_state_dict(checkpoint["state_dict"]),
-            made_by or "a Lightning checkpoint",
-            *stats,
-            method_name(hp) or None,
-        )
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"init_from {str(path)!r} holds neither a Lightning checkpoint nor a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
-    return EncoderWeights(state, "a plain state dict")
-
-
-def method_name(hparams: dict) -> str:
-    """The MIM method's class name ("MAE", "SimMIM") in a PretrainModule's hyperparameters; "" when absent."""
-    return hparams.get("method", {}).get("class_path", "").rpartition(".")[2]
-
-
-def _listing(items: list[str], limit: int = 12) -> str:
-    shown = "; ".join(items[:limit])
-    return shown + (f"; ... and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def load_encoder_weights(vit: nn.Module, state: dict[str, Tensor], source: str, made_by: str = "") -> None:
-    """Load ``state`` into the timm ViT ``vit``, refusing any mismatch except the MAE pooling swap.
-
-    Allowed difference: with average pooling the model has a fresh ``fc_norm`` and no final ``norm``, so the
-    checkpoint's ``norm.*`` is dropped and ``fc_norm.*`` keeps its initialisation (as MAE fine-tuning does).
-    Anything else (missing or unexpected keys, different shapes) raises ValueError listing the keys, with
-    the shapes of both sides.
-    """
-    target = vit.state_dict()
-    fresh = {k for k in target if k.startswith("fc_norm.") and k not in state}
-    dropped = {k for k in state if k.startswith("norm.") and k not in target and fresh}
-    missing = [k for k in target if k not in state and k not in fresh]  # in model order: embeddings first
-    unexpected = [k for k in state if k not in target and k not in dropped]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target
-        if k in state and state[k].shape != target[k].shape
-    ]
-    if missing or unexpected or shapes:
-        problems = []
-        if shapes:
-            problems.append(f"shape mismatches (checkpoint vs model): {_listing(shapes)}")
-        if missing:
-            problems.append(
-                f"missing from the checkpoint: {_listing([f'{k} {tuple(target[k].shape)}' for k in missing])}"
-            )
-        if unexpected:
-            problems.append(f"not in the model: {_listing([f'{k} {tuple(state[k].shape)}' for k in unexpected])}")
-        made = f" The checkpoint was made with {made_by}." if made_by else ""
-        raise ValueError(
-            f"init_from {source!r} does not fit this encoder: {' | '.join(problems)}.{made} Set model.init_args."
-            "encoder / patch_size / encoder_kwargs (and the data's img_size / channels) to match it."
-        )
-    vit.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)
-    if fresh:
-        rank_zero_info(
-            f"init_from {source!r}: average pooling, so the checkpoint's final norm is replaced by a freshly "
-            f"initialised {sorted(fresh)} (MAE fine-tuning protocol)"
-        )
