@@ -65,3 +65,19 @@ def test_the_quickstart_feature_evaluation_is_the_full_one_on_other_data():
     full, quick = (yaml.safe_load((CONFIGS / "eval" / name).read_text()) for name in FEATURE_JOBS)
     assert full.keys() == quick.keys() and quick["data"]["class_path"].endswith("BundledSampleDataModule")
     assert {k: v for k, v in full.items() if k != "data"} == {k: v for k, v in quick.items() if k != "data"}
+
+
+# what a continuation may change in its plug-in job: the schedule, the weights it starts from and where it logs
+CONTINUATION_KEYS = {
+    ("trainer", "max_epochs"),
+    *(("model", "init_args", key) for key in ("base_lr", "warmup_epochs", "init_from")),
+}
+
+
+@pytest.mark.parametrize("plugin", ["mae_adv.yaml", "quickstart_adv.yaml"])
+def test_a_continuation_job_is_its_plugin_job_with_a_continuation_schedule(plugin, capsys):
+    changes = overlay(capsys, plugin, plugin.replace("_adv.yaml", "_adv_continue.yaml"))
+    assert {k for k in changes if k[:2] != ("trainer", "logger")} == CONTINUATION_KEYS
+    before = leaves(printed_config(capsys, "-c", plugin))
+    assert changes[("model", "init_args", "base_lr")] <= before[("model", "init_args", "base_lr")] / 4
+    assert changes[("trainer", "max_epochs")] <= before[("trainer", "max_epochs")] / 4
