@@ -137,9 +137,18 @@ class AdvMIMCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``--ckpt_path``'s hyperparameters with a bare ``torch.load``; check the file first so
-        that a truncated checkpoint is a one-line error."""
+        that a truncated checkpoint is a one-line error. Pre-training refuses ``--ckpt_path`` together with
+        ``init_from``: one resumes a run, the other starts a new one from weights only."""
         config = self.config.get(str(self.config.get("subcommand")), self.config)
         ckpt_path = config.get("ckpt_path") if isinstance(config, Namespace) else None
+        model = config.get("model") if isinstance(config, Namespace) else None
+        init_from = model.init_args.get("init_from") if isinstance(model, Namespace) and model.init_args else None
+        if ckpt_path and init_from and str(model.class_path).endswith("PretrainModule"):
+            raise SystemExit(
+                f"advmim: --ckpt_path {ckpt_path} resumes a run (weights, optimizer, step, schedule) and "
+                f"model.init_args.init_from {init_from} starts a new one from weights only: give one of them (to "
+                "resume a run that started from init_from, add --model.init_args.init_from null)"
+            )
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
         super()._parse_ckpt_path()

@@ -181,4 +181,5 @@ def test_export_help_names_its_arguments(capsys):
         run(["export", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: advmim export [-h] ckpt_path output" in out and EXPORT_HELP in " ".join(out.split())
+    assert "usage: advmim export [-h] [--folder] [--overwrite] [--push-to-hub REPO_ID]" in out
+    assert EXPORT_HELP in " ".join(out.split())
