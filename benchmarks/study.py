@@ -63,7 +63,7 @@ from advmim_pl.models.normalize import Normalize
 @dataclass(frozen=True)
 class Arm:
     """One pre-training recipe: its config, the overlays composed after it, and how its epochs follow from E
-    (``epoch_factor``: ``None`` = E, ``"time_ratio"`` = round(E x the preset's measured time ratio), 0 = untrained)."""
+    (``epoch_factor``: ``None`` = E, ``"time_ratio"`` = E x the seed's measured time ratio, 0 = untrained)."""
 
     pretrain: str
     overlays: tuple[str, ...] = ()
@@ -121,7 +121,7 @@ class Preset:
 
     configs: str
     epochs: int
-    time_ratio: float | str | None  # "pilot": the pilot's; None: this seed's MAE+AEMIM / MAE pre-training minutes
+    time_ratio: float | None  # None: this seed's MAE+AEMIM / MAE pre-training minutes
     seeds: int
     arms: tuple[str, ...]
     robust_images: int = 500  # test images for the corruption suite and PGD
@@ -134,6 +134,7 @@ class Preset:
     screen: tuple[str, ...] = ()  # arms run (seed 0) after the others, while the time budget lasts
     pilot_epochs: tuple[int, ...] = ()  # the pilot's epoch counts
     budget_epochs: int = 0  # the largest E the preset's time budget allows
+    batch_size: int = 256  # the pre-training configs' batch (for the steps of a fractional epoch count)
 
 
 MAE_ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+AEMIM same", "MAE+sign", "MAE compute-matched")
@@ -149,9 +150,15 @@ SMOKE_SIZES = dict(
 )
 PRESETS = {
     # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
-    "cpu": Preset("cpu", epochs=1, time_ratio="pilot", seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=1),
+    "cpu": Preset("cpu", epochs=1, time_ratio=None, seeds=3, arms=MAE_ARMS, pilot_epochs=(1, 2, 4), budget_epochs=1),
     "gpu": Preset(
-        "gpu", epochs=30, time_ratio=None, seeds=1, arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM"), screen=SCREEN
+        "gpu",
+        epochs=30,
+        time_ratio=None,
+        seeds=1,
+        arms=(*MAE_ARMS, "SimMIM", "SimMIM+AEMIM"),
+        screen=SCREEN,
+        batch_size=512,
     ),
     # the cpu preset's configs at toy size, for the tests
     "smoke": Preset(
@@ -345,30 +352,46 @@ def evaluate(
 
 
 # ---- pre-training ----------------------------------------------------------------------------------------
-def arm_epochs(preset: Preset, arm: str, ratio: float | None = None) -> int:
-    """Pre-training epochs of ``arm``: E, 0 for the random encoder, round(E x ``ratio``) when compute-matched."""
+def arm_epochs(preset: Preset, arm: str, ratio: float | None = None) -> float:
+    """Pre-training epochs of ``arm``: E, 0 for the random encoder, E x ``ratio`` (fractional) when compute-matched."""
     factor = ARMS[arm].epoch_factor
     if factor == "time_ratio":
-        return round(preset.epochs * ratio)
+        return preset.epochs * ratio
     return preset.epochs if factor is None else factor
 
 
-def time_ratio(preset: Preset, records: list[dict], seed: int, pilot: Path) -> float:
-    """The compute-matched arm's time ratio: a number fixed in the preset; the pilot's (``pilot``: its JSON); or
-    else MAE+AEMIM's pre-training minutes over MAE's for ``seed``."""
+def steps_per_epoch(preset: Preset) -> int:
+    """Training steps of one epoch: the training images over the batch size (full batches only), capped by a
+    ``--trainer.limit_train_batches`` among the preset's extra arguments."""
+    extra = dict(a.removeprefix("--").split("=", 1) for a in preset.extra if "=" in a)
+    steps = (preset.limit_train or 60_000) // int(extra.get("data.init_args.batch_size", preset.batch_size))
+    limit = extra.get("trainer.limit_train_batches")
+    return min(steps, int(limit)) if limit else steps
+
+
+def length_arguments(preset: Preset, epochs: float) -> list[str]:
+    """``--trainer.max_epochs`` for whole epochs; for a fraction also ``--trainer.max_steps`` (its epochs in steps,
+    rounded), so the cosine schedule ends exactly there."""
+    if float(epochs).is_integer():
+        return [f"--trainer.max_epochs={int(epochs)}"]
+    return [
+        f"--trainer.max_epochs={math.ceil(epochs)}",
+        f"--trainer.max_steps={round(epochs * steps_per_epoch(preset))}",
+    ]
+
+
+def time_ratio(preset: Preset, records: list[dict], seed: int) -> float:
+    """The compute-matched arm's time ratio: a number fixed in the preset, or else MAE+AEMIM's pre-training minutes
+    over MAE's for ``seed`` (both measured alike: one process, the same thread count)."""
     if isinstance(preset.time_ratio, float):
         return preset.time_ratio
-    if preset.time_ratio == "pilot":
-        if not pilot.exists():
-            raise FileNotFoundError(f"the compute-matched arm takes its time ratio from {pilot}: run --pilot first")
-        return json.loads(pilot.read_text())["time_ratio"]
     minutes = {r["arm"]: r["minutes"]["pretrain"] for r in records if r["seed"] == seed and r["arm"] in ARMS}
     if not {"MAE", "MAE+AEMIM"} <= minutes.keys():
         raise RuntimeError(f"seed {seed}: the compute-matched arm needs the MAE and MAE+AEMIM records of seed {seed}")
     return minutes["MAE+AEMIM"] / minutes["MAE"]
 
 
-def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: int, data: list[str]) -> list[str]:
+def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: float, data: list[str]) -> list[str]:
     """The ``advmim fit`` argument list of one arm's pre-training, logging under ``folder``."""
     spec = ARMS[arm]
     configs = ["-c", f"study/{preset.configs}/{spec.pretrain}"]
@@ -383,7 +406,7 @@ def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: 
         *attack_seed,
         "--seed_everything",
         str(seed),
-        f"--trainer.max_epochs={epochs}",
+        *length_arguments(preset, epochs),
         logger,
         *QUIET,
         *preset.extra,
@@ -392,7 +415,7 @@ def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: 
     ]
 
 
-def pretrain(preset: Preset, arm: str, seed: int, folder: Path, epochs: int, data: list[str], callbacks: list = ()):
+def pretrain(preset: Preset, arm: str, seed: int, folder: Path, epochs: float, data: list[str], callbacks: list = ()):
     """Run one pre-training (``callbacks``: class paths added to the trainer's); returns the CLI."""
     argv = pretrain_command(preset, arm, seed, folder, epochs, data)
     return run(argv + [f"--trainer.callbacks+={c}" for c in callbacks])
@@ -509,7 +532,7 @@ def summary(values: list[float]) -> str:
 
 def epochs_cell(record: dict) -> str:
     """A record's pre-training epochs ("-" for the raw pixels, which have none)."""
-    return "-" if record.get("epochs") is None else str(record["epochs"])
+    return "-" if record.get("epochs") is None else f"{record['epochs']:g}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -833,12 +856,8 @@ def main() -> None:
             features_of = pixel_floor(data.normalize, img_size)
         else:
             if ARMS[arm].epoch_factor == "time_ratio":
-                pilot = args.out / "study_pilot.json"
-                while preset.time_ratio == "pilot" and not pilot.exists():  # a pilot running beside this study
-                    print(f"[study {args.preset}] waiting for {pilot}", flush=True)
-                    time.sleep(60)
                 with locked(lock):
-                    ratio = time_ratio(preset, read_records(results), seed, pilot)
+                    ratio = time_ratio(preset, read_records(results), seed)
             epochs = arm_epochs(preset, arm, ratio)
             cli = pretrain(preset, arm, seed, work / arm.replace(" ", "_") / f"seed{seed}", epochs, data_args)
             minutes["pretrain"] = (time.perf_counter() - start) / 60
@@ -849,6 +868,10 @@ def main() -> None:
         minutes["eval"] = (time.perf_counter() - start) / 60
         longest = max(longest, 60 * sum(minutes.values()))
         record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "time_ratio": ratio}
+        if ratio is not None:
+            record["time_ratio_from"] = (
+                "a fixed number" if preset.time_ratio else f"MAE+AEMIM / MAE minutes, seed {seed}"
+            )
         record["metrics"] = metrics
         if attack:
             record["attack"] = attack

@@ -146,21 +146,21 @@ def test_the_pilot_picks_the_smallest_budgeted_epoch_count_beating_the_floor_by_
     assert study.choose_epochs(pilot, budget=2) is None and study.choose_epochs(pilot, budget=4) == 4
 
 
-def test_compute_matched_epochs_follow_the_time_ratio(tmp_path):
+def test_compute_matched_epochs_follow_the_seeds_measured_time_ratio():
     cpu, gpu, smoke = study.PRESETS["cpu"], study.PRESETS["gpu"], study.PRESETS["smoke"]
-    pilot = tmp_path / "study_pilot.json"
-    with pytest.raises(FileNotFoundError, match="--pilot"):
-        study.time_ratio(cpu, [], 0, pilot)
-    pilot.write_text(json.dumps({"time_ratio": 3.6}))
-    assert study.arm_epochs(cpu, "MAE compute-matched", study.time_ratio(cpu, [], 0, pilot)) == round(cpu.epochs * 3.6)
-    assert study.time_ratio(smoke, [], 0, pilot) == smoke.time_ratio  # a preset's own number wins
+    assert study.time_ratio(smoke, [], 0) == smoke.time_ratio  # a preset's own number wins
     assert study.arm_epochs(cpu, "random encoder") == 0 and study.arm_epochs(cpu, "MAE+sign") == cpu.epochs
     records = [record("MAE", 1, 0.8), record("MAE+AEMIM", 1, 0.8)]
-    records[1]["minutes"]["pretrain"] = 3.2  # MAE took 1.0
-    assert study.time_ratio(gpu, records, 1, pilot) == pytest.approx(3.2)
-    assert study.arm_epochs(gpu, "MAE compute-matched", 3.2) == round(gpu.epochs * 3.2)
-    with pytest.raises(RuntimeError, match="seed 0"):
-        study.time_ratio(gpu, records, 0, pilot)
+    records[1]["minutes"]["pretrain"] = 4.4  # MAE took 1.0
+    for preset in (cpu, gpu):
+        assert study.time_ratio(preset, records, 1) == pytest.approx(4.4)
+        with pytest.raises(RuntimeError, match="seed 0"):
+            study.time_ratio(preset, records, 0)
+    epochs = study.arm_epochs(cpu, "MAE compute-matched", 4.4)
+    assert epochs == pytest.approx(4.4)  # a fraction of an epoch too, in steps: 60,000 // 256 = 234 per epoch
+    assert study.length_arguments(cpu, epochs) == ["--trainer.max_epochs=5", "--trainer.max_steps=1030"]
+    assert study.length_arguments(cpu, 1) == ["--trainer.max_epochs=1"]
+    assert study.steps_per_epoch(gpu) == 60_000 // 512 and study.steps_per_epoch(smoke) == 2  # limit_train_batches
 
 
 # ---- records and jobs ----------------------------------------------------------------------------------
@@ -271,4 +271,4 @@ def test_the_gpu_configs_run_at_smoke_size_within_a_time_budget(tmp_path):
     assert list(records) == [study.PIXELS, *study.PRESETS["smoke-gpu"].arms, "MAE+AEMIM eps 8"]
     ratio = records["MAE+AEMIM"]["minutes"]["pretrain"] / records["MAE"]["minutes"]["pretrain"]
     assert records["MAE compute-matched"]["time_ratio"] == pytest.approx(ratio)
-    assert records["MAE compute-matched"]["epochs"] == round(ratio)
+    assert records["MAE compute-matched"]["epochs"] == pytest.approx(ratio)

@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 
 from advmim_pl.cli import run
 from advmim_pl.eval import KNNMonitor
-from advmim_pl.export import export_encoder
+from advmim_pl.export import export_encoder, export_folder
 from advmim_pl.mim import MAE
 from advmim_pl.models.branch_norm import clean_state_dict
 from advmim_pl.models.pos_embed import sincos_2d
@@ -147,7 +147,7 @@ def test_a_continuation_from_an_exported_encoder_starts_at_its_quality(pretraine
     exported = str(export_encoder(pretrained["mae"], tmp_path / "encoder.safetensors"))
     knn, losses, checkpoint = continued(exported, tmp_path / "continued")
     random_knn, _, _ = continued(None, tmp_path / "random")
-    assert knn >= random_knn + 0.05, (knn, random_knn)  # measured: 0.678 vs 0.588
+    assert knn >= random_knn + 0.08, (knn, random_knn)  # measured: 0.646 vs 0.498
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # the fresh decoder learns on the loaded encoder
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["init_from"] == exported and saved["hyper_parameters"]["init_from"] is None
@@ -232,7 +232,9 @@ def test_an_encoder_of_another_architecture_is_one_line(tmp_path, capsys):
 
 def test_init_from_and_ckpt_path_together_are_refused(tmp_path):
     path = save_reference(reference_mae_state(), tmp_path / "mae_full.pth")
-    with pytest.raises(SystemExit, match=r"--ckpt_path .* resumes a run .*init_from .* starts a new one .*: give one of them"):
+    with pytest.raises(
+        SystemExit, match=r"--ckpt_path .* resumes a run .*init_from .* starts a new one .*: give one of them"
+    ):
         run(["fit", "-c", "quickstart.yaml", *MICRO_FLAGS, "--model.init_args.init_from", path, "--ckpt_path", path])
 
 
@@ -254,3 +256,14 @@ def test_missing_and_truncated_files_are_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="is truncated or not a checkpoint") as err:
         read_weights(path)
     assert "\n" not in str(err.value)
+
+
+def test_an_exported_folder_loads_through_init_from_as_the_checkpoint_does(pretrained, tmp_path):
+    folder = export_folder(pretrained["mae"], tmp_path / "encoder")
+    weights = read_weights(f"local-dir:{folder}")
+    assert weights.method == "MAE" and weights.mean == SAMPLE["mean"] and weights.std == SAMPLE["std"]
+    from_folder, from_checkpoint = (
+        LinearProbeModule(10, **SAMPLE, init_from=s) for s in (str(folder), pretrained["mae"])
+    )
+    for key, value in from_checkpoint.encoder.vit.state_dict().items():
+        assert torch.equal(from_folder.encoder.vit.state_dict()[key], value), key
