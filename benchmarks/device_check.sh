@@ -2,7 +2,10 @@
 # All GPU checks in one short run on one GPU:
 #   throughput at the speed targets (ViT-B/16 224 px batch 256 bf16, eager and compiled; ViT-Tiny
 #   32 px end to end on GPU-resident Fashion-MNIST), an FSDP fit on one GPU with the plug-in, and a bf16
-#   AEMIM quickstart. Results (JSON/Markdown named with the device) go to benchmarks/results/ and to $OUT.
+#   AEMIM quickstart, and the input-pipeline benchmark on the GPU machine's CPU cores (ImageFolder decode pil / fast
+#   against torchvision's reference, 1 to 8 workers; it builds its JPEGs from scikit-image's and foolbox's bundled
+#   photographs, so both must be installed there: pip install -e '.[bench]'). Results (JSON/Markdown named with the
+#   device) go to benchmarks/results/ and to $OUT.
 # Usage on a GPU machine with torch, timm and lightning, after `pip install --no-deps -e .` and jsonargparse:
 #   OUT=/tmp/out bash benchmarks/device_check.sh
 set -euo pipefail
@@ -33,5 +36,8 @@ run python -m advmim_pl.cli fit -c quickstart_adv.yaml -c trainer/fsdp.yaml --tr
 run python -m advmim_pl.cli fit -c quickstart_adv.yaml -c trainer/gpu.yaml --trainer.max_epochs 2 \
   --trainer.enable_progress_bar false
 
-cp benchmarks/results/throughput_*.{json,md} "$OUT"/ 2>/dev/null || true
+# 5. Input pipeline on this machine's cores: images/s per worker of each data path, and the cores to feed one GPU
+run python benchmarks/input_pipeline.py --workers 1,2,4,8 --rounds 2
+
+cp benchmarks/results/throughput_*.{json,md} benchmarks/results/input_pipeline_*.{json,md} "$OUT"/ 2>/dev/null || true
 echo "device checks done"
