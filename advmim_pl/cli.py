@@ -3,6 +3,7 @@
 import argparse
 import inspect
 import os
+import re
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -63,6 +64,44 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+def innermost_error(message: str) -> str:
+    """jsonargparse's nested parse error -> one line: the full key (``model.init_args.aux_weight``) and the innermost
+    reason, which names the value and the bound or type; other errors with their lines joined."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keys = [i for i, line in enumerate(lines) if re.match(r'Parser key "[^"]+"', line)]
+    if not keys:
+        return " ".join(lines)
+    path = ".init_args.".join(re.match(r'Parser key "([^"]+)"', lines[i]).group(1) for i in keys)
+    inner = lines[keys[-1] + 1 :]
+    given = next((line.removeprefix("Given value: ") for line in inner if line.startswith("Given value: ")), None)
+    skipped = ("Does not validate", "Subtypes:", "Given value", "- Expected a <class 'NoneType'>")
+    reasons = [line.removeprefix("- ") for line in inner if not line.endswith(":") and not line.startswith(skipped)]
+    classes = [
+        m.group(1) for line in inner if (m := re.match(r"(?:- )?Problem with given class_path '([^']+)':", line))
+    ]
+    if reasons and not reasons[0].startswith("Expected a"):
+        reason = f"{classes[-1]}: {reasons[0]}" if classes else reasons[0]
+    elif given is not None:
+        expected = [m.group(1) for line in inner if (m := re.match(r"- Expected a <class '([^']+)'>", line))]
+        reason = f"{given!r} is not a valid value" + (f": expected {' or '.join(expected)}" if expected else "")
+    else:
+        reason = lines[keys[-1]]
+    return f"{path}: {reason}"
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Lightning's parser, whose parse errors are one line naming the key, the value and the bound (the usage text
+    belongs to ``--help``); exit code 2, as argparse's."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse trying the alternatives of a Union: it catches the exception
+            return super().error(message, ex)
+        subcommand = self.prog.replace(" [options]", "").split()[1:]  # the program's own name depends on how it ran
+        prog = " ".join(["advmim", *subcommand[-1:]])
+        sys.stderr.write(f"{prog}: error: {innermost_error(str(message))} (every option: {prog} --help)\n")
+        raise SystemExit(2)
+
+
 class AdvMIMCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
@@ -77,6 +116,7 @@ class AdvMIMCLI(LightningCLI):
     """
 
     def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)

@@ -31,7 +31,7 @@ def test_every_config_is_shipped_and_resolvable():
 def test_job_configs_parse_with_their_values(config, capsys):
     printed = printed_config(capsys, "-c", config.name)
     assert_contains(printed, yaml.safe_load(config.read_text()))
-    assert (printed["attack"] is not None) == config.name.endswith("_adv.yaml")
+    assert (printed["attack"] is not None) == config.name.endswith(("_adv.yaml", "_adv_continue.yaml"))
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda p: p.name)
