@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from provenance import git_commit
+from provenance import git_commit, write_results
 from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision import transforms as T
@@ -403,13 +403,7 @@ def main() -> None:
         "profile": prof,
         "notes": NOTES,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown(report)
-    (out / f"input_pipeline_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"input_pipeline_{slug}.md").write_text(text)
-    print(text)
-    print(f"wrote {out}/input_pipeline_{slug}.json and .md")
+    write_results(args.out, f"input_pipeline_{slug}", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Results go to benchmarks/results/throughput_<device>_<model>_<img>px_bs<batch>[_
 
 import argparse
 import gc
-import json
 import os
 import resource
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
-from provenance import device_info, git_commit
+from provenance import device_info, git_commit, write_results
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from advmim_pl.adversarial import AdversarialTargetCallback
@@ -352,13 +351,7 @@ def main() -> None:
     }
     suffix = ("_compile" if args.compile else "") + ("" if args.precision == "bf16-mixed" else f"_{args.precision}")
     stem = f"throughput_{slug}_{args.model}_{args.img_size}px_bs{args.batch_size}{suffix}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown(report)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(text)
-    print(f"wrote {out / stem}.json and .md")
+    write_results(args.out, stem, report, markdown(report))
 
 
 if __name__ == "__main__":
