@@ -19,15 +19,11 @@ from safetensors.torch import load_file, save_file
 from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme  # the card push_to_hf_hub writes, so the folder's matches the Hub's
 
+from advmim_pl.models.vit import timm_kwargs
 from advmim_pl.reliability import read_checkpoint
 from advmim_pl.weights import encoder_state_dict, method_name
 
 TASK = "image-feature-extraction"  # the Hub's pipeline tag for an encoder without a classifier head
-
-
-def timm_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
-    """``timm.create_model`` arguments that rebuild the encoder of a module with these hyperparameters."""
-    return {"model_name": hparams["encoder"], **model_args(hparams)}
 
 
 def model_args(hparams: dict[str, Any]) -> dict[str, Any]:

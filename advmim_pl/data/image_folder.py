@@ -13,9 +13,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from advmim_pl.data.base import ImageDataModule
 from advmim_pl.data.jpeg import JpegCropFlip
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 
 
 def check_image_root(root: str, arg: str) -> list[str]:

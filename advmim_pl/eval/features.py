@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from advmim_pl.checks import plain, require_positive
 from advmim_pl.data.base import ImageDataModule, TensorImageDataset
-from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
+from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules.classifier import GlobalPool
+from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 from advmim_pl.weights import load_encoder, read_weights
 
 POOLINGS = ("token", "avg")
@@ -437,17 +438,7 @@ def random_encoder(architecture: dict[str, Any], seed: int) -> MaskedViT:
     kwargs = {k: v for k, v in (architecture.get("encoder_kwargs") or {}).items() if k != "global_pool"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MaskedViT(
-            architecture["encoder"],
-            architecture["img_size"],
-            architecture["patch_size"],
-            architecture["in_chans"],
-            architecture["mean"],
-            architecture["std"],
-            0.0,
-            architecture["sincos_pos_embed"],
-            kwargs,
-        )
+        return MaskedViT.from_settings({**architecture, "encoder_kwargs": kwargs})
 
 
 class Pooled(nn.Module):

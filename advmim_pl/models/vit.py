@@ -1,6 +1,6 @@
 """Masked-encoding wrapper around any timm VisionTransformer."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import timm
@@ -10,9 +10,22 @@ from torch import Tensor, nn
 
 from advmim_pl.models.normalize import Normalize
 from advmim_pl.models.pos_embed import sincos_2d
+from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHITECTURE = ("encoder", "img_size", "patch_size", "in_chans", "mean", "std", "sincos_pos_embed", "encoder_kwargs")
+
+
+def timm_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``timm.create_model`` arguments of the plain timm ViT behind a module with these ``ARCHITECTURE`` settings
+    (its hyperparameters), without a classifier head."""
+    return {
+        "model_name": settings["encoder"],
+        "num_classes": 0,
+        "img_size": settings["img_size"],
+        "patch_size": settings["patch_size"],
+        "in_chans": settings["in_chans"],
+        **(settings.get("encoder_kwargs") or {}),
+    }
 
 
 class MaskedViT(nn.Module):
@@ -67,6 +80,25 @@ class MaskedViT(nn.Module):
             raise ValueError(f"{name!r} is not a timm VisionTransformer with absolute position embeddings")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token else None
         self._init_weights(sincos_pos_embed)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], drop_path_rate: float = 0.0, mask_token: bool = False, **model_kwargs
+    ) -> "MaskedViT":
+        """The encoder of a module whose hyperparameters ``settings`` hold the ``ARCHITECTURE`` keys; ``model_kwargs``
+        are added to its ``encoder_kwargs`` (e.g. ``global_pool``). The one place settings become an encoder."""
+        return cls(
+            settings["encoder"],
+            settings["img_size"],
+            settings["patch_size"],
+            settings["in_chans"],
+            settings["mean"],
+            settings["std"],
+            drop_path_rate,
+            settings.get("sincos_pos_embed", True),
+            {**(settings.get("encoder_kwargs") or {}), **model_kwargs},
+            mask_token,
+        )
 
     def _init_weights(self, sincos_pos_embed: bool) -> None:
         """MAE init: xavier-uniform linears and patch projection, normal(0.02) tokens, fixed sin-cos."""

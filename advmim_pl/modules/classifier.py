@@ -102,17 +102,7 @@ class ClassifierModule(BaseModule):
         weights = read_weights(init_from) if init_from is not None else None
         global_pool = resolve_pooling(global_pool, weights and weights.method, self.default_pool, str(init_from))
         self.store_hparams(global_pool=global_pool)
-        self.encoder = MaskedViT(
-            encoder,
-            img_size,
-            patch_size,
-            in_chans,
-            mean,
-            std,
-            drop_path_rate,
-            sincos_pos_embed,
-            {**(encoder_kwargs or {}), "global_pool": global_pool},
-        )
+        self.encoder = MaskedViT.from_settings(self.hparams, drop_path_rate, global_pool=global_pool)
         if weights is not None:
             load_encoder(self.encoder.vit, weights, str(init_from))
             weights.check_statistics(str(init_from), mean, std)

@@ -15,8 +15,8 @@ from torchvision.transforms import v2
 
 from advmim_pl.checks import require_non_negative
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
-from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD
 from advmim_pl.modules.classifier import ClassifierModule, GlobalPool, soft_cross_entropy
+from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 
 
 def finetune_adamw(params: Iterable) -> torch.optim.Optimizer:

@@ -17,8 +17,9 @@ from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, Mask, MIMMethod
 from advmim_pl.models.branch_norm import add_branch_norms, branch
-from advmim_pl.models.vit import IMAGENET_MEAN, IMAGENET_STD, MaskedViT
+from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules.base import BaseModule
+from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 from advmim_pl.rng import SeededStream, generator_for, preserved, rank_states
 from advmim_pl.schedule import weight_decay_groups
 from advmim_pl.weights import load_decoder, load_encoder, read_weights
@@ -129,18 +130,7 @@ class PretrainModule(BaseModule):
             method = instantiate_class((), method)
         self.store_hparams(ignore=("method",), method=method.config())  # load_from_checkpoint rebuilds the method
         self.method = method
-        self.encoder = MaskedViT(
-            encoder,
-            img_size,
-            patch_size,
-            in_chans,
-            mean,
-            std,
-            drop_path_rate,
-            sincos_pos_embed,
-            encoder_kwargs,
-            mask_token=method.uses_mask_token,
-        )
+        self.encoder = MaskedViT.from_settings(self.hparams, drop_path_rate, mask_token=method.uses_mask_token)
         self.decoder = method.make_decoder(self.encoder)
         if init_from is not None:
             self.load_weights(init_from)

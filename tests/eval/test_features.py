@@ -78,8 +78,10 @@ def test_logistic_regression_agrees_with_scikit_learn_at_the_chosen_c(sample, na
     train, test = sample
     settings = ProbeSettings()
     probe = logistic_probe(train.features[name], train.labels, 10, settings.c_grid)
-    # converged: stopped by the gradient tolerance or by float32 precision (no more change), not the iteration limit
-    assert probe.fit.iterations < settings.max_iter and probe.fit.grad_max <= 10 * settings.tolerance
+    # converged: stopped by the gradient tolerance or by float32 precision (no more change), not the iteration limit;
+    # where float32 stalls depends on the CPU (largest gradient entry 2.1e-4 on an AMD EPYC, within 1e-4 where this
+    # test was first run), so agreement with scikit-learn run to tol 1e-7 below is what shows the optimum was reached
+    assert probe.fit.iterations < settings.max_iter and probe.fit.grad_max <= 50 * settings.tolerance
     assert probe.fit.c in settings.c_grid
     held_out = probe.heldout_accuracy
     assert held_out[probe.fit.c] == max(held_out.values())  # C chosen on the held-out part
