@@ -16,8 +16,18 @@ def device_info(device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return name, name.lower().replace(" ", "-")
-    cores, cpu = os.cpu_count(), platform.processor() or platform.machine()
+    cores, cpu = os.cpu_count(), cpu_model() or platform.processor() or platform.machine()
     return f"CPU {cpu}, {cores} cores, torch threads: {torch.get_num_threads()}", f"cpu-{cores}core"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none): float results differ between CPU models,
+    so a record says which one made it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def git_commit() -> tuple[str, bool | None]:
