@@ -218,7 +218,8 @@ def test_a_decoder_of_another_width_stays_fresh_and_is_reported(tmp_path, caplog
     assert "its decoder does not fit this one, so the decoder starts fresh: mask_token (1, 1, 16) vs (1, 1, 32)" in (
         caplog.text
     )
-    assert "embed.weight (16, 64) vs (32, 64)" in caplog.text and len(caplog.records) == 1
+    assert "embed.weight (16, 64) vs (32, 64)" in caplog.text and caplog.text.count("starts fresh") == 1
+    assert "facebookresearch/mae): loaded the encoder; a new run starts" in caplog.text  # not the decoder
 
 
 def test_an_encoder_of_another_architecture_is_one_line(tmp_path, capsys):

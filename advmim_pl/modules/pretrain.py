@@ -8,7 +8,7 @@ import torch
 from jsonargparse import lazy_instance
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable, instantiate_class
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from advmim_pl.adversarial.attack import Objective, frozen_eval, random_sign
@@ -148,9 +148,12 @@ class PretrainModule(BaseModule):
         weights = read_weights(source)
         load_encoder(self.encoder.vit, weights, source)
         weights.check_statistics(source, self.hparams.mean, self.hparams.std)
-        load_decoder(self.decoder, weights, source, self.encoder.num_prefix_tokens)
-        if self.encoder.mask_token is not None and weights.mask_token is not None:
+        decoder = load_decoder(self.decoder, weights, source, self.encoder.num_prefix_tokens)
+        mask_token = self.encoder.mask_token is not None and weights.mask_token is not None
+        if mask_token:
             self.encoder.mask_token.data.copy_(weights.mask_token.reshape(self.encoder.mask_token.shape))
+        loaded = ["the encoder", *(["the decoder"] if decoder else []), *(["the mask token"] if mask_token else [])]
+        rank_zero_info(f"init_from {source!r} ({weights.made_by}): loaded {', '.join(loaded)}; a new run starts")
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
     def configure_model(self) -> None:
