@@ -28,13 +28,7 @@ TASK = "image-feature-extraction"  # the Hub's pipeline tag for an encoder witho
 
 def model_args(hparams: dict[str, Any]) -> dict[str, Any]:
     """The encoder's architecture arguments (``timm_kwargs`` without the model name): timm's ``model_args``."""
-    return {
-        "num_classes": 0,
-        "img_size": hparams["img_size"],
-        "patch_size": hparams["patch_size"],
-        "in_chans": hparams["in_chans"],
-        **(hparams.get("encoder_kwargs") or {}),
-    }
+    return {k: v for k, v in timm_kwargs(hparams).items() if k != "model_name"}
 
 
 def project_metadata(hparams: dict[str, Any]) -> dict[str, Any]:

@@ -76,8 +76,8 @@ class PretrainedWeights:
 
     ``encoder`` is a timm ViT state dict; ``decoder`` (or None) a state dict of this project's decoder of the method;
     ``mask_token`` SimMIM's encoder mask token (or None). ``consumed`` maps every key of the source file to where it
-    went (``encoder.<key>``, ``decoder.<key>``, ``encoder.mask_token``) or why it was dropped, so nothing is ignored
-    silently."""
+    went (``encoder.<key>`` or, from this project's checkpoints, ``encoder``; ``decoder.<key>``;
+    ``encoder.mask_token``) or why it was dropped, so nothing is ignored silently."""
 
     encoder: dict[str, Tensor]
     made_by: str

@@ -391,6 +391,11 @@ def time_ratio(preset: Preset, records: list[dict], seed: int) -> float:
     return minutes["MAE+AEMIM"] / minutes["MAE"]
 
 
+def limit_arguments(preset: Preset) -> list[str]:
+    """``--data.init_args.limit_train`` of a preset that trains on fewer than all training images."""
+    return [f"--data.init_args.limit_train={preset.limit_train}"] if preset.limit_train else []
+
+
 def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: float, data: list[str]) -> list[str]:
     """The ``advmim fit`` argument list of one arm's pre-training, logging under ``folder``."""
     spec = ARMS[arm]
@@ -399,7 +404,7 @@ def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: 
         configs += ["-c", overlay]
     attack_seed = ["--attack.init_args.seed", str(seed)] if spec.overlays else []  # its RNG follows the seed
     logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: pretrain}}}}"
-    limit = [f"--data.init_args.limit_train={preset.limit_train}"] if preset.limit_train else []
+    limit = limit_arguments(preset)
     return [
         "fit",
         *configs,

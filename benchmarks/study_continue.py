@@ -28,6 +28,7 @@ from study import (
     claim,
     encoder_features,
     evaluate,
+    limit_arguments,
     locked,
     pct,
     pretrain,
@@ -153,9 +154,9 @@ def score(
         if seed == 0:
             base = PretrainModule.load_from_checkpoint(init_from, map_location=data.test_x.device)
             metrics = evaluate(encoder_features(base), data, spec.pretrain, full=False)
-    limit = [f"--data.init_args.limit_train={spec.pretrain.limit_train}"] if spec.pretrain.limit_train else []
+    extra = data_args + limit_arguments(spec.pretrain)
     for protocol in spec.few_labels:
-        metrics[protocol] = few_label_accuracy(spec, protocol, init_from, seed, data, folder, data_args + limit)
+        metrics[protocol] = few_label_accuracy(spec, protocol, init_from, seed, data, folder, extra)
     return metrics, about
 
 

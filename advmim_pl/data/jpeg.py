@@ -27,8 +27,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-RATIO = (3 / 4, 4 / 3)  # aspect-ratio range (width / height) of RandomResizedCrop
-ATTEMPTS = 10  # candidate boxes before the centred fallback, as in torchvision
+from advmim_pl.data.device import ATTEMPTS, RATIO
+
 JPEG_MAGIC = b"\xff\xd8"
 Decoder = Literal["simplejpeg", "pil"]
 
