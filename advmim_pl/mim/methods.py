@@ -35,6 +35,7 @@ class MIMMethod(ABC):
     """Interface every host method implements."""
 
     uses_mask_token: bool = False  # whether ``encode`` needs the encoder's learned mask token
+    pooling: str = "token"  # what a classifier of this method's encoder pools by default: "token" (cls) or "avg"
 
     def config(self) -> dict:
         """``{"class_path", "init_args"}`` that rebuilds this method; every constructor argument is kept as the
@@ -161,6 +162,7 @@ class SimMIM(MIMMethod):
     """
 
     uses_mask_token = True
+    pooling = "avg"  # the decoder drops the cls token's output, so no loss reads it (SimMIM pools patch tokens)
 
     def __init__(self, mask_ratio: OpenUnitInterval = 0.6, mask_patch_size: PositiveInt = 32) -> None:
         _check_ratio(mask_ratio)
