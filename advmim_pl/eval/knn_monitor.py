@@ -23,7 +23,7 @@ from advmim_pl.eval.features import (
     pooled_features,
 )
 from advmim_pl.models.branch_norm import BranchNorm, branch
-from advmim_pl.modules.classifier import GlobalPool, method_pooling
+from advmim_pl.models.pooling import GlobalPool, method_pooling
 
 
 class KNNMonitor(L.Callback):
@@ -43,8 +43,8 @@ class KNNMonitor(L.Callback):
         query_size: validation images scored.
         k: neighbours that vote.
         temperature: T of the vote weights exp(cosine / T).
-        pooling: ``token`` or ``avg``; null picks per method (``avg`` for SimMIM, whose loss never reads the cls
-            token's output, ``token`` otherwise).
+        pooling: ``token`` or ``avg``; null reads the method's ``pooling`` (``avg`` for SimMIM, whose loss never
+            reads the cls token's output; ``token`` for MAE and for a method that declares none).
         batch_size: encoding batch.
         seed: seed of the two subsets.
     """
@@ -104,7 +104,7 @@ class KNNMonitor(L.Callback):
         if self.images is None:
             self._load(trainer)
         encoder = pl_module.encoder
-        pooling = self.pooling or method_pooling(type(pl_module.method).__name__, "token")
+        pooling = self.pooling or method_pooling(pl_module.method, "token")
         branches = ["clean"] + (["aux"] if any(isinstance(m, BranchNorm) for m in encoder.modules()) else [])
         for name in branches:
             features = {}

@@ -161,15 +161,20 @@ class MaskedViT(nn.Module):
             prefix = prefix + prefix_pos
         return prefix, patches + patch_pos
 
-    def _transform(self, prefix: Tensor, patches: Tensor) -> Tensor:
-        """Transformer blocks and final norm over (B, P + N', D) tokens."""
+    def _transform(self, prefix: Tensor, patches: Tensor, final_norm: bool = True) -> Tensor:
+        """Transformer blocks, and the final norm unless ``final_norm`` is false, over (B, P + N', D) tokens."""
         vit = self.vit
-        x = vit.pos_drop(torch.cat([prefix, patches], dim=1))
-        return vit.norm(vit.blocks(vit.norm_pre(x)))
+        x = vit.blocks(vit.norm_pre(vit.pos_drop(torch.cat([prefix, patches], dim=1))))
+        return vit.norm(x) if final_norm else x
+
+    def forward_tokens(self, x: Tensor, final_norm: bool = True) -> Tensor:
+        """All tokens, no masking: images (B, C, H, W) in [0, 1] -> (B, P + N, D), P prefix tokens first; after
+        the final norm, or the last block's output with ``final_norm=False`` (what average pooling reads)."""
+        return self._transform(*self._add_positions(self._embed(x)), final_norm)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """All tokens, no masking: (B, C, H, W) -> (B, P + N, D)."""
-        return self._transform(*self._add_positions(self._embed(x)))
+        """All tokens after the final norm, no masking: (B, C, H, W) -> (B, P + N, D)."""
+        return self.forward_tokens(x)
 
     def forward_visible(self, x: Tensor, keep: Tensor) -> Tensor:
         """Encode only kept patches: x (B, C, H, W), keep (B, K) patch indices -> (B, P + K, D)."""

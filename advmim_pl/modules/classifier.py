@@ -8,46 +8,20 @@ fine-tuning and robust-accuracy evaluation share.
 """
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from advmim_pl.adversarial.attack import Objective
 from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.models.branch_norm import Branch, branch
+from advmim_pl.models.pooling import GlobalPool, resolve_pooling
 from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules.base import BaseModule
 from advmim_pl.weights import load_encoder, read_weights
-
-GlobalPool = Literal["avg", "token"]
-POOL_DESCRIPTIONS = {"token": "the cls token after the final norm", "avg": "the mean patch token through fc_norm"}
-
-
-def method_pooling(method: str | None, default: GlobalPool) -> GlobalPool:
-    """The pooling a classifier of an encoder pre-trained by ``method`` (e.g. "MAE", "SimMIM"; None if unknown)
-    defaults to: ``avg`` for SimMIM, whose decoder drops the cls token's output so that no loss reads it (SimMIM's
-    own protocol pools the patch tokens), else ``default``."""
-    return "avg" if method == "SimMIM" else default
-
-
-def resolve_pooling(global_pool: GlobalPool | None, method: str | None, default: GlobalPool, source: str) -> GlobalPool:
-    """``global_pool``, or the per-method default when it is None; warns when a token classifier reads a SimMIM
-    encoder's untrained cls token."""
-    if global_pool not in (None, *POOL_DESCRIPTIONS):
-        raise ValueError(f"unknown pooling {global_pool!r}: choose token, avg, or null (the per-method default)")
-    if global_pool is None:
-        return method_pooling(method, default)
-    if global_pool == "token" and method == "SimMIM":
-        rank_zero_warn(
-            f"init_from {source!r} was pre-trained with SimMIM, whose loss never reads the cls token's output: "
-            "global_pool token classifies from a token that was not trained to summarise the image. Set "
-            "model.init_args.global_pool: avg (or null, the per-method default)."
-        )
-    return global_pool
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -60,15 +34,15 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 class ClassifierModule(BaseModule):
     """Shared part of ``LinearProbeModule`` and ``FinetuneModule``: encoder, ``init_from``, metrics and the
-    evaluation steps. The optimiser, its schedule and the attack wiring come from ``BaseModule``.
+    evaluation steps. The optimiser and its schedule come from ``BaseModule``.
 
-    ``global_pool: null`` picks the pooling from the method that pre-trained ``init_from`` (``method_pooling``):
-    ``avg`` for SimMIM, else the subclass's ``default_pool``; the resolved value is what the hyperparameters
+    ``global_pool: null`` picks the pooling the method that pre-trained ``init_from`` declares (its ``pooling``
+    attribute, read by ``advmim_pl.models.pooling.method_pooling``; ``avg`` for SimMIM), else the subclass's
+    ``default_pool``; the resolved value is what the hyperparameters
     (and so checkpoints) keep. Subclasses set ``default_pool``, ``self.head`` (features (B, D) -> logits
     (B, num_classes)) and ``param_groups()``.
     """
 
-    baseline = "plain training"
     head: nn.Module
     default_pool: GlobalPool
 

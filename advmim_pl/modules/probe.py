@@ -11,7 +11,8 @@ from timm.optim import Lars
 from torch import Tensor, nn
 
 from advmim_pl.checks import require_non_negative
-from advmim_pl.modules.classifier import ClassifierModule, GlobalPool
+from advmim_pl.models.pooling import GlobalPool
+from advmim_pl.modules.classifier import ClassifierModule
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 from advmim_pl.schedule import weight_decay_groups
 

@@ -52,8 +52,11 @@ def test_unmasked_encodings_equal_timm_forward_features(micro_encoder, images, l
         visible = enc.forward_visible(x, keep)
         masked = enc.forward_masked(x, torch.zeros(3, enc.num_patches))
         full = enc.forward_features(x)
+        vit = enc.vit  # timm's own forward_features up to the final norm
+        before_norm = vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(enc.normalize(x))))))
+        torch.testing.assert_close(enc.forward_tokens(x, final_norm=False), before_norm, atol=1e-5, rtol=0)
     assert reference.shape == (3, enc.num_prefix_tokens + enc.num_patches, 64)
-    for out in (visible, masked, full, enc(x)):
+    for out in (visible, masked, full, enc(x), enc.forward_tokens(x)):
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
