@@ -1,6 +1,7 @@
 """Argument checks for Python callers (the CLI already enforces the same ranges through jsonargparse types), and the
 conversion of checked arguments back to plain numbers."""
 
+import inspect
 from typing import Any
 
 
@@ -32,3 +33,15 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(plain(item) for item in value)
     return value
+
+
+def constructor_config(obj: Any) -> dict:
+    """``{"class_path", "init_args"}`` that rebuilds ``obj``: its constructor's named arguments (not ``*args`` or
+    ``**kwargs``), each read from the attribute of the same name."""
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    parameters = inspect.signature(type(obj).__init__).parameters.values()
+    names = [p.name for p in parameters if p.name != "self" and p.kind not in kinds]
+    return {
+        "class_path": f"{type(obj).__module__}.{type(obj).__qualname__}",
+        "init_args": {name: getattr(obj, name) for name in names},
+    }

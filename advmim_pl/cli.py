@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.checks import plain
 from advmim_pl.eval.features import EvaluationInputError
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
@@ -89,6 +88,34 @@ def innermost_error(message: str) -> str:
     return f"{path}: {reason}"
 
 
+PLUGIN_OPTIONS = ("aux_weight", "aux_input", "aux_target", "branch_params", "aux_decoder", "aux_target_norm")
+MOVED = (
+    (
+        r"--attack\b|'attack[.']|\battack\.init_args",
+        "the attack: section is now part of the plug-in's one block, model.init_args.plugin (class_path: "
+        "advmim_pl.adversarial.AEMIM, with eps, steps, ... among its init_args); --attack null is now "
+        "--model.init_args.plugin null; fine-tuning takes model.init_args.attack (advmim_pl.adversarial.Attacker)",
+    ),
+    (
+        rf"'((?:{'|'.join(PLUGIN_OPTIONS)}|aux_norm_floor))' is not accepted",
+        "model.init_args.{0} moved into the plug-in's block: model.init_args.plugin.init_args.{0}",
+    ),
+    (
+        r"'adversarial' is not accepted",
+        "model.init_args.adversarial is gone: give model.init_args.plugin (pre-training, an "
+        "advmim_pl.adversarial.AEMIM) or model.init_args.attack (fine-tuning, an advmim_pl.adversarial.Attacker)",
+    ),
+)
+
+
+def moved_key_hint(message: str) -> str | None:
+    """For a parse error caused by a key of the configs before the plug-in became one block, where it went."""
+    for pattern, hint in MOVED:
+        if match := re.search(pattern, message):
+            return hint.format(*match.groups())
+    return None
+
+
 class OneLineErrorParser(LightningArgumentParser):
     """Lightning's parser, whose parse errors are one line naming the key, the value and the bound (the usage text
     belongs to ``--help``); exit code 2, as argparse's."""
@@ -98,16 +125,17 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         subcommand = self.prog.replace(" [options]", "").split()[1:]  # the program's own name depends on how it ran
         prog = " ".join(["advmim", *subcommand[-1:]])
-        sys.stderr.write(f"{prog}: error: {innermost_error(str(message))} (every option: {prog} --help)\n")
+        hint = moved_key_hint(str(message))
+        reason = innermost_error(str(message)) + (f"; {hint}" if hint else "")
+        sys.stderr.write(f"{prog}: error: {reason} (every option: {prog} --help)\n")
         raise SystemExit(2)
 
 
 class AdvMIMCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
-    - ``attack:`` (optional) configures the ``AdversarialTargetCallback``; setting it turns the
-      plug-in on in the module (``model.init_args.adversarial`` is derived from it), leaving it null
-      gives the plain MIM baseline.
+    - The AEMIM plug-in is one block of the model, ``model.init_args.plugin`` (null: the plain MIM baseline);
+      configs written for the earlier ``attack:`` section fail in one line that names the new keys.
     - ``checkpoint:`` (last + best on ``val/loss``), ``nonfinite:`` (skip non-finite steps), ``lr_monitor:`` and
       ``progress_bar:`` are always on; checkpoints are read through ``SafeCheckpointIO``.
     - ``--ckpt_path last`` resumes the newest run in ``runs/`` and keeps logging into it.
@@ -142,8 +170,6 @@ class AdvMIMCLI(LightningCLI):
         parser._subcommands_action.add_subcommand("export", export, help=EXPORT_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_subclass_arguments(AdversarialTargetCallback, "attack", required=False)
-        parser.link_arguments("attack", "model.init_args.adversarial", compute_fn=lambda attack: attack is not None)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -209,13 +235,10 @@ class AdvMIMCLI(LightningCLI):
         logger.init_args.version = int(found[-1].parts[-3].split("_")[1])
 
     def instantiate_classes(self) -> None:
-        """Constructor checks (sizes, paths, options, devices the machine lacks) and module/attack combinations
-        that cannot work become one-line configuration errors, not tracebacks."""
+        """Constructor checks (sizes, paths, options, devices the machine lacks) become one-line configuration
+        errors, not tracebacks."""
         try:
             super().instantiate_classes()
-            attack, model = self._get(self.config_init, "attack"), getattr(self, "model", None)
-            if attack is not None and hasattr(model, "check_attack"):
-                model.check_attack(attack)  # combinations of module and attack that cannot work
         except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError, MisconfigurationException) as err:
             cause = err.__cause__ or err
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
@@ -236,11 +259,6 @@ class AdvMIMCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
-        attack = self._get(self.config_init, "attack")
-        if attack is not None:
-            callbacks = trainer_config.get("callbacks") or []
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            kwargs["callbacks"] = [*callbacks, attack]
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
@@ -325,6 +343,11 @@ def run(argv: list[str] | None = None) -> AdvMIMCLI | None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["export"]:
         export_main(args[1:])
+        return None
+    if args[:1] == ["prepare"]:
+        from advmim_pl.data.prepare import main as prepare_main
+
+        prepare_main(args[1:])
         return None
     try:
         if argv is None:

@@ -62,7 +62,7 @@ def clean_encoder(checkpoint: dict[str, Any]) -> torch.nn.Module:
     hparams = checkpoint["hyper_parameters"]
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     preprocessing = {
-        "tag": method_name(hparams).lower() + ("_aemim" if hparams.get("adversarial") else ""),
+        "tag": method_name(hparams).lower() + ("_aemim" if with_plugin(hparams) else ""),
         "mean": tuple(hparams["mean"]),
         "std": tuple(hparams["std"]),
         "input_size": (hparams["in_chans"], hparams["img_size"], hparams["img_size"]),
@@ -154,14 +154,14 @@ def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Modu
     feature-evaluation table when a ``features.md`` lies beside the checkpoint or in its version folder."""
     hparams = checkpoint["hyper_parameters"]
     method = method_name(hparams) or "masked image modelling"
-    plugin = "with the AEMIM adversarial plug-in" if hparams.get("adversarial") else "without the adversarial plug-in"
+    plugin = "with the AEMIM adversarial plug-in" if with_plugin(hparams) else "without the adversarial plug-in"
     size, chans = hparams["img_size"], hparams["in_chans"]
     details: dict[str, Any] = {
         "Model type": "Image feature backbone (ViT encoder, no classifier head)",
         "Pre-training": f"{method}, {plugin}",
     }
-    if hparams.get("adversarial"):
-        details["Attack"] = attack_settings(checkpoint) or "not recorded in the checkpoint"
+    if with_plugin(hparams):
+        details["Plug-in"] = plugin_settings(checkpoint) or "not recorded in the checkpoint"
     details |= {
         "Params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "Image size": f"{size} x {size}, {chans} channel{'s' if chans > 1 else ''}, {hparams['patch_size']}-px patches",
@@ -169,7 +169,9 @@ def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Modu
         "Data": data_description(checkpoint),
         "Training": training_length(checkpoint),
         "Method options": hparams.get("method", {}).get("init_args", {}),
-        "Pre-training options": {k: v for k, v in hparams.items() if k != "method" and not k.startswith("_")},
+        "Pre-training options": {
+            k: v for k, v in hparams.items() if k not in ("method", "plugin") and not k.startswith("_")
+        },
         "Checkpoint": ckpt_path.name,
     }
     card = {
@@ -188,8 +190,18 @@ def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Modu
     return card
 
 
-def attack_settings(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The attack's settings saved by ``AdversarialTargetCallback`` (its state is the one with ``settings``)."""
+def with_plugin(hparams: dict[str, Any]) -> bool:
+    """Whether the run had the AEMIM plug-in (``plugin`` in its hyperparameters; ``adversarial`` before the plug-in
+    became one block)."""
+    return bool(hparams.get("plugin") or hparams.get("adversarial"))
+
+
+def plugin_settings(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The plug-in's settings: its hyperparameters, or for checkpoints written before the plug-in became one block, the
+    attack's settings saved by ``AdversarialTargetCallback`` (its state is the one with ``settings``)."""
+    plugin = checkpoint["hyper_parameters"].get("plugin")
+    if plugin:
+        return plugin["init_args"]
     for state in checkpoint.get("callbacks", {}).values():
         if isinstance(state, dict) and "settings" in state:
             return state["settings"]

@@ -1,38 +1,41 @@
-"""AdversarialTargetCallback: the Lightning side of the attack (the CLI's ``attack:`` section, checkpoint state,
-image grids). The attack itself is the plain ``Attacker``."""
+"""AdversarialTargetCallback: the Lightning side of an ``Attacker`` (checkpoint state, warnings, image grids). A module
+with an attack returns it from ``configure_callbacks``, so nobody configures it by hand."""
 
 import lightning as L
-from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from advmim_pl.adversarial.attacker import Attacker, require
+from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.rng import rank_states
 
 __all__ = ["AdversarialTargetCallback"]
 
 
-class AdversarialTargetCallback(Attacker, L.Callback):
-    """An ``Attacker`` on the trainer: modules find it in ``trainer.callbacks`` and call ``generate`` mid-step;
-    Lightning saves its state (settings, generator, non-finite count) in checkpoints; it writes the image grids
-    a training step returns under ``outputs["visuals"]`` to TensorBoard.
+class AdversarialTargetCallback(L.Callback):
+    """Puts a module's ``Attacker`` on the trainer: Lightning saves its state (settings, every rank's generator,
+    non-finite count) in checkpoints and restores it on resume; at the trainer's logging steps it warns when the
+    count of non-finite attack gradients grew; it writes the image grids a training step returns under
+    ``outputs["visuals"]`` to TensorBoard. The attack itself runs inside the module's step, on the device and under
+    the trainer's precision.
 
     Args:
-        on_validation: also craft targets for validation batches.
+        attacker: the module's attack engine.
         log_images_every_n_steps: image-grid period in optimizer steps (0 = never).
-        attack: the attack's settings (eps, steps, step_size, random_start, perturbation, distance, attack_mask,
-            warmup_epochs, seed), passed to ``Attacker``, which documents and checks them; LightningCLI reads
-            their types and defaults from there.
     """
 
-    def __init__(
-        self, *, on_validation: bool = False, log_images_every_n_steps: NonNegativeInt = 500, **attack
-    ) -> None:
-        super().__init__(**attack)
-        require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0")
-        self.on_validation = on_validation
+    def __init__(self, attacker: Attacker, log_images_every_n_steps: int = 0) -> None:
+        self.attacker = attacker
         self.log_images_every_n_steps = log_images_every_n_steps
+        self._warned = 0
+
+    def state_dict(self) -> dict:
+        return self.attacker.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.attacker.load_state_dict(state_dict)
+        self._warned = self.attacker.nonfinite_batches
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Every rank's generator state goes into the checkpoint (rank 0 writes it), so each resumes its own."""
@@ -49,6 +52,14 @@ class AdversarialTargetCallback(Attacker, L.Callback):
         visuals = outputs.get("visuals") if isinstance(outputs, dict) else None
         if visuals:
             self._log_grids(trainer, visuals, trainer.global_step)
+        if trainer.global_step % trainer.log_every_n_steps == 0:  # the host reads the device count only here
+            count = self.attacker.nonfinite_batches
+            if count > self._warned:
+                self._warned = count
+                rank_zero_warn(
+                    f"{type(self.attacker).__name__}: {count} batch(es) so far had a non-finite attack gradient and "
+                    "fell back to clean inputs. Lower the learning rate or use bf16-mixed."
+                )
 
     @staticmethod
     def _log_grids(trainer: L.Trainer, visuals: dict[str, Tensor], step: int) -> None:

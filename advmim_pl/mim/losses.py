@@ -1,7 +1,20 @@
 """Reconstruction targets and losses, as pure functions."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TargetNorm:
+    """How a host method that normalises its target per patch (MAE's ``norm_pix_loss``) does it: the variance floor
+    ``var_floor`` added to each patch's variance, and the images ``stats_from`` (B, C, H, W) whose patch statistics
+    are used (None: the target's own). The default is the method's plain normalisation. Methods whose target is not
+    normalised per patch ignore it."""
+
+    var_floor: float = 0.0
+    stats_from: Tensor | None = None
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:

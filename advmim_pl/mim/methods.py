@@ -4,7 +4,6 @@ A method owns no parameters: the LightningModule builds the encoder and asks the
 so the same method object can serve a clean and an auxiliary branch.
 """
 
-import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -12,7 +11,8 @@ import torch
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from torch import Tensor, nn
 
-from advmim_pl.mim.losses import mae_loss, patchify, simmim_loss, unpatchify, upsample_mask
+from advmim_pl.checks import constructor_config
+from advmim_pl.mim.losses import TargetNorm, mae_loss, patchify, simmim_loss, unpatchify, upsample_mask
 from advmim_pl.mim.masking import block_masking, random_masking
 from advmim_pl.models.decoders import MAEDecoder, SimMIMDecoder
 from advmim_pl.models.vit import MaskedViT
@@ -40,11 +40,7 @@ class MIMMethod(ABC):
     def config(self) -> dict:
         """``{"class_path", "init_args"}`` that rebuilds this method; every constructor argument is kept as the
         attribute of the same name. PretrainModule stores it in its hyperparameters (and so in checkpoints)."""
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        return {
-            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-            "init_args": {name: getattr(self, name) for name in names},
-        }
+        return constructor_config(self)
 
     @abstractmethod
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
@@ -72,17 +68,10 @@ class MIMMethod(ABC):
 
     @abstractmethod
     def loss(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        mask: Mask,
-        encoder: MaskedViT,
-        var_floor: float = 0.0,
-        stats_from: Tensor | None = None,
+        self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT, norm: TargetNorm = TargetNorm()
     ) -> Tensor:
-        """Scalar reconstruction loss of ``pred`` against target images (B, C, H, W). A method whose target is
-        normalised per patch normalises it with the variance floor ``var_floor`` and the statistics of the
-        images ``stats_from`` (B, C, H, W), by default the target's own (see ``normalize_patches``)."""
+        """Scalar loss of ``pred`` against the method's targets of ``images`` (B, C, H, W) (pixels, normalised patches,
+        features, ...) on the masked patches. A method whose target is normalised per patch follows ``norm``."""
 
     @abstractmethod
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
@@ -138,10 +127,10 @@ class MAE(MIMMethod):
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         return decoder(latent, mask.keep)
 
-    def loss(self, pred, target, mask, encoder, var_floor=0.0, stats_from=None) -> Tensor:
+    def loss(self, pred, images, mask, encoder, norm=TargetNorm()) -> Tensor:
         p = encoder.patch_size
-        stats = None if stats_from is None else patchify(stats_from, p)
-        return mae_loss(pred, patchify(target, p), mask.patches, self.norm_pix_loss, var_floor, stats)
+        stats = None if norm.stats_from is None else patchify(norm.stats_from, p)
+        return mae_loss(pred, patchify(images, p), mask.patches, self.norm_pix_loss, norm.var_floor, stats)
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
         pred = pred.float()
@@ -207,9 +196,9 @@ class SimMIM(MIMMethod):
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         return decoder(latent)
 
-    def loss(self, pred, target, mask, encoder, var_floor=0.0, stats_from=None) -> Tensor:
-        """L1 on raw pixels: the target is not normalised, so ``var_floor`` and ``stats_from`` do not apply."""
-        return simmim_loss(pred, target, upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size))
+    def loss(self, pred, images, mask, encoder, norm=TargetNorm()) -> Tensor:
+        """L1 on raw pixels: the target is not normalised per patch, so ``norm`` does not apply."""
+        return simmim_loss(pred, images, upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size))
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
         pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)

@@ -2,7 +2,7 @@
 
 Subclasses build their networks and supply ``param_groups()``; the base owns the hyperparameters (kept as plain
 numbers, so checkpoints load with ``torch.load(weights_only=True)``), the optimiser with the scaled learning rate
-and its schedule, and the wiring of the plug-in's attack.
+and its schedule, and the training progress that attack warm-ups read.
 """
 
 import inspect
@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from advmim_pl.adversarial.callback import AdversarialTargetCallback
+from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.checks import plain
 from advmim_pl.modules.clipping import UnscaledClipping
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine
@@ -26,17 +26,12 @@ class BaseModule(UnscaledClipping, L.LightningModule):
 
     A subclass calls ``store_hparams()`` in its ``__init__`` (its constructor arguments must include
     ``batch_size``, ``base_lr``, ``lr_reference_batch``, ``warmup_epochs`` and ``min_lr``), sets
-    ``baseline`` (what the module is without the attack, for messages) and implements ``param_groups()``.
-    A module built with ``adversarial=True`` needs an ``AdversarialTargetCallback`` on the trainer (the CLI's
-    ``attack:`` section) and finds it as ``self.attack``; one built without refuses it.
+    and implements ``param_groups()``.
     """
-
-    baseline: str = "the baseline"
 
     def __init__(self, optimizer: OptimizerCallable) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
-        self.attack: AdversarialTargetCallback | None = None
 
     def store_hparams(self, ignore: tuple[str, ...] = (), **replaced) -> None:
         """Save the calling ``__init__``'s arguments (less ``optimizer`` and ``ignore``) as hyperparameters, with
@@ -45,27 +40,13 @@ class BaseModule(UnscaledClipping, L.LightningModule):
         self.hparams.update(replaced)
         self.hparams.update(plain(dict(self.hparams)))
 
-    # ---- fit-time wiring ----------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Find the attack on the trainer; for fit, refuse a module/attack mismatch before training starts."""
-        attacks = [c for c in self.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
-        self.attack = attacks[0] if attacks else None
-        if stage != "fit":
-            return
-        name, adversarial = type(self).__name__, bool(self.hparams.get("adversarial"))
-        if adversarial and not attacks:
-            raise RuntimeError(
-                f"{name}(adversarial=True) needs an AdversarialTargetCallback on the trainer. Add an\n"
-                "  attack:\n    class_path: advmim_pl.adversarial.AdversarialTargetCallback\n"
-                "section to the config (or the callback to trainer.callbacks), e.g. by starting from a *_adv.yaml "
-                f"config; set model.init_args.adversarial: false for {self.baseline}."
-            )
-        if attacks and not adversarial:
-            raise RuntimeError(
-                f"An AdversarialTargetCallback is on the trainer but {name} was built without the plug-in "
-                f"(adversarial=False): set model.init_args.adversarial: true, or remove the attack section "
-                f"(--attack null) for {self.baseline}."
-            )
+    def attack_epoch(self, attacker: Attacker) -> float | None:
+        """The fractional training epoch that ``attacker``'s warm-up reads (optimizer steps / steps per epoch; host
+        arithmetic, no sync), or None when it has no warm-up (which then needs no loader length) or no trainer."""
+        trainer = self._trainer
+        if not attacker.warmup_epochs or trainer is None:
+            return None
+        return trainer.global_step / steps_per_epoch(trainer)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -6,16 +6,19 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable, instantiate_class
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from advmim_pl.adversarial.attacker import Attacker
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.checks import require_non_negative
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
-from advmim_pl.modules.classifier import ClassifierModule, GlobalPool, soft_cross_entropy
+from advmim_pl.models.pooling import GlobalPool
+from advmim_pl.modules.classifier import ClassifierModule, soft_cross_entropy
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -25,7 +28,7 @@ def finetune_adamw(params: Iterable) -> torch.optim.Optimizer:
 
 
 class FinetuneModule(ClassifierModule):
-    """End-to-end fine-tuning (MAE protocol), optionally adversarial through the AEMIM attack callback.
+    """End-to-end fine-tuning (MAE protocol), optionally adversarial (AdvProp-style, with the generic ``Attacker``).
 
     Head: pooling (``avg``: mean of patch tokens + ``fc_norm`` LayerNorm, MAE's default; ``token``: cls
     token after the final norm) + ``Linear`` (init trunc-normal std 2e-5, bias 0). Layer-wise lr decay:
@@ -36,10 +39,9 @@ class FinetuneModule(ClassifierModule):
     soft-target cross-entropy (label smoothing folded into the targets), or label-smoothed cross-entropy
     when mixing is off.
 
-    With ``adversarial: true`` an ``AdversarialTargetCallback`` must be on the trainer. Each step it crafts
-    x_a maximising the cross-entropy of the (aux-branch) logits against the step's targets, and the loss is
-    CE(x) + adv_weight * CE(x_a). With ``branch_params: norm`` x_a goes through its own copy of every
-    normalisation layer (AdvProp), initialised from the pre-trained ones; the clean copy is the model.
+    With an ``attack``, each step crafts x_a maximising the cross-entropy of the (aux-branch) logits against the
+    step's targets, and the loss is CE(x) + adv_weight * CE(x_a). With ``branch_params: norm`` x_a goes through its
+    own copy of every normalisation layer (AdvProp), initialised from the pre-trained ones; the clean copy is the model.
 
     Args:
         num_classes: classes (linked from the DataModule's ``num_classes`` by the ``advmim`` CLI).
@@ -74,7 +76,8 @@ class FinetuneModule(ClassifierModule):
         random_erasing: probability of erasing one random rectangle per training image (0.25 in MAE), after
             RandAugment and before Mixup; the rectangle is filled with per-pixel N(0, 1) noise in the normalised
             space (timm ``RandomErasing``, mode ``pixel``), i.e. mean + std * N(0, 1) in pixel units.
-        adversarial: adversarial fine-tuning (needs the ``AdversarialTargetCallback``).
+        attack: adversarial fine-tuning with this ``advmim_pl.adversarial.Attacker`` (its ``{"class_path",
+            "init_args"}`` dict in checkpoints); None trains on clean images only.
         adv_weight: weight of the cross-entropy on x_a.
         branch_params: ``norm`` gives x_a its own normalisation layers (AdvProp); ``none`` shares all.
     """
@@ -112,7 +115,7 @@ class FinetuneModule(ClassifierModule):
         randaugment_ops: PositiveInt = 2,
         randaugment_magnitude: NonNegativeInt = 9,
         random_erasing: ClosedUnitInterval = 0.25,
-        adversarial: bool = False,
+        attack: Attacker | None = None,
         adv_weight: NonNegativeFloat = 1.0,
         branch_params: Literal["norm", "none"] = "norm",
     ) -> None:
@@ -152,8 +155,13 @@ class FinetuneModule(ClassifierModule):
         self.head = nn.Linear(self.encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
-        if adversarial and branch_params == "norm":
-            add_branch_norms(self.encoder)  # after loading: the aux copies start from the pre-trained norms
+        self.attack = instantiate_class((), attack) if isinstance(attack, dict) else attack  # dict: from hparams
+        self.hparams.attack = self.attack and self.attack.config()  # load_from_checkpoint rebuilds the attack
+        self.attack_callback = None
+        if self.attack is not None:
+            self.attack_callback = AdversarialTargetCallback(self.attack)
+            if branch_params == "norm":
+                add_branch_norms(self.encoder)  # after loading: the aux copies start from the pre-trained norms
         self.mixup: Mixup | None = None
         if (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0:
             self.mixup = Mixup(
@@ -168,6 +176,10 @@ class FinetuneModule(ClassifierModule):
         self.randaugment = (
             v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude) if randaugment else None
         )
+
+    def configure_callbacks(self) -> list:
+        """The attack on the trainer (its checkpoint state and warnings)."""
+        return [] if self.attack_callback is None else [self.attack_callback]
 
     # ---- the step ------------------------------------------------------------------------------------
     @property
@@ -205,19 +217,21 @@ class FinetuneModule(ClassifierModule):
         """
         out = {"clean": self.criterion(self.logits(x), target)}
         out["loss"] = out["clean"]
-        if self.hparams.adversarial:
-            result = self.attack.generate(self, x, self.cross_entropy_objective(target, self.adv_branch))
+        if self.attack is not None:
+            epoch = self.attack_epoch(self.attack)
+            objective = self.cross_entropy_objective(target, self.adv_branch)
+            result = self.attack.generate(self, x, objective, epoch, self.global_rank)
             with branch(self.encoder, self.adv_branch):
                 out["adv"] = self.criterion(self.logits(result.x_adv), target)
-            out["loss"] = out["clean"] + self.hparams.adv_weight * self.attack.ramp(self._trainer) * out["adv"]
+            out["loss"] = out["clean"] + self.hparams.adv_weight * self.attack.ramp(epoch) * out["adv"]
             out.update(x_adv=result.x_adv, finite=result.finite, delta_linf=result.delta_linf)
         return out
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, target = self.augment(batch[0], batch[1])
         out = self.losses(x, target)
-        if self.hparams.adversarial:
-            self.attack.record_finite(out["finite"], self.trainer)
+        if self.attack is not None:
+            self.attack.record_finite(out["finite"])
             self.log("train/loss_clean", out["clean"])
             self.log("train/loss_adv", out["adv"])
             self.log("attack/delta_linf", out["delta_linf"])
