@@ -1,6 +1,6 @@
 """PretrainModule: MAE or SimMIM pre-training, with the AEMIM auxiliary task as an option."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -167,6 +167,13 @@ class PretrainModule(BaseModule):
         latent = method.encode(encoder, x, mask)
         pred = method.decode(self.decoder, latent, mask)
         return mask, latent, pred, method.loss(pred, x, mask, encoder)
+
+    def feature_objective(
+        self, x: Tensor, mask: Mask, latent: Tensor, generator: torch.Generator | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """The plug-in's attack objective at this step (``AEMIM.objective``): x (B, C, H, W) under the step's
+        ``mask`` with clean latent (B, T, D) -> objective(x_adv) (B,)."""
+        return self.plugin.objective(self, self.method, self.encoder, x, mask, latent, generator)
 
     def plugin_step(self, x: Tensor, mask: Mask, latent: Tensor) -> AuxStep:
         """The plug-in's auxiliary step on the host step's mask and clean latent (``AEMIM.step``)."""
