@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from advmim_pl.checks import plain
-from advmim_pl.eval.features import EvaluationInputError
+from advmim_pl.errors import EvaluationInputError
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
 
 CONFIG_FLAGS = ("--config", "-c")
