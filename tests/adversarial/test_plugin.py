@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from advmim_pl.adversarial import AEMIM, Attacker
 from advmim_pl.adversarial.attack import frozen_eval, pgd_attack, project, uniform_noise
-from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.mim.losses import feature_distance, upsample_mask
 from advmim_pl.mim.methods import MAE, SimMIM
 from advmim_pl.models.branch_norm import BranchNorm, branch
@@ -24,22 +24,28 @@ def make_method(name: str):
     return SimMIM(mask_ratio=0.5, mask_patch_size=8)
 
 
-def make_module(method: str = "mae", seed: int = 0, **kwargs) -> PretrainModule:
-    torch.manual_seed(seed)
-    options = {**MICRO, "base_lr": 0.05, "adversarial": True, **kwargs}
-    return PretrainModule(method=make_method(method), **options)
+def make_module(method: str = "mae", init_seed: int = 0, drop_path_rate: float = 0.0, **plugin) -> PretrainModule:
+    """A micro PretrainModule, initialised from ``init_seed``, with the plug-in built from ``plugin``'s settings."""
+    torch.manual_seed(init_seed)
+    options = {**MICRO, "base_lr": 0.05, "drop_path_rate": drop_path_rate}
+    return PretrainModule(method=make_method(method), plugin=AEMIM(log_images_every_n_steps=0, **plugin), **options)
+
+
+def set_attack(module: PretrainModule, **settings) -> Attacker:
+    """Give ``module`` a plug-in with these attack settings (view, distance, attack), keeping its branch layout."""
+    module.plugin = AEMIM(branch_params=module.plugin.branch_params, aux_decoder=module.plugin.aux_decoder, **settings)
+    return module.plugin.attacker
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Micro PretrainModule(adversarial=True) per method, trained a few optimizer steps with a Trainer."""
+    """Micro PretrainModule with the plug-in per method, trained a few optimizer steps with a Trainer."""
     cache = {}
 
     def get(method: str) -> PretrainModule:
         if method not in cache:
-            module = make_module(method)
+            module = make_module(method, eps=4 / 255, steps=1)
             data = TensorDataset(smooth_images(48, seed=1), torch.zeros(48, dtype=torch.long))
-            callback = AdversarialTargetCallback(eps=4 / 255, steps=1, log_images_every_n_steps=0)
             trainer = L.Trainer(
                 max_steps=6,
                 accelerator="cpu",
@@ -50,11 +56,10 @@ def trained(tmp_path_factory):
                 enable_model_summary=False,
                 log_every_n_steps=1,
                 default_root_dir=tmp_path_factory.mktemp(method),
-                callbacks=[callback],
             )
             trainer.fit(module, DataLoader(data, batch_size=8))
             assert trainer.global_step == 6
-            assert module.attack is callback
+            assert module.attack_callback in trainer.callbacks  # the module put its attack on the trainer
             assert torch.isfinite(trainer.callback_metrics["train/loss_aux"])
             assert trainer.callback_metrics["attack/delta_linf"].item() <= 4 / 255 + 1e-6
             cache[method] = module.eval()
@@ -65,16 +70,15 @@ def trained(tmp_path_factory):
 
 def attack_score(module, x, mask, latent, perturbation, distance, attack_mask) -> float:
     """Mean feature distance (the module's objective) after one attack, scored on identical masks."""
-    callback = AdversarialTargetCallback(
-        eps=8 / 255, steps=3, perturbation=perturbation, distance=distance, attack_mask=attack_mask, seed=3
+    attacker = set_attack(
+        module, eps=8 / 255, steps=3, perturbation=perturbation, distance=distance, attack_mask=attack_mask, seed=3
     )
-    module.attack = callback
     objective = module.feature_objective(x, mask, latent)
-    x_adv = callback.generate(module, x, objective).x_adv
+    x_adv = attacker.generate(module, x, objective).x_adv
     assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
-    # `independent` draws a fresh mask per call from the callback's generator: reseed it so that the
+    # `independent` draws a fresh mask per call from the attacker's generator: reseed it so that the
     # PGD and the noise examples are scored on the same masks, averaged over a few of them
-    callback.generator = torch.Generator().manual_seed(1234)
+    attacker.stream.generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         return torch.stack([objective(x_adv).mean() for _ in range(4)]).mean().item()
 
@@ -137,12 +141,11 @@ def prepare_untouched_case(method):
 @pytest.mark.parametrize("perturbation", ["pgd", "sign", "gaussian", "uniform"])
 def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation, attack_mask):
     module, x, mask, latent = prepare_untouched_case(method)
-    callback = AdversarialTargetCallback(eps=8 / 255, steps=2, perturbation=perturbation, attack_mask=attack_mask)
-    module.attack = callback
+    attacker = set_attack(module, eps=8 / 255, steps=2, perturbation=perturbation, attack_mask=attack_mask)
     objective = module.feature_objective(x, mask, latent)
     before = model_snapshot(module)
     rng = torch.get_rng_state()
-    result = callback.generate(module, x, objective)
+    result = attacker.generate(module, x, objective)
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_snapshot(before, model_snapshot(module))
     assert bool(result.finite)
@@ -153,34 +156,34 @@ def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation,
 @pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
 def test_objective_and_attack_together_leave_rng_untouched(attack_mask):
     module, x, mask, latent = prepare_untouched_case("mae")
-    module.attack = AdversarialTargetCallback(eps=8 / 255, steps=2, attack_mask=attack_mask)
+    attacker = set_attack(module, eps=8 / 255, steps=2, attack_mask=attack_mask)
     rng = torch.get_rng_state()
     before = model_snapshot(module)
-    module.attack.generate(module, x, module.feature_objective(x, mask, latent))
+    attacker.generate(module, x, module.feature_objective(x, mask, latent))
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_snapshot(before, model_snapshot(module))
 
 
 @pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
-def test_attack_is_reproducible_from_callback_seed(attack_mask):
+def test_attack_is_reproducible_from_its_seed(attack_mask):
     module, x, mask, latent = prepare_untouched_case("simmim")
     module.eval()
     outputs = []
     for _ in range(2):
-        module.attack = AdversarialTargetCallback(eps=8 / 255, steps=2, attack_mask=attack_mask, seed=11)
-        outputs.append(module.attack.generate(module, x, module.feature_objective(x, mask, latent)).x_adv)
+        attacker = set_attack(module, eps=8 / 255, steps=2, attack_mask=attack_mask, seed=11)
+        outputs.append(attacker.generate(module, x, module.feature_objective(x, mask, latent)).x_adv)
     assert torch.equal(outputs[0], outputs[1])
 
 
 def branch_losses(module):
-    """(L_clean, L_aux) of one step, as PretrainModule.training_step builds them (no trainer)."""
+    """(L_clean, L_aux) of one step, written out by hand from the method's parts (no trainer)."""
     method, encoder = module.method, module.encoder
-    module.attack = AdversarialTargetCallback(eps=8 / 255, steps=1)
+    attacker = set_attack(module, eps=8 / 255, steps=1)
     x = smooth_images(4, seed=3)
     mask = method.sample_mask(encoder, 4, CPU, torch.Generator().manual_seed(1))
     latent = method.encode(encoder, x, mask)
     loss_clean = method.loss(method.decode(module.decoder, latent, mask), x, mask, encoder)
-    result = module.attack.generate(module, x, module.feature_objective(x, mask, latent))
+    result = attacker.generate(module, x, module.feature_objective(x, mask, latent))
     with branch(encoder, "aux"):
         latent_aux = method.encode(encoder, result.x_adv, mask)
     loss_aux = method.loss(method.decode(module._aux_decoder(), latent_aux, mask), result.x_adv, mask, encoder)
@@ -247,24 +250,32 @@ def test_shared_aux_decoder():
 @pytest.mark.parametrize(
     "kwargs, option",
     [
-        (dict(eps=-1), "eps"),
-        (dict(steps=-1), "steps"),
-        (dict(distance="l3"), "distance"),
-        (dict(perturbation="salt"), "perturbation"),
-        (dict(attack_mask="random"), "attack_mask"),
-        (dict(step_size=0.0), "step_size"),
-        (dict(steps=0), "steps"),  # pgd needs at least one step
-        (dict(warmup_epochs=-0.5), "warmup_epochs"),
+        (dict(eps=-1), "Attacker.*eps"),
+        (dict(steps=-1), "Attacker.*steps"),
+        (dict(distance="l3"), "AEMIM.*distance"),
+        (dict(perturbation="salt"), "Attacker.*perturbation"),
+        (dict(attack_mask="random"), "AEMIM.*attack_mask"),
+        (dict(step_size=0.0), "Attacker.*step_size"),
+        (dict(steps=0), "Attacker.*steps"),  # pgd needs at least one step
+        (dict(warmup_epochs=-0.5), "Attacker.*warmup_epochs"),
+        (dict(aux_weight=-1.0), "AEMIM.*aux_weight"),
+        (dict(aux_target_norm="batch"), "AEMIM.*aux_target_norm"),
     ],
 )
-def test_bad_callback_settings(kwargs, option):
+def test_bad_plugin_settings_are_refused_by_the_class_that_owns_them(kwargs, option):
     with pytest.raises(ValueError, match=option):
-        AdversarialTargetCallback(**kwargs)
+        AEMIM(**kwargs)
+
+
+def test_the_attack_engine_knows_no_masks_or_distances():
+    """The generic engine refuses the plug-in's MIM options: they belong to AEMIM."""
+    for option in ("attack_mask", "distance"):
+        with pytest.raises(TypeError, match=option):
+            Attacker(**{option: "none"})
 
 
 def test_zero_steps_allowed_for_noise_controls():
-    callback = AdversarialTargetCallback(steps=0, perturbation="gaussian")
-    assert callback.steps == 0
+    assert AEMIM(steps=0, perturbation="gaussian").attacker.steps == 0
 
 
 # ---- where the adversarial pixels land ----------------------------------------------------------------------
@@ -275,9 +286,8 @@ def moved_by_pgd(module, method: str, attack_mask: str) -> float:
     mask = module.method.sample_mask(module.encoder, 8, CPU, torch.Generator().manual_seed(5))
     with torch.no_grad():
         latent = module.method.encode(module.encoder, x, mask)
-    callback = AdversarialTargetCallback(eps=4 / 255, attack_mask=attack_mask, seed=3)
-    module.attack = callback
-    x_adv = callback.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
+    attacker = set_attack(module, eps=4 / 255, attack_mask=attack_mask, seed=3)
+    x_adv = attacker.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
     start = project(x + uniform_noise(x, 4 / 255, torch.Generator().manual_seed(3)), x, 4 / 255)
     scored = upsample_mask(mask.patches, module.encoder.grid_size, module.encoder.patch_size).expand_as(x).bool()
     return ((x_adv - start).abs() > 1e-7)[scored].float().mean().item()
@@ -286,7 +296,7 @@ def moved_by_pgd(module, method: str, attack_mask: str) -> float:
 @pytest.mark.parametrize("method", ["mae", "simmim"])
 def test_the_default_attack_moves_the_scored_pixels(trained, method):
     """The default view (the whole image) puts the adversarial step on the pixels the auxiliary loss scores."""
-    assert moved_by_pgd(trained(method), method, AdversarialTargetCallback().attack_mask) >= 0.9
+    assert moved_by_pgd(trained(method), method, AEMIM().attack_mask) >= 0.9
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
@@ -312,13 +322,12 @@ def test_complement_view_shows_exactly_the_hidden_patches(method):
 def objective_rise(module, x, mask, latent, attack_mask: str, perturbation: str) -> float:
     """Mean rise of the attack objective from x to the example (default budget, one step), scored on the
     view the attack saw (``independent`` draws it from the generator: the same seed draws it again)."""
-    callback = AdversarialTargetCallback(perturbation=perturbation, attack_mask=attack_mask, seed=3)
-    module.attack = callback
+    attacker = set_attack(module, perturbation=perturbation, attack_mask=attack_mask, seed=3)
 
     def objective():
         return module.feature_objective(x, mask, latent, torch.Generator().manual_seed(9))
 
-    x_adv = callback.generate(module, x, objective()).x_adv
+    x_adv = attacker.generate(module, x, objective()).x_adv
     with torch.no_grad():
         rise = objective()(x_adv) - objective()(x)
     return rise.mean().item()
@@ -346,8 +355,8 @@ def test_drop_path_target_is_the_eval_mode_encoding(method, attack_mask):
     x = smooth_images(4, seed=2)
     mask = module.method.sample_mask(module.encoder, 4, CPU, torch.Generator().manual_seed(0))
     latent = module.method.encode(module.encoder, x, mask)  # training mode: drop-path active
-    module.attack = AdversarialTargetCallback(attack_mask=attack_mask, seed=5)
-    x_adv = module.attack.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
+    attacker = set_attack(module, attack_mask=attack_mask, seed=5)
+    x_adv = attacker.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
 
     method_, encoder = module.method, module.encoder
     view = mask if attack_mask == "same" else method_.complement(encoder, mask)
@@ -366,7 +375,7 @@ def test_drop_path_target_is_the_eval_mode_encoding(method, attack_mask):
 
 
 # ---- settings that cannot work, and the random stream ---------------------------------------------------
-def fit(module, callback, tmp_path, max_epochs=1, **trainer_kwargs):
+def fit(module, tmp_path, max_epochs=1, **trainer_kwargs):
     data = TensorDataset(smooth_images(32, seed=1), torch.zeros(32, dtype=torch.long))
     options = dict(
         max_epochs=max_epochs,
@@ -377,7 +386,6 @@ def fit(module, callback, tmp_path, max_epochs=1, **trainer_kwargs):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[callback],
     )
     options.update(trainer_kwargs)
     trainer = L.Trainer(**options)
@@ -386,26 +394,25 @@ def fit(module, callback, tmp_path, max_epochs=1, **trainer_kwargs):
     return trainer
 
 
-def test_no_random_start_with_a_fully_shared_encoder_is_refused(tmp_path):
-    module = make_module("mae", branch_params="none")
-    with pytest.raises(ValueError, match="random_start: false.*branch_params: none"):
-        fit(module, AdversarialTargetCallback(random_start=False), tmp_path, max_steps=1)
+def test_no_random_start_with_a_fully_shared_encoder_is_refused():
+    with pytest.raises(ValueError, match="AEMIM: random_start=False with branch_params='none'"):
+        AEMIM(random_start=False, branch_params="none")
 
 
-def test_no_random_start_with_branch_norms_warns_that_the_first_step_is_zero(tmp_path):
-    with pytest.warns(UserWarning, match="random_start: false.*identical"):
-        fit(make_module("mae"), AdversarialTargetCallback(random_start=False), tmp_path, max_steps=1)
+def test_no_random_start_with_branch_norms_warns_that_the_first_step_is_zero():
+    with pytest.warns(UserWarning, match="random_start=False.*identical"):
+        AEMIM(random_start=False)
 
 
 @pytest.mark.parametrize("kwargs, words", [(dict(eps=2.0), "did you mean 2/255"), (dict(eps=0.0), "pgd")])
 def test_impossible_budgets_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
-        AdversarialTargetCallback(**kwargs)
+        AEMIM(**kwargs)
 
 
 def test_a_large_budget_warns():
     with pytest.warns(UserWarning, match="eps=0.2"):
-        AdversarialTargetCallback(eps=0.2)
+        AEMIM(eps=0.2)
 
 
 def test_training_stream_ignores_logging_and_validation_settings(tmp_path):
@@ -414,11 +421,9 @@ def test_training_stream_ignores_logging_and_validation_settings(tmp_path):
     weights = []
     for log_every, val_every in ((1, 1), (3, 2)):
         torch.manual_seed(0)
-        module = make_module("mae", seed=0)
-        callback = AdversarialTargetCallback(attack_mask="independent", on_validation=True, seed=1)
+        module = make_module("mae", attack_mask="independent", on_validation=True, seed=1)
         fit(
             module,
-            callback,
             tmp_path / f"{log_every}-{val_every}",
             max_epochs=2,
             log_every_n_steps=log_every,
