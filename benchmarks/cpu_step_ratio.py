@@ -1,7 +1,7 @@
 """AEMIM / host-method training-step time ratios on the CPU next to their FLOP ratios, measured in one run.
 
 Every configuration of ``throughput.py`` (MAE, SimMIM, and the plug-in with each attack view and PGD-1 / PGD-3)
-trains through the real PretrainModule, AdversarialTargetCallback and Lightning Trainer on one fixed batch.
+trains through the real PretrainModule, AEMIM plug-in and Lightning Trainer on one fixed batch.
 The FLOP ratio (FlopCounterMode over one step) is the arithmetic floor of the time ratio; the target is a time
 ratio within 1.15x of it. The configurations are timed in interleaved rounds and each keeps its best median,
 so slow drifts of a shared machine hit all of them alike. Default: ViT-Tiny (192-d, 12 blocks), 32 px,

@@ -1,6 +1,6 @@
 """Training-step throughput of MAE, SimMIM and their AEMIM variants (every attack view, PGD-1 and PGD-3), in one run.
 
-Every configuration trains through the real PretrainModule, AdversarialTargetCallback and Lightning
+Every configuration trains through the real PretrainModule, AEMIM plug-in and Lightning
 Trainer on one synthetic batch already in device memory (yielded again for every step: no loading,
 no collation, no host-device copy). Per configuration it reports images/s, ms/step, peak device memory,
 the FLOPs of one training step (forward + attack + backward, counted with FlopCounterMode on a separate
@@ -28,7 +28,7 @@ import torch
 from provenance import device_info, git_commit, write_results
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
 
@@ -159,15 +159,10 @@ def run_fit(name: str, args: argparse.Namespace, decoder: dict, max_steps: int, 
         in_chans=3,
         batch_size=args.batch_size,
         warmup_epochs=0,
-        adversarial=attack_steps is not None,
+        plugin=None if attack_steps is None else AEMIM(steps=attack_steps, attack_mask=attack_mask),
         compile=compile,
     )
-    callbacks = [clock] if clock is not None else []
-    if attack_steps is not None:
-        callbacks.append(
-            AdversarialTargetCallback(steps=attack_steps, attack_mask=attack_mask, log_images_every_n_steps=0)
-        )
-    trainer = make_trainer(args, max_steps, callbacks)
+    trainer = make_trainer(args, max_steps, [clock] if clock is not None else [])
     device = trainer.strategy.root_device
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g, device=device)
@@ -258,7 +253,7 @@ def markdown(report: dict) -> str:
         f"- MAE decoder {decoder['dim']}-d, {decoder['depth']} blocks, {decoder['heads']} heads ({decoder['why']}; "
         f"encoder {decoder['encoder_embed_dim']}-d); mask ratio 0.75. SimMIM mask squares "
         f"{setup['simmim_mask_patch']} px, ratio 0.6",
-        "- AEMIM: AdversarialTargetCallback defaults (eps 4/255, random start) with the attack view named in the "
+        "- AEMIM: the plug-in's defaults (eps 4/255, random start) with the attack view named in the "
         "configuration (none = the whole image, the default), separate aux decoder, branch norms",
         f"- machine load (1-min average after each timed fit): {load[0]:.1f} to {load[1]:.1f} "
         "(above the number of cores, other processes distort the timings)",
