@@ -1,1 +1,2 @@
-"""Shared builders of the test suite: micro models and data, config tools, the recording attack, the killer callback."""
+"""Shared builders of the test suite: micro models and data, the quiet Trainer, config tools, the recording attacker,
+the killer callback."""

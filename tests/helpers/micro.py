@@ -55,19 +55,23 @@ def loader(n: int = 24, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=8, shuffle=False)
 
 
-def trainer(max_steps: int, callbacks=(), precision: str | None = "32-true", **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        precision=precision,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kwargs,
-    )
+QUIET = dict(
+    accelerator="cpu",
+    precision="32-true",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    log_every_n_steps=1,
+)
+
+
+def trainer(max_steps: int = -1, callbacks=(), **options) -> L.Trainer:
+    """The tests' one Trainer builder: a quiet CPU trainer (``QUIET``: fp32, no logger, checkpointing, progress bar or
+    model summary, metrics at every step) for ``max_steps`` optimizer steps (-1: ``max_epochs`` decides). ``options``
+    are further Trainer arguments and override the defaults (``enable_checkpointing=True`` with ``ModelCheckpoint``
+    callbacks)."""
+    return L.Trainer(**{**QUIET, "max_steps": max_steps, "callbacks": list(callbacks), **options})
 
 
 def smooth_images(batch: int, seed: int, channels: int = 1, size: int = 32) -> torch.Tensor:

@@ -1,25 +1,38 @@
-"""An attack callback that records what it crafted, to compare runs and check the examples."""
+"""An attacker that records what it crafted, to compare runs and check the examples."""
+
+import inspect
 
 import torch
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM, Attacker
 
 
-class RecordingAttack(AdversarialTargetCallback):
-    """Keeps every crafted x_a (``crafted``), the autocast dtype the attack ran under (``autocast``), and per call
-    (x, x_a, objective(x), objective(x_a)) (``calls``)."""
+class RecordingAttacker(Attacker):
+    """An ``Attacker`` that keeps every crafted x_a (``crafted``), the autocast dtype the attack ran under
+    (``autocast``), and per call (x, x_a, objective(x), objective(x_a)) (``calls``)."""
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
         self.crafted, self.autocast, self.calls = [], [], []
 
-    def generate(self, pl_module, x, objective):
+    # Attacker's named settings, so that config() and checkpoints record them as the plain Attacker's
+    __init__.__signature__ = inspect.signature(Attacker.__init__)
+
+    def generate(self, model, x, objective, epoch=None, rank=0):
         device = x.device.type
         self.autocast.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
-        result = super().generate(pl_module, x, objective)
+        result = super().generate(model, x, objective, epoch, rank)
         self.crafted.append(result.x_adv.clone())
         with torch.no_grad():
             self.calls.append(
                 (x.clone(), result.x_adv.clone(), objective(x).detach(), objective(result.x_adv).detach())
             )
         return result
+
+
+def recording_plugin(**settings) -> AEMIM:
+    """``AEMIM(**settings)`` whose attacker is a ``RecordingAttacker`` with the same attack settings (swapped in
+    before the plug-in reaches a module, which puts ``plugin.attacker`` on the trainer)."""
+    plugin = AEMIM(**settings)
+    plugin.attacker = RecordingAttacker(**plugin.attacker.settings())
+    return plugin

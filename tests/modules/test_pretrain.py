@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM, AdversarialTargetCallback
 from advmim_pl.cli import run
 from advmim_pl.export import export_encoder, load_exported
 from advmim_pl.mim import SimMIM
@@ -16,28 +16,26 @@ from advmim_pl.modules import PretrainModule
 from advmim_pl.schedule import warmup_cosine, weight_decay_groups
 from advmim_pl.weights import encoder_state_dict
 from tests.helpers.micro import MICRO_VIT, MICRO_VIT_FLAG, loader, micro_module, trainer
-from tests.helpers.recording import RecordingAttack
+from tests.helpers.recording import recording_plugin
 
 
-def fit_from_seed(module: PretrainModule, steps: int, callbacks=()) -> PretrainModule:
+def fit_from_seed(module: PretrainModule, steps: int) -> PretrainModule:
     """Seed the global RNG (masks) after construction, so models with extra parameters see the same masks."""
     L.seed_everything(0)
-    trainer(steps, callbacks).fit(module, loader())
+    trainer(steps).fit(module, loader())
     return module
 
 
 def test_lambda_zero_gives_the_baseline_update():
     base = fit_from_seed(micro_module(), 4)
-    plug = fit_from_seed(
-        micro_module(adversarial=True, aux_weight=0.0), 4, [AdversarialTargetCallback(eps=8 / 255, steps=2)]
-    )
+    plug = fit_from_seed(micro_module(plugin=AEMIM(aux_weight=0.0, eps=8 / 255, steps=2)), 4)
     plug_encoder = clean_state_dict(plug.encoder.state_dict())
     for name, value in base.encoder.state_dict().items():
         torch.testing.assert_close(plug_encoder[name], value, msg=name)
     for name, value in base.decoder.state_dict().items():
         torch.testing.assert_close(plug.decoder.state_dict()[name], value, msg=name)
     # and the plug-in with lambda > 0 does change the update
-    plug = fit_from_seed(micro_module(adversarial=True), 4, [AdversarialTargetCallback(eps=8 / 255, steps=2)])
+    plug = fit_from_seed(micro_module(plugin=AEMIM(eps=8 / 255, steps=2)), 4)
     blocks = "vit.blocks.0.attn.qkv.weight"
     assert not torch.allclose(plug.encoder.state_dict()[blocks], base.encoder.state_dict()[blocks])
 
@@ -49,15 +47,15 @@ def test_mixed_precision_has_no_nan(dtype, method):
     name = "bf16-mixed" if dtype == torch.bfloat16 else "16-mixed"
     scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
     L.seed_everything(0)
-    module = micro_module(method, adversarial=True)
-    attack = RecordingAttack(steps=2)
+    module = micro_module(method, plugin=recording_plugin(steps=2))
+    attack = module.plugin.attacker
     losses = []
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].detach())
 
-    t = trainer(6, [attack, Record()], precision=None, plugins=[MixedPrecision(name, "cpu", scaler)])
+    t = trainer(6, [Record()], precision=None, plugins=[MixedPrecision(name, "cpu", scaler)])
     t.fit(module, loader())
     assert attack.autocast == [dtype] * 6  # the attack ran under the trainer's precision
     assert len(losses) == 6 and all(torch.isfinite(v) for v in losses)
@@ -65,46 +63,52 @@ def test_mixed_precision_has_no_nan(dtype, method):
 
 
 def test_resume_continues_the_attack_rng(tmp_path):
-    # mid-grey images and uniform noise: x_a depends on the callback's RNG stream only
+    # mid-grey images and uniform noise: x_a depends on the attacker's RNG stream only
     grey = DataLoader(TensorDataset(torch.full((24, 1, 32, 32), 0.5), torch.zeros(24, dtype=torch.long)), batch_size=8)
     settings = dict(perturbation="uniform", eps=8 / 255)
-    straight = RecordingAttack(**settings)
-    trainer(6, [straight]).fit(micro_module(adversarial=True), grey)
+    straight = micro_module(plugin=recording_plugin(**settings))
+    trainer(6).fit(straight, grey)
 
-    first = RecordingAttack(**settings)
-    t = trainer(3, [first])
-    t.fit(micro_module(adversarial=True), grey)
+    first = micro_module(plugin=recording_plugin(**settings))
+    t = trainer(3)
+    t.fit(first, grey)
     t.save_checkpoint(tmp_path / "half.ckpt")
-    resumed = RecordingAttack(**settings)
-    trainer(6, [resumed]).fit(micro_module(adversarial=True, seed=1), grey, ckpt_path=tmp_path / "half.ckpt")
+    resumed = micro_module(plugin=recording_plugin(**settings), seed=1)
+    trainer(6).fit(resumed, grey, ckpt_path=tmp_path / "half.ckpt")
+    straight, first, resumed = (m.plugin.attacker for m in (straight, first, resumed))
 
     assert len(resumed.crafted) == 3
     for a, b in zip(straight.crafted, first.crafted + resumed.crafted, strict=True):
         assert torch.equal(a, b)
-    # a fresh callback (no restore) would have drawn different noise
+    # a fresh attacker (no restore) would have drawn different noise
     assert not torch.equal(straight.crafted[3], first.crafted[0])
 
 
-def test_plugin_without_callback_fails_at_start():
-    with pytest.raises(RuntimeError, match="needs an AdversarialTargetCallback"):
-        trainer(1).fit(micro_module(adversarial=True), loader())
-    with pytest.raises(RuntimeError, match="built without the plug-in"):
-        trainer(1, [AdversarialTargetCallback()]).fit(micro_module(), loader())
+def test_the_plugin_puts_its_own_attack_on_the_trainer():
+    module = micro_module(plugin=AEMIM(steps=1))
+    t = trainer(1)
+    t.fit(module, loader())
+    attacks = [c for c in t.callbacks if isinstance(c, AdversarialTargetCallback)]
+    assert attacks == [module.attack_callback] and attacks[0].attacker is module.plugin.attacker
+    assert module.plugin.attacker.generator is not None  # the attack ran, with the module's own attacker
+    t = trainer(1)
+    t.fit(micro_module(), loader())
+    assert not any(isinstance(c, AdversarialTargetCallback) for c in t.callbacks)  # the baseline has none
 
 
 def test_nonfinite_attack_gradient_falls_back_and_never_reaches_weights():
     L.seed_everything(0)
-    module = micro_module(adversarial=True)
-    objective = module.feature_objective
+    module = micro_module(plugin=recording_plugin(steps=1))
+    objective = module.plugin.objective
 
-    def poisoned(x, mask, latent):
-        clean = objective(x, mask, latent)
+    def poisoned(*args, **kwargs):
+        clean = objective(*args, **kwargs)
         return lambda x_adv: clean(x_adv) * torch.tensor(float("nan"))
 
-    module.feature_objective = poisoned
-    attack = RecordingAttack(steps=1)
+    module.plugin.objective = poisoned
+    attack = module.plugin.attacker
     with pytest.warns(UserWarning, match="non-finite attack gradient"):
-        trainer(3, [attack]).fit(module, loader())
+        trainer(3).fit(module, loader())
     assert attack.nonfinite_batches == 3
     assert all(
         torch.equal(x_adv, x) for x_adv, x in zip(attack.crafted, loader().dataset.tensors[0].split(8), strict=True)
@@ -114,8 +118,8 @@ def test_nonfinite_attack_gradient_falls_back_and_never_reaches_weights():
 
 def test_export_keeps_only_the_clean_branch(tmp_path):
     L.seed_everything(0)
-    module = micro_module(adversarial=True)
-    t = trainer(5, [AdversarialTargetCallback(steps=1)])
+    module = micro_module(plugin=AEMIM(steps=1))
+    t = trainer(5)
     t.fit(module, loader())
     t.save_checkpoint(tmp_path / "adv.ckpt")
     path = export_encoder(tmp_path / "adv.ckpt", tmp_path / "encoder.safetensors")
@@ -135,8 +139,8 @@ def test_export_keeps_only_the_clean_branch(tmp_path):
 
 
 def test_load_from_checkpoint_rebuilds_the_method_and_the_weights(tmp_path, monkeypatch):
-    module = micro_module("simmim", adversarial=True)
-    t = trainer(2, [AdversarialTargetCallback(steps=1)])
+    module = micro_module("simmim", plugin=AEMIM(steps=1))
+    t = trainer(2)
     t.fit(module, loader())
     t.save_checkpoint(tmp_path / "plain.ckpt")
     monkeypatch.chdir(tmp_path)  # the same through the CLI, whose checkpoints name an instantiator
@@ -149,7 +153,8 @@ def test_load_from_checkpoint_rebuilds_the_method_and_the_weights(tmp_path, monk
     ):
         loaded = PretrainModule.load_from_checkpoint(path)
         assert type(loaded.method) is SimMIM and loaded.method.config() == trained.method.config()
-        assert loaded.method.mask_patch_size == 8 and loaded.hparams.adversarial
+        assert loaded.method.mask_patch_size == 8
+        assert type(loaded.plugin) is AEMIM and loaded.plugin.config() == trained.plugin.config()
         for key, value in trained.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
 
@@ -185,12 +190,12 @@ def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
 
 
 def test_validation_batches_get_adversarial_targets_when_asked():
-    module = micro_module(adversarial=True)
-    attack = RecordingAttack(on_validation=True, eps=8 / 255)
-    t = trainer(3, [attack], inference_mode=False, limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=0)
+    module = micro_module(plugin=recording_plugin(on_validation=True, eps=8 / 255))
+    attack = module.plugin.attacker
+    t = trainer(3, inference_mode=False, limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=0)
     t.fit(module, loader(), loader(n=16, seed=1))
     assert len(attack.crafted) == 3 + 2  # three training batches, two validation batches
     assert 0 < t.callback_metrics["val/delta_linf"] <= 8 / 255 + 1e-6
     assert torch.isfinite(t.callback_metrics["val/loss_aux"])
     with pytest.raises(RuntimeError, match="inference_mode: false"):  # trainer.validate runs under inference mode
-        trainer(1, [AdversarialTargetCallback(on_validation=True)]).validate(module, loader(n=16))
+        trainer(1).validate(module, loader(n=16))
