@@ -1,7 +1,6 @@
-"""benchmarks/study.py: the bookkeeping (paired differences, t-intervals, the decision rule, records and job
-claims), the configs of every arm, and the whole study at smoke size through its command line."""
+"""benchmarks/study.py and its package studykit: the bookkeeping (paired differences, t-intervals, the decision
+rule, records and job claims), the configs of every arm, and the whole study at smoke size through its command line."""
 
-import importlib.util
 import json
 import math
 import os
@@ -17,20 +16,10 @@ from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
 from tests.helpers.config_tools import assert_contains, printed_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the study package imports provenance.py from its folder
+from studykit import commands, design, jobs, pilot, report, stats  # noqa: E402
 
-
-def load_study():
-    sys.path.insert(0, str(BENCHMARKS))  # study.py imports provenance.py from its folder
-    try:
-        spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-study = load_study()
+sys.path.remove(str(BENCHMARKS))
 
 
 def merged(base: dict, update: dict) -> dict:
@@ -47,12 +36,12 @@ def merged(base: dict, update: dict) -> dict:
     return out
 
 
-ARM_CONFIGS = [(preset, arm) for preset in ("cpu", "gpu") for arm in study.PRESETS[preset].arms]
+ARM_CONFIGS = [(preset, arm) for preset in ("cpu", "gpu") for arm in design.PRESETS[preset].arms]
 
 
 @pytest.mark.parametrize(("preset", "arm"), ARM_CONFIGS, ids=[f"{p}-{a}" for p, a in ARM_CONFIGS])
 def test_every_arm_composes_with_its_values(preset, arm, capsys):
-    spec = study.ARMS[arm]
+    spec = design.ARMS[arm]
     paths = [f"study/{preset}/{spec.pretrain}", *spec.overlays]
     printed = printed_config(capsys, *(arg for path in paths for arg in ("-c", path)))
     expected = {}
@@ -74,25 +63,25 @@ def t_quantile_df2(p: float) -> float:
 
 
 def test_t_interval_matches_the_hand_computed_one():
-    mean, low, high = study.t_interval([0.01, 0.02, 0.03])  # mean 0.02, sd 0.01, n 3
+    mean, low, high = stats.t_interval([0.01, 0.02, 0.03])  # mean 0.02, sd 0.01, n 3
     half = t_quantile_df2(0.975) * 0.01 / math.sqrt(3)  # 4.302653 x 0.01 / 1.732051 = 0.024841
     assert half == pytest.approx(0.024841, abs=1e-6)
     assert (mean, low, high) == pytest.approx((0.02, 0.02 - half, 0.02 + half), abs=1e-12)
     # two values: t_{0.975, 1} = tan(0.475 pi) = 12.7062
-    mean, low, high = study.t_interval([0.0, 0.1])
+    mean, low, high = stats.t_interval([0.0, 0.1])
     assert high - mean == pytest.approx(math.tan(0.475 * math.pi) * math.sqrt(0.005) / math.sqrt(2), rel=1e-9)
-    assert math.isnan(study.t_interval([0.3])[1])
+    assert math.isnan(stats.t_interval([0.3])[1])
 
 
 def test_detectable_effect_is_the_sum_of_two_t_quantiles_times_the_standard_error():
     expected = (t_quantile_df2(0.975) + t_quantile_df2(0.8)) * 0.02 / math.sqrt(3)  # (4.3027 + 1.0607) x 0.01155
-    assert study.detectable_effect(0.02, 3) == pytest.approx(expected, rel=1e-9)
-    assert study.detectable_effect(0.02, 3) == pytest.approx(0.061930, abs=1e-6)
-    assert math.isnan(study.detectable_effect(0.02, 1))
+    assert stats.detectable_effect(0.02, 3) == pytest.approx(expected, rel=1e-9)
+    assert stats.detectable_effect(0.02, 3) == pytest.approx(0.061930, abs=1e-6)
+    assert math.isnan(stats.detectable_effect(0.02, 1))
 
 
 def record(arm: str, seed: int, probe: float, pgd: float = 0.5) -> dict:
-    metrics = {key: 0.5 for key in study.METRICS} | {"probe": probe, "pgd/8": pgd, "clean_subset": 0.6}
+    metrics = {key: 0.5 for key in design.METRICS} | {"probe": probe, "pgd/8": pgd, "clean_subset": 0.6}
     metrics |= {f"corruption/{c}/{s}": 0.6 - 0.05 * s for c in CORRUPTIONS for s in SEVERITIES}
     return {"arm": arm, "seed": seed, "epochs": 1, "metrics": metrics, "minutes": {"pretrain": 1.0, "eval": 0.5},
             "device": "dev", "commit": "abc", "date": "today"}  # fmt: skip
@@ -101,11 +90,11 @@ def record(arm: str, seed: int, probe: float, pgd: float = 0.5) -> dict:
 def test_paired_differences_use_only_the_seeds_both_arms_have():
     records = [record("MAE", s, p) for s, p in [(0, 0.80), (1, 0.82), (2, 0.81)]]
     records += [record("MAE+AEMIM", s, p) for s, p in [(0, 0.83), (2, 0.80), (3, 0.9)]]
-    diffs = study.paired_differences(records, "probe", "MAE+AEMIM", "MAE")
+    diffs = stats.paired_differences(records, "probe", "MAE+AEMIM", "MAE")
     assert diffs == pytest.approx({0: 0.03, 2: -0.01})
-    c = study.comparison(records, "probe", "MAE+AEMIM", "MAE")
+    c = stats.comparison(records, "probe", "MAE+AEMIM", "MAE")
     assert c["n"] == 2 and c["mean"] == pytest.approx(0.01) and c["sd"] == pytest.approx(math.sqrt(0.0008))
-    assert study.comparison(records, "probe", "MAE+AEMIM", "MAE+sign") is None
+    assert stats.comparison(records, "probe", "MAE+AEMIM", "MAE+sign") is None
 
 
 def three_seeds(aemim: list[float], mae: list[float], sign: list[float], pgd: list[float] | None = None) -> list:
@@ -119,66 +108,68 @@ def three_seeds(aemim: list[float], mae: list[float], sign: list[float], pgd: li
 
 def test_the_plug_in_helps_only_when_both_intervals_are_above_zero():
     mae, sign = [0.80, 0.82, 0.81], [0.805, 0.815, 0.812]
-    helps, reason = study.decide(three_seeds([0.82, 0.84, 0.83], mae, sign))  # +2 +-0 over MAE, ~+1.9 over sign
+    helps, reason = stats.decide(three_seeds([0.82, 0.84, 0.83], mae, sign))  # +2 +-0 over MAE, ~+1.9 over sign
     assert helps and reason.count("above zero") == 2 and "not above" not in reason
     # a clear gain over MAE but not over the noise control: not "helps"
-    helps, reason = study.decide(three_seeds([0.82, 0.84, 0.83], mae, [0.84, 0.83, 0.83]))
+    helps, reason = stats.decide(three_seeds([0.82, 0.84, 0.83], mae, [0.84, 0.83, 0.83]))
     assert not helps and "MAE+AEMIM - MAE+sign" in reason and "not above zero" in reason
     # a positive mean whose interval crosses zero: not "helps"
-    helps, _ = study.decide(three_seeds([0.85, 0.81, 0.82], mae, sign))
+    helps, _ = stats.decide(three_seeds([0.85, 0.81, 0.82], mae, sign))
     assert not helps
     # one seed has no interval
-    helps, reason = study.decide(three_seeds([0.9], [0.8], [0.8]))
+    helps, reason = stats.decide(three_seeds([0.9], [0.8], [0.8]))
     assert not helps and "fewer than two" in reason
     # robustness: the same rule on PGD accuracy
     records = three_seeds([0.8, 0.8, 0.8], mae, sign, pgd=[0.6, 0.62, 0.61])
-    assert study.decide(records, "pgd/8")[0] and not study.decide(records, "probe")[0]
+    assert stats.decide(records, "pgd/8")[0] and not stats.decide(records, "probe")[0]
 
 
 def test_the_pilot_picks_the_smallest_budgeted_epoch_count_beating_the_floor_by_3_points_on_both():
-    pilot = {
+    outcome = {
         "random encoder": {"probe": 0.80, "knn": 0.78},
         "MAE": {"1": {"probe": 0.84, "knn": 0.80}, "2": {"probe": 0.83, "knn": 0.81}, "4": {"probe": 0.9, "knn": 0.9}},
     }
-    assert study.choose_epochs(pilot, budget=2) == 2  # epoch 1 fails on kNN
-    assert study.choose_epochs(pilot, budget=1) is None
-    pilot["MAE"]["2"]["knn"] = 0.8099  # 2.99 points
-    assert study.choose_epochs(pilot, budget=2) is None and study.choose_epochs(pilot, budget=4) == 4
+    assert pilot.choose_epochs(outcome, budget=2) == 2  # epoch 1 fails on kNN
+    assert pilot.choose_epochs(outcome, budget=1) is None
+    outcome["MAE"]["2"]["knn"] = 0.8099  # 2.99 points
+    assert pilot.choose_epochs(outcome, budget=2) is None and pilot.choose_epochs(outcome, budget=4) == 4
 
 
 def test_compute_matched_epochs_follow_the_seeds_measured_time_ratio():
-    cpu, gpu, smoke = study.PRESETS["cpu"], study.PRESETS["gpu"], study.PRESETS["smoke"]
-    assert study.time_ratio(smoke, [], 0) == smoke.time_ratio  # a preset's own number wins
-    assert study.arm_epochs(cpu, "random encoder") == 0 and study.arm_epochs(cpu, "MAE+sign") == cpu.epochs
+    cpu, gpu, smoke = design.PRESETS["cpu"], design.PRESETS["gpu"], design.PRESETS["smoke"]
+    assert commands.time_ratio(smoke, [], 0) == smoke.time_ratio  # a preset's own number wins
+    assert commands.arm_epochs(cpu, "random encoder") == 0 and commands.arm_epochs(cpu, "MAE+sign") == cpu.epochs
     records = [record("MAE", 1, 0.8), record("MAE+AEMIM", 1, 0.8)]
     records[1]["minutes"]["pretrain"] = 4.4  # MAE took 1.0
     for preset in (cpu, gpu):
-        assert study.time_ratio(preset, records, 1) == pytest.approx(4.4)
+        assert commands.time_ratio(preset, records, 1) == pytest.approx(4.4)
         with pytest.raises(RuntimeError, match="seed 0"):
-            study.time_ratio(preset, records, 0)
-    epochs = study.arm_epochs(cpu, "MAE compute-matched", 4.4)
+            commands.time_ratio(preset, records, 0)
+    epochs = commands.arm_epochs(cpu, "MAE compute-matched", 4.4)
     assert epochs == pytest.approx(4.4)  # a fraction of an epoch too, in steps: 60,000 // 256 = 234 per epoch
-    assert study.length_arguments(cpu, epochs) == ["--trainer.max_epochs=5", "--trainer.max_steps=1030"]
-    assert study.length_arguments(cpu, 1) == ["--trainer.max_epochs=1"]
-    assert study.steps_per_epoch(gpu) == 60_000 // 512 and study.steps_per_epoch(smoke) == 2  # limit_train_batches
+    assert commands.length_arguments(cpu, epochs) == ["--trainer.max_epochs=5", "--trainer.max_steps=1030"]
+    assert commands.length_arguments(cpu, 1) == ["--trainer.max_epochs=1"]
+    assert (
+        commands.steps_per_epoch(gpu) == 60_000 // 512 and commands.steps_per_epoch(smoke) == 2
+    )  # limit_train_batches
 
 
 # ---- records and jobs ----------------------------------------------------------------------------------
 def test_a_rerun_replaces_its_record_and_reports_the_difference():
     records = [record("MAE", 0, 0.5), record("MAE+sign", 0, 0.6)]
-    assert study.replace_record(records, record("MAE", 0, 0.5)).startswith("reproduced exactly")
-    verdict = study.replace_record(records, record("MAE", 0, 0.7))
+    assert jobs.replace_record(records, record("MAE", 0, 0.5)).startswith("reproduced exactly")
+    verdict = jobs.replace_record(records, record("MAE", 0, 0.7))
     assert "max |diff| 0.2" in verdict and [r["arm"] for r in records] == ["MAE", "MAE+sign"]  # in place
     assert records[0]["metrics"]["probe"] == 0.7
-    assert study.replace_record(records, record("MAE", 1, 0.7)) == "new" and len(records) == 3
+    assert jobs.replace_record(records, record("MAE", 1, 0.7)) == "new" and len(records) == 3
 
 
 def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp_path):
-    records = [record(study.PIXELS, 0, 0.8), record("MAE", 0, 0.8)]
-    jobs = study.todo(records, ["random encoder", "MAE"], [0, 1], rerun=False)
-    assert jobs == [(0, "random encoder"), (1, "random encoder"), (1, "MAE")]
-    assert study.todo(records, [study.PIXELS, "MAE"], [0], rerun=True) == [(0, study.PIXELS), (0, "MAE")]
-    assert study.todo([], ["MAE"], [0, 1], False, screen=("MAE+AEMIM eps 8",)) == [
+    records = [record(design.PIXELS, 0, 0.8), record("MAE", 0, 0.8)]
+    listed = jobs.todo(records, ["random encoder", "MAE"], [0, 1], rerun=False)
+    assert listed == [(0, "random encoder"), (1, "random encoder"), (1, "MAE")]
+    assert jobs.todo(records, [design.PIXELS, "MAE"], [0], rerun=True) == [(0, design.PIXELS), (0, "MAE")]
+    assert jobs.todo([], ["MAE"], [0, 1], False, screen=("MAE+AEMIM eps 8",)) == [
         (0, "MAE"),
         (1, "MAE"),
         (0, "MAE+AEMIM eps 8"),
@@ -187,19 +178,19 @@ def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     claims.write_text(json.dumps({"0/random encoder": dead.pid, "1/random encoder": os.getppid()}))
-    assert study.claim(claims, lock, records_file, jobs) == (0, "random encoder")  # the dead claim is void
-    assert study.claim(claims, lock, records_file, jobs[1:]) == (1, "MAE")  # a live process holds seed 1's
+    assert jobs.claim(claims, lock, records_file, listed) == (0, "random encoder")  # the dead claim is void
+    assert jobs.claim(claims, lock, records_file, listed[1:]) == (1, "MAE")  # a live process holds seed 1's
     assert json.loads(claims.read_text())["1/MAE"] == os.getpid()
-    assert study.claim(claims, lock, records_file, []) is None
+    assert jobs.claim(claims, lock, records_file, []) is None
     # a process that listed its jobs before another one recorded (1, MAE) and died skips it, unless rerun
     records_file.write_text(json.dumps([record("MAE", 1, 0.8)]))
     claims.write_text(json.dumps({"1/MAE": dead.pid}))
-    assert study.claim(claims, lock, records_file, [(1, "MAE")]) is None
-    assert study.claim(claims, lock, records_file, [(1, "MAE")], rerun=True) == (1, "MAE")
+    assert jobs.claim(claims, lock, records_file, [(1, "MAE")]) is None
+    assert jobs.claim(claims, lock, records_file, [(1, "MAE")], rerun=True) == (1, "MAE")
 
 
 def test_the_report_states_the_decision_and_one_table_width_per_table():
-    text = study.markdown("cpu", three_seeds([0.82, 0.84, 0.83], [0.80, 0.82, 0.81], [0.805, 0.815, 0.812]))
+    text = report.markdown("cpu", three_seeds([0.82, 0.84, 0.83], [0.80, 0.82, 0.81], [0.805, 0.815, 0.812]))
     assert "Primary metric (probe): MAE+AEMIM **helps**" in text
     assert "| MAE+AEMIM − MAE | 3 | +2.00 [+2.00, +2.00] |" in text  # identical differences: a zero-width interval
     for block in text.split("\n\n"):
@@ -217,23 +208,23 @@ def run_study(tmp_path: Path, *args: str, preset: str = "smoke") -> str:
 
 
 def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path):
-    smoke = study.PRESETS["smoke"]
+    smoke = design.PRESETS["smoke"]
     log = run_study(tmp_path)
     results = tmp_path / "out" / "study_smoke.json"
     records = json.loads(results.read_text())
-    expected_jobs = [(0, study.PIXELS)] + [(s, a) for s in range(smoke.seeds) for a in smoke.arms]
+    expected_jobs = [(0, design.PIXELS)] + [(s, a) for s in range(smoke.seeds) for a in smoke.arms]
     assert [(r["seed"], r["arm"]) for r in records] == expected_jobs and log.count(", new") == len(expected_jobs)
-    keys = {*study.METRICS, "clean_subset"} | {f"corruption/{c}/{s}" for c in CORRUPTIONS for s in SEVERITIES}
+    keys = {*design.METRICS, "clean_subset"} | {f"corruption/{c}/{s}" for c in CORRUPTIONS for s in SEVERITIES}
     for r in records:
         assert keys <= set(r["metrics"]) and all(0 <= r["metrics"][k] <= 1 for k in keys)
         assert r["preset"] == "smoke" and r["device"] and r["commit"] and r["date"]
         assert r["epochs"] == (
-            None if r["arm"] == study.PIXELS else study.arm_epochs(smoke, r["arm"], smoke.time_ratio)
+            None if r["arm"] == design.PIXELS else commands.arm_epochs(smoke, r["arm"], smoke.time_ratio)
         )
     # the attack's last logged objectives: PGD beats the energy-matched random sign; the sign arm matches it
     objectives = {f"attack/objective_{at}" for at in ("clean", "adv", "random")}
     for r in records:
-        attacked = r["arm"] != study.PIXELS and bool(study.ARMS[r["arm"]].overlays)
+        attacked = r["arm"] != design.PIXELS and bool(design.ARMS[r["arm"]].overlays)
         assert set(r.get("attack", {})) == (objectives if attacked else set()), r["arm"]
         if attacked:
             ratio = r["attack"]["attack/objective_adv"] / r["attack"]["attack/objective_random"]
@@ -254,21 +245,21 @@ def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path
 
 def test_the_smoke_pilot_records_both_encoders_and_the_time_ratio(tmp_path):
     run_study(tmp_path, "--pilot")
-    pilot = json.loads((tmp_path / "out" / "study_pilot.json").read_text())
-    assert list(pilot["MAE"]) == [str(e) for e in study.PRESETS["smoke"].pilot_epochs]
-    assert all(0 < m[k] <= 1 for m in [pilot["random encoder"], *pilot["MAE"].values()] for k in ("probe", "knn"))
-    assert pilot["time_ratio"] > 1  # the plug-in's step costs more than MAE's
-    assert pilot["chosen_epochs"] == study.choose_epochs(pilot, pilot["budget_epochs"])
+    outcome = json.loads((tmp_path / "out" / "study_pilot.json").read_text())
+    assert list(outcome["MAE"]) == [str(e) for e in design.PRESETS["smoke"].pilot_epochs]
+    assert all(0 < m[k] <= 1 for m in [outcome["random encoder"], *outcome["MAE"].values()] for k in ("probe", "knn"))
+    assert outcome["time_ratio"] > 1  # the plug-in's step costs more than MAE's
+    assert outcome["chosen_epochs"] == pilot.choose_epochs(outcome, outcome["budget_epochs"])
 
 
 def test_the_gpu_configs_run_at_smoke_size_within_a_time_budget(tmp_path):
     log = run_study(tmp_path, "--minutes", "0.01", preset="smoke-gpu")  # the first job, then out of time
     assert "jobs left for a later run" in log
     results = tmp_path / "out" / "study_smoke-gpu.json"
-    assert [r["arm"] for r in json.loads(results.read_text())] == [study.PIXELS]
+    assert [r["arm"] for r in json.loads(results.read_text())] == [design.PIXELS]
     run_study(tmp_path, preset="smoke-gpu")  # the rest: SimMIM arms, the compute-matched MAE and a screen arm
     records = {r["arm"]: r for r in json.loads(results.read_text())}
-    assert list(records) == [study.PIXELS, *study.PRESETS["smoke-gpu"].arms, "MAE+AEMIM eps 8"]
+    assert list(records) == [design.PIXELS, *design.PRESETS["smoke-gpu"].arms, "MAE+AEMIM eps 8"]
     ratio = records["MAE+AEMIM"]["minutes"]["pretrain"] / records["MAE"]["minutes"]["pretrain"]
     assert records["MAE compute-matched"]["time_ratio"] == pytest.approx(ratio)
     assert records["MAE compute-matched"]["epochs"] == pytest.approx(ratio)

@@ -1,4 +1,4 @@
-"""benchmarks/study_continue.py, the continuation study's pilot: the class-balanced few-label split, the
+"""benchmarks/studykit/continuation.py, the continuation study's pilot: the class-balanced few-label split, the
 pre-registered choice of E0 and primary metric, and the smoke pilot through study.py's command line."""
 
 import json
@@ -12,8 +12,8 @@ from advmim_pl.data import FashionMNISTDataModule
 from advmim_pl.data.base import balanced_subset
 from tests.test_study import BENCHMARKS, run_study
 
-sys.path.insert(0, str(BENCHMARKS))  # study_continue.py imports study.py from its folder
-import study_continue  # noqa: E402
+sys.path.insert(0, str(BENCHMARKS))  # the study package imports provenance.py from its folder
+from studykit import continuation  # noqa: E402
 
 sys.path.remove(str(BENCHMARKS))
 
@@ -48,25 +48,25 @@ def test_the_choice_takes_the_smallest_e0_then_the_metric_with_the_largest_margi
         record("base E0=4", s, ft1=0.57) for s in (1, 2)
     ]
     base8 = [record("base E0=8", 0, probe=0.90, knn=0.90, ft1=0.80)]
-    rows = study_continue.margins(floor + base4 + base8, (4, 8))
+    rows = continuation.margins(floor + base4 + base8, (4, 8))
     by = {(r["epochs"], r["metric"]): r for r in rows}
     assert by[4, "probe"]["margin"] == pytest.approx(0.018) and not by[4, "probe"]["passes"]  # under 3 points
     assert by[4, "knn"]["spread"] == 0 and by[4, "knn"]["ratio"] == math.inf  # both deterministic, no spread
     # ft1 at E0 = 4: base mean 0.5667 (sd 0.0058), floor mean 0.51 (sd 0.01)
     assert by[4, "ft1"]["margin"] == pytest.approx(0.5667 - 0.51, abs=1e-4)
     assert by[4, "ft1"]["spread"] == pytest.approx(math.sqrt((0.005774**2 + 0.01**2) / 2), rel=1e-3)
-    chosen = study_continue.choose(rows)
+    chosen = continuation.choose(rows)
     assert (chosen["epochs"], chosen["metric"]) == (4, "knn")  # E0 = 8 passes by more, but 4 is the smaller E0
     rows = [r for r in rows if r["metric"] != "knn"]
-    assert (study_continue.choose(rows)["epochs"], study_continue.choose(rows)["metric"]) == (4, "ft1")
-    assert study_continue.choose([r for r in rows if r["epochs"] == 4 and r["metric"] == "probe"]) is None
+    assert (continuation.choose(rows)["epochs"], continuation.choose(rows)["metric"]) == (4, "ft1")
+    assert continuation.choose([r for r in rows if r["epochs"] == 4 and r["metric"] == "probe"]) is None
 
 
 def test_the_smoke_pilot_records_every_job_and_its_choice(tmp_path):
-    spec = study_continue.CONTINUE_PRESETS["smoke-continue"]
+    spec = continuation.CONTINUE_PRESETS["smoke-continue"]
     log = run_study(tmp_path, "--pilot", preset="smoke-continue")
     records = json.loads((tmp_path / "out" / "study_smoke-continue_pilot.json").read_text())
-    assert [(r["seed"], r["arm"]) for r in records] == study_continue.pilot_jobs(spec)
+    assert [(r["seed"], r["arm"]) for r in records] == continuation.pilot_jobs(spec)
     for r in records:
         expected = {*spec.few_labels} | (
             {"probe", "knn", "probe_c"} if r["seed"] == 0 or r["arm"] == "random encoder" else set()

@@ -19,26 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from study import (
-    QUIET,
-    SMOKE_SIZES,
-    EvalData,
-    Preset,
-    accuracy,
-    claim,
-    encoder_features,
-    evaluate,
-    limit_arguments,
-    locked,
-    pct,
-    pretrain,
-    read_records,
-    replace_record,
-    table,
-)
 
 from advmim_pl.cli import run
 from advmim_pl.modules import PretrainModule
+
+from .commands import limit_arguments, pretrain
+from .design import QUIET, SMOKE_SIZES, Preset
+from .evaluate import EvalData, accuracy, encoder_features, evaluate
+from .jobs import claim, locked, read_records, replace_record
+from .report import pct, table
 
 FLOOR = "random encoder"
 CANDIDATES = ("probe", "knn", "ft1", "ft10")  # the candidate primary metrics, in the README's order

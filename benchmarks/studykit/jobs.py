@@ -1,0 +1,79 @@
+"""The records file and the jobs: which (seed, arm) to run, claimed across processes under a file lock."""
+
+import fcntl
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from .design import PIXELS
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path`` (created if missing), for processes sharing a preset's records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def replace_record(records: list[dict], record: dict) -> str:
+    """Put ``record`` in ``records`` in place of an earlier run of its arm and seed; say how they compare."""
+    key = (record["arm"], record["seed"])
+    index = next((i for i, r in enumerate(records) if (r["arm"], r["seed"]) == key), None)
+    if index is None:
+        records.append(record)
+        return "new"
+    earlier, records[index] = records[index], record
+    old, new = earlier["metrics"], record["metrics"]
+    if old == new:
+        return f"reproduced exactly the earlier run (commit {earlier['commit']}, {earlier['device']})"
+    diff = max((abs(old[k] - new[k]) for k in old.keys() & new.keys()), default=math.nan)
+    return f"differs from the earlier run (commit {earlier['commit']}, {earlier['device']}): max |diff| {diff:.4g}"
+
+
+def todo(
+    records: list[dict], arms: list[str], seeds: list[int], rerun: bool, screen: tuple[str, ...] = ()
+) -> list[tuple[int, str]]:
+    """(seed, arm) jobs: the raw-pixel floor first (seed 0, when in ``arms``), then seed by seed every other arm,
+    then the ``screen`` arms at seed 0. All of them with ``rerun``, else those without a record."""
+    jobs = [(0, PIXELS)] if PIXELS in arms else []
+    jobs += [(s, a) for s in seeds for a in arms if a != PIXELS] + [(0, a) for a in screen]
+    done = {(r["seed"], r["arm"]) for r in records}
+    return [j for j in jobs if rerun or j not in done]
+
+
+def claim(
+    claims: Path, lock: Path, records: Path, jobs: list[tuple[int, str]], rerun: bool = False
+) -> tuple[int, str] | None:
+    """The first job that no live process has claimed and, unless ``rerun``, that has no record in ``records`` yet
+    (another process may have run it since ``jobs`` was listed); claimed for this process. Claims of dead
+    processes are ignored."""
+    with locked(lock):
+        held = json.loads(claims.read_text()) if claims.exists() else {}
+        alive = {k: pid for k, pid in held.items() if pid_alive(pid)}
+        done = set() if rerun else {(r["seed"], r["arm"]) for r in read_records(records)}
+        for seed, arm in jobs:
+            key = f"{seed}/{arm}"
+            if key not in alive and (seed, arm) not in done:
+                alive[key] = os.getpid()
+                claims.write_text(json.dumps(alive))
+                return seed, arm
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
