@@ -36,7 +36,9 @@ def overlay(capsys, base: str, plugin: str) -> dict[tuple, object]:
 def test_every_plugin_job_has_its_baseline():
     assert [plugin for _, plugin in PAIRS] == [
         "mae_adv.yaml",
+        "maskfeat_adv.yaml",
         "quickstart_adv.yaml",
+        "quickstart_maskfeat_adv.yaml",
         "quickstart_simmim_adv.yaml",
         "simmim_adv.yaml",
     ]
