@@ -6,8 +6,10 @@ Every data module yields batches ``(images, labels)``: images float32 in [0, 1] 
 stay in pixel units.
 """
 
+import os
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
@@ -38,6 +40,11 @@ def stats_for_channels(
     )
 
 
+def machine_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class TensorImageDataset(Dataset):
     """Images held in memory as a uint8 tensor (N, C, H, W) with int labels (N,).
 
@@ -61,7 +68,7 @@ class TensorImageDataset(Dataset):
 
 
 class ImageDataModule(LightningDataModule):
-    """Options, transforms and loaders shared by all image data modules.
+    """Options, transforms and evaluation loaders shared by all image data modules.
 
     Train transform (MAE augmentation): RandomResizedCrop(img_size, crop_scale, bicubic), then an
     optional random horizontal flip. Val/test transform: resize the shorter side to
@@ -69,10 +76,11 @@ class ImageDataModule(LightningDataModule):
     Grey images are replicated to 3 channels when ``channels=3`` and RGB images converted to grey when
     ``channels=1``.
 
-    Training batches follow ``advmim_pl.data.resumable.TrainingOrder``: each epoch's permutation comes from the
-    global seed (``PL_GLOBAL_SEED``, 0 if unset) and the epoch, under DDP each rank takes its own share of it,
-    and a run resumed from a checkpoint (mid-epoch or at an epoch's end) trains on the batches the
-    uninterrupted run would have.
+    The training loader is a subclass's: ``MapStyleDataModule`` reads a map-style ``train_set`` in the resumable
+    order of ``advmim_pl.data.resumable``; ``advmim_pl.data.streaming.StreamingImageDataModule`` streams litdata
+    shards. Both keep ``train_set``, ``val_set`` and ``test_set`` as map-style datasets (``len``, indexing) with a
+    ``transform`` attribute: the evaluation views (``KNNMonitor``, ``FeatureEvalModule``, the robustness floors)
+    read them through a copy with ``eval_transform`` in its place (``advmim_pl.eval.features.evaluation_view``).
 
     Subclasses define ``num_classes`` and the dataset's per-channel statistics ``dataset_mean`` and
     ``dataset_std`` (length 1 or 3), from which ``__init__`` derives ``mean`` and ``std`` (length
@@ -99,7 +107,6 @@ class ImageDataModule(LightningDataModule):
         eval_crop_ratio: float = 1.0,
     ) -> None:
         super().__init__()
-        self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
         require_positive(batch_size=batch_size, img_size=img_size)
         require_non_negative(num_workers=num_workers)
         if channels not in (1, 3):
@@ -153,26 +160,59 @@ class ImageDataModule(LightningDataModule):
         resize = v2.Resize(side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(self.img_size), *self._to_output()])
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before requesting a dataloader")
-        if train and len(dataset) < self.batch_size:
-            raise ValueError(
-                f"the training set has {len(dataset)} images, fewer than batch_size={self.batch_size}; "
-                "with drop_last=True no batch would be produced"
+    def check_workers(self) -> None:
+        """Warn when ``num_workers`` exceeds the machine's cores (called when a training loader is made)."""
+        cores = machine_cores()
+        if self.num_workers > cores:
+            warnings.warn(
+                f"num_workers={self.num_workers} is more than the {cores} CPU cores of this machine: the workers "
+                f"share them and loading gets no faster; set num_workers <= {cores}",
+                stacklevel=3,
             )
-        kwargs = dict(
+
+    def loader_options(self) -> dict:
+        """DataLoader keyword arguments every loader of the module shares."""
+        return dict(
             batch_size=self.batch_size,
-            drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
-            persistent_workers=self.num_workers > 0,
         )
-        if not train:
-            return DataLoader(dataset, **kwargs)
-        # an order and augmentation that a resumed run continues exactly (advmim_pl.data.resumable)
-        sampler = ResumableSampler(self._training_order(len(dataset)))
-        return DataLoader(SeededSamples(dataset), sampler=sampler, **kwargs)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 batches (the fast JPEG paths of ImageFolder and streaming) -> float32 [0, 1], on the device after
+        the copy; other batches (already float) pass unchanged."""
+        images, *rest = batch
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return [images, *rest] if isinstance(batch, list) else (images, *rest)
+
+    def _eval_loader(self, dataset: Dataset | None) -> DataLoader | list:
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before requesting a dataloader")
+        if dataset is None:  # a module without a validation split (no val_root / val_dir)
+            return []
+        return DataLoader(dataset, persistent_workers=self.num_workers > 0, **self.loader_options())
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in order, last batch possibly smaller; [] (no validation) without a validation split."""
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Test batches in order, last batch possibly smaller; [] without a test split."""
+        return self._eval_loader(self.test_set)
+
+
+class MapStyleDataModule(ImageDataModule):
+    """An ``ImageDataModule`` whose training split is a map-style dataset (``train_set``), read in the resumable
+    order of ``advmim_pl.data.resumable.TrainingOrder``: each epoch's permutation comes from the global seed
+    (``PL_GLOBAL_SEED``, 0 if unset) and the epoch, under DDP each rank takes its own share of it, and a run resumed
+    from a checkpoint (mid-epoch or at an epoch's end) trains on the batches the uninterrupted run would have.
+    ``advmim_pl.data.streaming.StreamingImageDataModule`` is the iterable sibling."""
+
+    def __init__(self, **kwargs) -> None:
+        """``kwargs``: the shared options of ``ImageDataModule`` (batch_size, img_size, channels, ...)."""
+        super().__init__(**kwargs)
+        self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
 
     def _training_order(self, size: int) -> TrainingOrder:
         """The order of this process's training batches over ``size`` samples, for either data path."""
@@ -206,16 +246,25 @@ class ImageDataModule(LightningDataModule):
             self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches with drop_last=True, so every batch has batch_size images."""
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in order, last batch possibly smaller."""
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches in order, last batch possibly smaller."""
-        return self._loader(self.test_set, train=False)
+        """Shuffled batches with drop_last=True, so every batch has batch_size images; each sample's augmentation
+        drawn from its own seed (``SeededSamples``), so a resumed run continues exactly."""
+        dataset = self.train_set
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before requesting a dataloader")
+        if len(dataset) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(dataset)} images, fewer than batch_size={self.batch_size}; "
+                "with drop_last=True no batch would be produced"
+            )
+        self.check_workers()
+        sampler = ResumableSampler(self._training_order(len(dataset)))
+        return DataLoader(
+            SeededSamples(dataset),
+            sampler=sampler,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+            **self.loader_options(),
+        )
 
 
 def balanced_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
@@ -246,7 +295,7 @@ def resident_on(device: torch.device, device_resident: bool | Literal["auto"]) -
     return device.type != "cpu" if device_resident == "auto" else bool(device_resident)
 
 
-class InMemoryDataModule(ImageDataModule):
+class InMemoryDataModule(MapStyleDataModule):
     """Data module whose splits fit in memory as uint8 tensors; subclasses implement ``load_splits``.
 
     The train split is used for training, the eval split for both validation and test.

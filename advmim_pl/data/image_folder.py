@@ -4,16 +4,18 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
-from torch.utils.data import DataLoader
+from torch import Tensor
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from advmim_pl.data.base import ImageDataModule
+from advmim_pl.data.base import MapStyleDataModule
 from advmim_pl.data.jpeg import JpegCropFlip
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
+
+T = TypeVar("T")
 
 
 def check_image_root(root: str, arg: str) -> list[str]:
@@ -39,11 +41,6 @@ def check_class_folders(root: str, classes: list[str], arg: str) -> None:
                 )
 
 
-def machine_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class SkipCorruptImageFolder(ImageFolder):
     """torchvision ImageFolder that skips image files PIL cannot decode; items (image, class index).
 
@@ -66,26 +63,35 @@ class SkipCorruptImageFolder(ImageFolder):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         """(transformed image, class index) of sample ``index``, or of the next readable one."""
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
-            if self.corrupt[i]:
-                continue
-            path, target = self.samples[i]
-            try:
-                if isinstance(self.transform, JpegCropFlip):  # the fast path reads and decodes the file itself
-                    return self.transform(path), target
-                image = self.loader(path)
-            except (OSError, SyntaxError) as err:
-                # Two workers failing on the same file at the same moment may both warn; the count is exact.
-                if not self.corrupt[i]:
-                    self.corrupt[i] = True
-                    warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=1)
-                continue
-            return (self.transform(image) if self.transform else image), target
-        raise RuntimeError(f"no readable image under {self.root}")
+        return first_readable(index, self.corrupt, self._load, lambda i: self.samples[i][0], self.root)
+
+    def _load(self, i: int) -> tuple[Any, int]:
+        path, target = self.samples[i]
+        if isinstance(self.transform, JpegCropFlip):  # the fast path reads and decodes the file itself
+            return self.transform(path), target
+        image = self.loader(path)
+        return (self.transform(image) if self.transform else image), target
 
 
-class ImageFolderDataModule(ImageDataModule):
+def first_readable(index: int, corrupt: Tensor, load: Callable[[int], T], name: Callable[[int], str], where: str) -> T:
+    """``load(i)`` of the first sample from ``index`` on (wrapping around) that is not flagged in ``corrupt`` and
+    loads; a sample whose ``load`` raises OSError (PIL's UnidentifiedImageError is one) or SyntaxError is flagged
+    in ``corrupt`` (bool (N,), shared memory: one count across DataLoader workers) with a warning naming it
+    (``name(i)``). Two workers failing on the same sample at the same moment may both warn; the count is exact."""
+    for offset in range(len(corrupt)):
+        i = (index + offset) % len(corrupt)
+        if corrupt[i]:
+            continue
+        try:
+            return load(i)
+        except (OSError, SyntaxError) as err:
+            if not corrupt[i]:
+                corrupt[i] = True
+                warnings.warn(f"skipping unreadable image {name(i)}: {err}", stacklevel=3)
+    raise RuntimeError(f"no readable image under {where}")
+
+
+class ImageFolderDataModule(MapStyleDataModule):
     """Images in class subfolders (train_root/class_x/img.jpg), e.g. ImageNet, with ImageNet statistics.
 
     ``num_classes`` is the number of class folders in ``train_root``; a class folder without an image file is an
@@ -148,30 +154,3 @@ class ImageFolderDataModule(ImageDataModule):
     def fast_transform(self) -> JpegCropFlip:
         """The ``decode: fast`` training transform: file path -> uint8 (channels, img_size, img_size)."""
         return JpegCropFlip(self.img_size, self.crop_scale, self.hflip, self.channels)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled full batches (``ImageDataModule``); warns when ``num_workers`` exceeds the machine's cores."""
-        cores = machine_cores()
-        if self.num_workers > cores:
-            warnings.warn(
-                f"num_workers={self.num_workers} is more than the {cores} CPU cores of this machine: the workers "
-                f"share them and loading gets no faster; set num_workers <= {cores}",
-                stacklevel=2,
-            )
-        return super().train_dataloader()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 training batches of ``decode: fast`` -> float32 [0, 1], on the device after the copy; other
-        batches (already float) pass unchanged."""
-        images, *rest = batch
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        return [images, *rest] if isinstance(batch, list) else (images, *rest)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in order, or [] (no validation) without val_root."""
-        return super().val_dataloader() if self.val_root is not None else []
-
-    def test_dataloader(self) -> DataLoader | list:
-        """Test batches (the val_root images) in order, or [] without val_root."""
-        return super().test_dataloader() if self.val_root is not None else []

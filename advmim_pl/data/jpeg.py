@@ -156,7 +156,11 @@ class JpegCropFlip:
         self.out_size, self.scale, self.hflip, self.channels, self.decoder = out_size, scale, hflip, channels, decoder
 
     def __call__(self, path: str) -> Tensor:
-        data = Path(path).read_bytes()
+        return self.from_bytes(Path(path).read_bytes(), path)
+
+    def from_bytes(self, data: bytes, name: str) -> Tensor:
+        """Encoded image bytes (``name``: where they come from, for the warning) -> uint8 (channels, out_size,
+        out_size); the streaming path's entry, which reads records rather than files."""
         if data[:2] == JPEG_MAGIC:
             try:
                 return self.from_jpeg(data)
@@ -164,7 +168,7 @@ class JpegCropFlip:
                 reason = f"the JPEG decoder refused it ({err})"
         else:
             reason = "not a JPEG"
-        warnings.warn(f"decode fast: {path}: {reason}; decoding it in full with PIL instead", stacklevel=2)
+        warnings.warn(f"decode fast: {name}: {reason}; decoding it in full with PIL instead", stacklevel=2)
         return self.from_pil(data)
 
     def draws(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
