@@ -10,12 +10,11 @@ the figure the 2-minute budget of a 2-core CPU is about.
     python benchmarks/features_speed.py --threads 2
     python benchmarks/features_speed.py --threads 2 --root /path/to/fashion-mnist --out benchmarks/results
 
-Prints a table and writes benchmarks/results/features_speed_<device>.json with the 1-minute load average before
-and after (other processes on a small CPU distort timings: rerun when it is well above the core count).
+Prints a table and writes benchmarks/results/features_speed_<device>.json and .md with the 1-minute load average
+before and after (other processes on a small CPU distort timings: rerun when it is well above the core count).
 """
 
 import argparse
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -26,16 +25,10 @@ from provenance import REPO, device_info, git_commit
 
 from advmim_pl.data import FashionMNISTDataModule
 from advmim_pl.data.fashion_mnist import DEFAULT_ROOT
-from advmim_pl.eval.features import (
-    FeatureSet,
-    ProbeSettings,
-    evaluation_batches,
-    extract,
-    pooled_features,
-    probe_counts,
-    random_encoder,
-    with_intervals,
-)
+from advmim_pl.eval.extract import evaluation_batches, extract, pooled_features
+from advmim_pl.eval.floors import random_encoder
+from advmim_pl.eval.probes import FeatureSet, ProbeSettings, probe_counts, with_intervals
+from advmim_pl.report import ReportTable, write_report
 
 MICRO = dict(embed_dim=96, depth=4, num_heads=3)
 
@@ -45,7 +38,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="Fashion-MNIST IDX folder")
     parser.add_argument("--batch-size", type=int, default=1024, help="extraction batch")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the JSON")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the JSON and Markdown"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,13 +87,8 @@ def main() -> None:
         *((f"kNN + logistic regression, {p}", f"{timings[f'fits_{p}_s']:.1f} s", "") for p in ("token", "avg")),
         ("total (bf16 extraction + fits)", f"{timings['total_s']:.1f} s", ""),
     ]  # fmt: skip
-    print(f"\n{images:,} Fashion-MNIST images, micro ViT {MICRO}, {name}; load average {load_before:.1f} -> "
-          f"{load_after:.1f}\n")  # fmt: skip
-    print("| step | time | rate |\n| --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"features_speed_{slug}.json"
+    heading = (f"{images:,} Fashion-MNIST images, micro ViT {MICRO}, {name}; load average {load_before:.1f} -> "
+               f"{load_after:.1f}")  # fmt: skip
     record = {
         "device": name,
         "threads": torch.get_num_threads(),
@@ -112,8 +102,9 @@ def main() -> None:
         "results": results,
         "versions": {"torch": torch.__version__},
     }
-    path.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {path}")
+    table = ReportTable(["step", "time", "rate"], [list(row) for row in rows], align="lrr")
+    path = write_report(args.out, f"features_speed_{slug}", [table], record, heading=heading)
+    print(f"\nwrote {path} and .json")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Evaluation: frozen-feature probes (kNN, logistic regression) with their floors, the online kNN monitor;
-corruption suite, PGD robust accuracy and out-of-distribution sets."""
+"""Evaluation: probe maths (``probes``: kNN, logistic regression, Wilson intervals, cross-validation), feature
+extraction (``extract``), floors and readouts (``floors``), the frozen-feature command (``features``), the online
+kNN monitor; robust accuracy (``robust``) with corruptions, PGD and out-of-distribution sets (``robustness``)."""
 
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from advmim_pl.eval.features import FeatureEvalModule

@@ -1,6 +1,6 @@
 """Online kNN monitor: how good the encoder's frozen features are, while pre-training runs.
 
-The kNN probe of ``advmim_pl.eval.features`` on a fixed labelled subset, every N epochs, as solo-learn's and
+The kNN probe of ``advmim_pl.eval.probes`` on a fixed labelled subset, every N epochs, as solo-learn's and
 lightly's online kNN monitors do: a newcomer sees representation quality rise, not only the loss fall.
 """
 
@@ -14,14 +14,9 @@ from torch import Tensor
 from advmim_pl.adversarial.attack import frozen_eval
 from advmim_pl.checks import require_positive
 from advmim_pl.data.base import ImageDataModule
-from advmim_pl.eval.features import (
-    EvaluationInputError,
-    evaluation_batches,
-    extract,
-    knn_predict,
-    labelled,
-    pooled_features,
-)
+from advmim_pl.errors import EvaluationInputError
+from advmim_pl.eval.extract import evaluation_batches, extract, labelled, pooled_features
+from advmim_pl.eval.probes import knn_predict
 from advmim_pl.models.branch_norm import BranchNorm, branch
 from advmim_pl.models.pooling import GlobalPool, method_pooling
 
@@ -32,7 +27,7 @@ class KNNMonitor(L.Callback):
     A fixed, seeded random subset of ``bank_size`` training images (labelled, with the data module's evaluation
     transform) is the neighbour bank and ``query_size`` validation images are the queries; at the end of every
     N-th validation epoch both are encoded (eval mode, no gradients, under the trainer's precision) and the
-    temperature-weighted cosine kNN of ``advmim_pl.eval.features`` scores the queries. It logs ``val/knn_top1``
+    temperature-weighted cosine kNN of ``advmim_pl.eval.probes`` scores the queries. It logs ``val/knn_top1``
     and, when the AEMIM plug-in gave the encoder its own auxiliary normalisation layers, ``val/knn_top1_aux``
     (the same images through ``branch(encoder, "aux")``). ``seconds`` accumulates the time it took. Needs one of
     the project's data modules (a labelled training set and a validation set); with validation off it never runs.

@@ -1,15 +1,16 @@
 """Robustness evaluation of a classifier during ``advmim test``: corruptions, PGD and out-of-distribution sets.
 
 ``RobustnessEvaluator`` is a callback: on every test batch it scores the module's ``logits`` on the clean
-images, on each corruption x severity, and on PGD examples crafted by the plug-in's ``Attacker`` with the
-module's ``cross_entropy_objective``; at the end of the test epoch it scores the out-of-distribution
-ImageFolders, prints a table, logs every accuracy and writes ``robustness.md`` / ``robustness.json`` next to
-the logs. With ``floors`` the same table has two more columns: logistic regressions on the frozen features of a
-randomly initialised encoder of the same architecture and on the raw pixels, scored on the same clean,
-corrupted and PGD images: what the representation adds over none.
+images, on each corruption x severity, and on PGD examples crafted by ``Attacker`` with the module's
+``cross_entropy_objective`` (``advmim_pl.eval.robust.robust_accuracy``); at the end of the test epoch it scores
+the out-of-distribution ImageFolders, prints a table, logs every accuracy and writes ``robustness.md`` /
+``robustness.json`` next to the logs. With ``floors`` the same table has three more columns, all read out by
+one converged logistic regression fit on the frozen features of the training images: the module's own encoder
+(its pooling), a randomly initialised encoder of the same architecture, and the raw pixels, scored on the same
+clean, corrupted and PGD images. The model's column uses its own head; the encoder's logistic-regression column
+beside it says how much of a gap to the floors is the readout rather than the representation.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,6 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
@@ -26,18 +25,19 @@ from torchvision.transforms import v2
 
 from advmim_pl.adversarial.attack import check_eps
 from advmim_pl.adversarial.attacker import Attacker
-from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from advmim_pl.eval.features import (
-    EvaluationInputError,
-    LinearReadout,
-    Pixels,
-    Pooled,
-    ProbeSettings,
-    evaluation_batches,
-    extract,
-    random_encoder,
-)
-from advmim_pl.rng import generator_for
+from advmim_pl.errors import EvaluationInputError
+from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
+from advmim_pl.eval.extract import evaluation_batches
+from advmim_pl.eval.floors import LinearReadout, Pixels, Pooled, fit_readouts, random_encoder
+from advmim_pl.eval.probes import ProbeSettings
+from advmim_pl.eval.robust import accuracy_counts, pgd_eps, robust_accuracy, with_corruption_mean
+from advmim_pl.report import ReportTable, write_report
+
+READOUTS = {  # results-key prefix -> table column of the logistic-regression readouts that floors: true adds
+    "logreg/encoder/": "encoder, logistic regression",
+    "logreg/random/": "random encoder (floor), logistic regression",
+    "logreg/pixels/": "raw pixels (floor), logistic regression",
+}
 
 
 @dataclass
@@ -53,24 +53,6 @@ class OODSet:
     root: str
     class_map: dict[str, int] | None = None
     restrict_logits: bool = True
-
-
-def pgd_key(eps: float) -> str:
-    """The results key of the PGD accuracy at L-inf budget ``eps`` (pixel units), e.g. 'pgd/0.01569'."""
-    return f"pgd/{eps:.5f}"
-
-
-def pgd_eps(key: str) -> float:
-    """The budget of a PGD results key: 'pgd/0.01569' -> 0.01569."""
-    return float(key.removeprefix("pgd/"))
-
-
-def accuracy_counts(logits: Tensor, labels: Tensor, classes: Tensor | None = None) -> Tensor:
-    """Correct top-1 predictions as a 0-d tensor. logits (B, K), labels (B,); ``classes`` (M,) restricts the
-    argmax to those class indices."""
-    if classes is not None:
-        return (classes[logits[:, classes].argmax(dim=1)] == labels).sum()
-    return (logits.argmax(dim=1) == labels).sum()
 
 
 class RobustnessEvaluator(L.Callback):
@@ -89,10 +71,12 @@ class RobustnessEvaluator(L.Callback):
         pgd_random_start: start PGD from uniform noise.
         ood_sets: name -> OOD ImageFolder, scored at the end of the test epoch.
         ood_batch_size: batch size for the OOD sets.
-        floors: also score the floors: logistic regressions (``advmim_pl.eval.features``, C chosen on a held-out
-            10%) on the frozen features of a random encoder of the module's architecture and pooling, and on the
-            raw pixels, fit on the data module's training images (evaluation transform). Not on the OOD sets.
-        floor_images: at most this many training images (a seeded random subset) fit the floors.
+        floors: also score converged logistic regressions (``advmim_pl.eval.probes.logistic_probe``, C chosen on
+            a held-out 10%) on the frozen features of the module's own encoder (its pooling), of a random encoder
+            of the module's architecture and pooling (a floor), and of the raw pixels (a floor), fit on the data
+            module's training images (evaluation transform): the model and its floors read out the same way.
+            Not on the OOD sets.
+        floor_images: at most this many training images (a seeded random subset) fit the readouts.
         floor_pixel_size: side the raw-pixel floor is area-averaged down to (at most the image side).
         seed: seed of the corruption noise (per batch), the PGD random start, the random encoder and the subset.
     """
@@ -131,24 +115,24 @@ class RobustnessEvaluator(L.Callback):
         self.ood_sets = ood_sets or {}
         self.ood_batch_size, self.seed = ood_batch_size, seed
         self.floors, self.floor_images, self.floor_pixel_size = floors, floor_images, floor_pixel_size
-        self.classifiers: dict[str, LinearReadout] = {}  # results-key prefix -> floor classifier
-        self.attacks: dict[str, dict[float, Attacker]] = {}  # prefix -> eps -> attack
+        self.readouts: dict[str, LinearReadout] = {}  # results-key prefix (READOUTS) -> readout
+        self.attacks: dict[str, list[Attacker]] = {}  # prefix -> one attack per eps
         self.correct: dict[str, Tensor] = {}
-        self.total = torch.zeros(())
+        self.total = 0
         self.results: dict[str, float] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.correct, self.total = {}, torch.zeros((), device=pl_module.device)
-        if self.floors and not self.classifiers:
-            self.classifiers = self._fit_floors(trainer, pl_module)
-        # each classifier has its own attacks, so that the floors never shift the model's random starts
+        self.correct, self.total = {}, 0
+        if self.floors and not self.readouts:
+            self.readouts = self._fit_readouts(trainer, pl_module)
+        # each classifier has its own attacks, so that the readouts never shift the model's random starts
         self.attacks = {
-            prefix: {eps: Attacker(eps=eps, **self.pgd) for eps in self.pgd_eps} for prefix in ("", *self.classifiers)
+            prefix: [Attacker(eps=eps, **self.pgd) for eps in self.pgd_eps] for prefix in ("", *self.readouts)
         }
 
-    def _fit_floors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, LinearReadout]:
-        """Logistic regressions on a random encoder's features (the module's architecture and pooling) and on the
-        raw pixels, fit on up to ``floor_images`` training images."""
+    def _fit_readouts(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, LinearReadout]:
+        """Logistic regressions on the module's own encoder features, a random encoder's (the module's
+        architecture and pooling) and the raw pixels, fit on up to ``floor_images`` training images."""
         data = trainer.datamodule
         if not isinstance(getattr(data, "train_set", None), Dataset):
             raise EvaluationInputError(
@@ -159,53 +143,39 @@ class RobustnessEvaluator(L.Callback):
         subset = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(self.seed))
         subset = subset[: self.floor_images].sort().values
         features = {
-            "floor/random/": Pooled(random_encoder(hp, self.seed), hp.global_pool).to(pl_module.device),
-            "floor/pixels/": Pixels(pl_module.encoder.normalize, self.floor_pixel_size).to(pl_module.device),
+            "logreg/encoder/": pl_module.features,
+            "logreg/random/": Pooled(random_encoder(hp, self.seed), hp.global_pool).to(pl_module.device),
+            "logreg/pixels/": Pixels(pl_module.encoder.normalize, self.floor_pixel_size).to(pl_module.device),
         }
-        train = extract(  # both floors' features in one pass over the images
-            lambda x: {prefix: features_of(x) for prefix, features_of in features.items()},
+        return fit_readouts(
+            features,
             evaluation_batches(data.train_set, data.eval_transform(), data.batch_size, indices=subset),
+            hp.num_classes,
+            ProbeSettings(seed=self.seed),
             pl_module.device,
             trainer.precision_plugin.forward_context,
         )
-        settings = ProbeSettings(seed=self.seed)
-        return {
-            prefix: LinearReadout(features_of, settings.logistic(train.features[prefix], train.labels, hp.num_classes))
-            for prefix, features_of in features.items()
-        }
-
-    def _add(self, key: str, count: Tensor) -> None:
-        self.correct[key] = self.correct.get(key, 0) + count
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         x, y = batch[0], batch[1]
-        self.total = self.total + len(y)
-        classifiers = (("", pl_module), *self.classifiers.items())
-        with torch.no_grad():  # each corrupted batch is made once and scored by every classifier
-            for prefix, classifier in classifiers:
-                self._add(f"{prefix}clean", accuracy_counts(classifier.logits(x), y))
-            generator = generator_for(x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
-            for name in self.corruptions:
-                for severity in self.severities:
-                    xc = corrupt(x, name, severity, generator)
-                    for prefix, classifier in classifiers:
-                        self._add(f"{prefix}corruption/{name}/{severity}", accuracy_counts(classifier.logits(xc), y))
-        for prefix, classifier in classifiers:
-            for eps, attack in self.attacks[prefix].items():
-                x_adv = attack.generate(pl_module, x, classifier.cross_entropy_objective(y)).x_adv
-                with torch.no_grad():
-                    self._add(f"{prefix}{pgd_key(eps)}", accuracy_counts(classifier.logits(x_adv), y))
+        self.total += len(y)
+        model = ("", pl_module.logits, pl_module.cross_entropy_objective)
+        for prefix, logits, objective in (model, *((p, r.logits, None) for p, r in self.readouts.items())):
+            counts = robust_accuracy(
+                logits, [(x, y)], pl_module, self.attacks[prefix], self.corruptions, self.severities, self.seed,
+                first_batch=batch_idx, objective=objective,
+            )  # fmt: skip
+            for key, count in counts.correct.items():
+                self.correct[f"{prefix}{key}"] = self.correct.get(f"{prefix}{key}", 0) + count
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        total = trainer.strategy.reduce(self.total.float(), reduce_op="sum")
+        total = trainer.strategy.reduce(torch.tensor(float(self.total), device=pl_module.device), reduce_op="sum")
         results = {
             key: float(trainer.strategy.reduce(count.float(), reduce_op="sum") / total.clamp_min(1))
             for key, count in self.correct.items()
         }
-        for prefix in ("", *self.classifiers):
-            corruption = [v for k, v in results.items() if k.startswith(f"{prefix}corruption/")]
-            if corruption:
-                results[f"{prefix}corruption/mean"] = sum(corruption) / len(corruption)
+        for prefix in ("", *self.readouts):
+            results = with_corruption_mean(results, prefix)
         for name, ood in self.ood_sets.items():
             results[f"ood/{name}"] = self._ood_accuracy(ood, pl_module)
         self.results = results
@@ -235,7 +205,8 @@ class RobustnessEvaluator(L.Callback):
         return float(correct) / max(len(dataset), 1)
 
     def _report(self, trainer: L.Trainer, results: dict[str, float]) -> None:
-        """Print a table (the floors in two more columns) and write Markdown and JSON copies to the log folder."""
+        """Print a table (the readouts in three more columns) and write Markdown and JSON copies to the log
+        folder."""
         rows = [("clean", "", "clean")]
         for name in self.corruptions:
             for severity in self.severities:
@@ -243,23 +214,14 @@ class RobustnessEvaluator(L.Callback):
         rows.append(("mean corruption accuracy", "", "corruption/mean"))
         rows += [("PGD L-inf", f"eps {pgd_eps(k) * 255:.2g}/255", k) for k in results if k.startswith("pgd/")]
         rows += [("OOD", k[4:], k) for k in results if k.startswith("ood/")]
-        header = ["test", "setting", "top-1 %"]
-        if self.classifiers:
-            header += ["random encoder (floor)", "raw pixels (floor)"]
 
         def cells(key: str) -> list[str]:
-            keys = [key] + [f"{prefix}{key}" for prefix in self.classifiers]
+            keys = [key] + [f"{prefix}{key}" for prefix in self.readouts]
             return [f"{100 * results[k]:.2f}" if k in results else "" for k in keys]
 
-        table = Table(title="robustness (top-1 accuracy)")
-        for column in header:
-            table.add_column(column)
-        for test, setting, key in rows:
-            table.add_row(test, setting, *cells(key))
-        Console().print(table)
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        lines += ["| " + " | ".join([test, setting, *cells(key)]) + " |" for test, setting, key in rows]
-        (folder / "robustness.md").write_text("\n".join(lines) + "\n")
-        (folder / "robustness.json").write_text(json.dumps(results, indent=2))
+        table = ReportTable(
+            ["test", "setting", "model, its head", *(READOUTS[prefix] for prefix in self.readouts)],
+            [[test, setting, *cells(key)] for test, setting, key in rows],
+            title="robustness (top-1 accuracy %)",
+        )
+        write_report(Path(trainer.log_dir or trainer.default_root_dir), "robustness", [table], results)

@@ -17,19 +17,21 @@ from torch.utils.data import DataLoader
 from advmim_pl.cli import AdvMIMCLI, resolve_config_args, run
 from advmim_pl.data import BundledSampleDataModule, FashionMNISTDataModule, MNISTSubsetDataModule
 from advmim_pl.data.fashion_mnist import DEFAULT_ROOT, find_idx_file
-from advmim_pl.eval.features import (
-    FeatureEvalModule,
-    FeatureSet,
-    ProbeSettings,
-    cross_validate,
+from advmim_pl.eval.extract import (
     evaluation_batches,
     evaluation_view,
     extract,
-    knn_predict,
     labelled,
-    logistic_probe,
     pixel_features,
     pooled_features,
+)
+from advmim_pl.eval.features import FeatureEvalModule
+from advmim_pl.eval.probes import (
+    FeatureSet,
+    ProbeSettings,
+    cross_validate,
+    knn_predict,
+    logistic_probe,
     stratified_folds,
     wilson_interval,
 )

@@ -8,8 +8,8 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.errors import EvaluationInputError
 from advmim_pl.eval import KNNMonitor
-from advmim_pl.eval.features import EvaluationInputError
 from advmim_pl.models.branch_norm import branch
 from tests.helpers.micro import bundled_sample, micro_module, trainer
 

@@ -147,11 +147,12 @@ def test_floors_are_scored_like_the_model_without_changing_its_numbers(probe, tm
         trainer.test(probe, datamodule=data)
         runs[floors] = evaluator
     plain, floored = runs[False].results, runs[True].results
-    assert {k: v for k, v in floored.items() if not k.startswith("floor/")} == plain  # the model's numbers unchanged
+    assert {k: v for k, v in floored.items() if not k.startswith("logreg/")} == plain  # the model's numbers unchanged
     batches = list(itertools.islice(iter(data.test_dataloader()), 2))
     n = sum(len(yb) for _, yb in batches)
-    assert set(runs[True].classifiers) == {"floor/random/", "floor/pixels/"}
-    for prefix, readout in runs[True].classifiers.items():
+    readouts = runs[True].readouts
+    assert list(readouts) == ["logreg/encoder/", "logreg/random/", "logreg/pixels/"]
+    for prefix, readout in readouts.items():
         with torch.no_grad():
             clean = sum((readout.logits(xb).argmax(1) == yb).sum().item() for xb, yb in batches)
         adversarial = [(reference_pgd(readout.logits, xb, yb, EPS[1]), yb) for xb, yb in batches]
@@ -160,5 +161,10 @@ def test_floors_are_scored_like_the_model_without_changing_its_numbers(probe, tm
         assert floored[f"{prefix}clean"] * n == pytest.approx(clean)
         assert abs(floored[f"{prefix}pgd/{EPS[1]:.5f}"] * n - reference) <= 1, (prefix, reference)
         assert clean > 0.5 * n and reference < clean  # fit on 2,000 training images; PGD attacks the floor too
+    # the encoder's readout reads the probe's own features: the same frozen encoder and pooling
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(readouts["logreg/encoder/"].features_of(x), probe.features(x))
     table = (tmp_path / "True" / "lightning_logs" / "version_0" / "robustness.md").read_text()
-    assert "| test | setting | top-1 % | random encoder (floor) | raw pixels (floor) |" in table
+    header = "| test | setting | model, its head | encoder, logistic regression | random encoder (floor), logistic"
+    assert header in table
