@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from advmim_pl.cli import resolve_config
@@ -48,12 +49,12 @@ def test_every_arm_composes_with_its_values(preset, arm, capsys):
     for path in paths:
         expected = merged(expected, yaml.safe_load(open(resolve_config(path)).read()))
     assert_contains(printed, expected)
-    attack = printed["attack"]
-    assert (attack is not None) == bool(spec.overlays)
-    if attack is not None:
+    plugin = printed["model"]["init_args"]["plugin"]
+    assert (plugin is not None) == bool(spec.overlays)
+    if plugin is not None:
         wanted = {"MAE+sign": ("sign", "none"), "MAE+AEMIM same": ("pgd", "same")}.get(arm, ("pgd", "none"))
-        assert (attack["init_args"]["perturbation"], attack["init_args"]["attack_mask"]) == wanted
-        assert attack["init_args"]["eps"] == pytest.approx(4 / 255)
+        assert (plugin["init_args"]["perturbation"], plugin["init_args"]["attack_mask"]) == wanted
+        assert plugin["init_args"]["eps"] == pytest.approx(4 / 255)
 
 
 # ---- statistics, checked against closed forms ------------------------------------------------------------
@@ -159,9 +160,29 @@ def test_a_rerun_replaces_its_record_and_reports_the_difference():
     records = [record("MAE", 0, 0.5), record("MAE+sign", 0, 0.6)]
     assert jobs.replace_record(records, record("MAE", 0, 0.5)).startswith("reproduced exactly")
     verdict = jobs.replace_record(records, record("MAE", 0, 0.7))
-    assert "max |diff| 0.2" in verdict and [r["arm"] for r in records] == ["MAE", "MAE+sign"]  # in place
+    assert verdict.endswith("in probe: max |diff| 0.2") and [r["arm"] for r in records] == [
+        "MAE",
+        "MAE+sign",
+    ]  # in place
     assert records[0]["metrics"]["probe"] == 0.7
     assert jobs.replace_record(records, record("MAE", 1, 0.7)) == "new" and len(records) == 3
+    corrupted = record("MAE", 1, 0.7)
+    corrupted["metrics"] |= {"corruption/contrast/1": 0.1, "corruption/contrast/2": 0.1}
+    assert " in 2 corruption keys: max |diff| 0.45" in jobs.replace_record(records, corrupted)
+
+
+def test_a_kept_checkpoint_is_the_newest_and_must_have_trained_the_records_steps(tmp_path):
+    smoke = design.PRESETS["smoke"]  # 2 steps per epoch
+    with pytest.raises(FileNotFoundError, match="no pre-training checkpoint is kept; run the job again with --rerun"):
+        commands.kept_checkpoint(tmp_path, record("MAE", 0, 0.8), smoke)
+    for version, steps in ((1, 2), (10, 5)):  # version 10 is newer than 1 (not a string order)
+        path = tmp_path / "pretrain" / f"version_{version}" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"global_step": steps}, path)
+    matched = record("MAE compute-matched", 0, 0.8) | {"epochs": 2.5}
+    assert commands.kept_checkpoint(tmp_path, matched, smoke).parts[-3] == "version_10"
+    with pytest.raises(ValueError, match="trained 5 steps; the record of MAE seed 0 says 1 epochs, 2 steps"):
+        commands.kept_checkpoint(tmp_path, record("MAE", 0, 0.8), smoke)
 
 
 def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp_path):
@@ -241,6 +262,18 @@ def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path
     log = run_study(tmp_path, "--seeds", "1", "--arms", "MAE+AEMIM", "--rerun")
     assert "MAE+AEMIM seed 1" in log and "reproduced exactly the earlier run" in log
     assert [r["metrics"] for r in json.loads(results.read_text())] == [r["metrics"] for r in records]
+    # the evaluation alone, on the encoder of the kept checkpoint: the same numbers, the pre-training's fields kept
+    before = {(r["arm"], r["seed"]): r for r in json.loads(results.read_text())}
+    log = run_study(tmp_path, "--seeds", "1", "--arms", "MAE+AEMIM", "MAE compute-matched", "--from-checkpoints")
+    assert log.count("reproduced exactly the earlier run") == 2
+    after = {(r["arm"], r["seed"]): r for r in json.loads(results.read_text())}
+    for job in (("MAE+AEMIM", 1), ("MAE compute-matched", 1)):
+        assert (
+            after[job]["metrics"] == before[job]["metrics"] and after[job]["pretrained"]["date"] == before[job]["date"]
+        )
+        for key in ("epochs", "time_ratio", "attack"):
+            assert after[job].get(key) == before[job].get(key), key
+        assert after[job]["minutes"]["pretrain"] == before[job]["minutes"]["pretrain"]
 
 
 def test_the_smoke_pilot_records_both_encoders_and_the_time_ratio(tmp_path):

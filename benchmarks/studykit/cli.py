@@ -11,9 +11,17 @@ import torch
 from provenance import REPO, device_info, git_commit
 
 from . import continuation
-from .commands import arm_epochs, attack_log, pretrain, time_ratio
+from .commands import arm_epochs, attack_log, kept_checkpoint, pretrain, time_ratio
 from .design import ARMS, CONTINUE, PIXELS, PRESETS, Preset
-from .evaluate import EvalData, encoder_features, evaluate, load_eval_data, pixel_floor
+from .evaluate import (
+    CORRUPTION_SEEDING,
+    EvalData,
+    checkpoint_encoder,
+    encoder_features,
+    evaluate,
+    load_eval_data,
+    pixel_floor,
+)
 from .jobs import claim, locked, read_records, replace_record, todo
 from .pilot import run_pilot
 from .report import write_report
@@ -25,6 +33,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 .. the preset's count - 1)")
     parser.add_argument("--arms", nargs="+", choices=[*ARMS, PIXELS], help="arms (default: the preset's)")
     parser.add_argument("--rerun", action="store_true", help="run recorded (arm, seed) again; says if it reproduced")
+    parser.add_argument(
+        "--from-checkpoints",
+        action="store_true",
+        help="evaluate recorded (arm, seed) again on the encoder its kept checkpoint holds, without pre-training",
+    )
     parser.add_argument("--pilot", action="store_true", help="the pilot: MAE at the preset's pilot epoch counts")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     parser.add_argument("--workdir", type=Path, default=Path("runs/study"), help="logs, checkpoints, claims")
@@ -70,53 +83,77 @@ def main(description: str) -> None:
 
 
 def run_arms(args, preset: Preset, seeds: list[int], work: Path, data: EvalData, data_args, img_size, provenance):
-    """Every job of ``args.arms`` (default: the preset's) x ``seeds`` without a record (all with ``--rerun``),
-    claimed one at a time; each record is written, and the report rebuilt, as soon as its job is done."""
+    """Every job of ``args.arms`` (default: the preset's) x ``seeds`` without a record (all with ``--rerun`` or
+    ``--from-checkpoints``), claimed one at a time; each record is written, and the report rebuilt, as soon as its
+    job is done."""
     results = args.out / f"study_{args.preset}.json"
     arms = args.arms or [PIXELS, *preset.arms]
-    jobs = todo(read_records(results), arms, seeds, args.rerun, () if args.arms else preset.screen)
+    again = args.rerun or args.from_checkpoints
+    jobs = todo(read_records(results), arms, seeds, again, () if args.arms else preset.screen)
     begun, longest = time.perf_counter(), 0.0
     lock, claims = work / "records.lock", work / "claims.json"
-    while (job := claim(claims, lock, results, jobs, args.rerun)) is not None:
+    while (job := claim(claims, lock, results, jobs, again)) is not None:
         if args.minutes and (time.perf_counter() - begun + longest) / 60 > args.minutes:
             print(f"[study {args.preset}] {args.minutes} min budget: {len(jobs)} jobs left for a later run")
             break
         jobs.remove(job)
         seed, arm = job
-        start = time.perf_counter()
-        minutes, epochs, ratio, attack = {}, None, None, {}
-        if arm == PIXELS:
-            features_of = pixel_floor(data.normalize, img_size)
+        folder = work / arm.replace(" ", "_") / f"seed{seed}"
+        with locked(lock):
+            records = read_records(results)
+        earlier = next((r for r in records if (r["seed"], r["arm"]) == job), None)
+        if args.from_checkpoints and earlier and earlier.get("epochs"):
+            record = reevaluate(earlier, kept_checkpoint(folder, earlier, preset), data, preset, provenance)
         else:
-            if ARMS[arm].epoch_factor == "time_ratio":
-                with locked(lock):
-                    ratio = time_ratio(preset, read_records(results), seed)
-            epochs = arm_epochs(preset, arm, ratio)
-            cli = pretrain(preset, arm, seed, work / arm.replace(" ", "_") / f"seed{seed}", epochs, data_args)
-            minutes["pretrain"] = (time.perf_counter() - start) / 60
-            features_of = encoder_features(cli.model)
-            attack = attack_log(cli.trainer)
-        start = time.perf_counter()
-        metrics = evaluate(features_of, data, preset)
-        minutes["eval"] = (time.perf_counter() - start) / 60
-        longest = max(longest, 60 * sum(minutes.values()))
-        record = {"preset": args.preset, "arm": arm, "seed": seed, "epochs": epochs, "time_ratio": ratio}
-        if ratio is not None:
-            record["time_ratio_from"] = (
-                "a fixed number" if preset.time_ratio else f"MAE+AEMIM / MAE minutes, seed {seed}"
-            )
-        record["metrics"] = metrics
-        if attack:
-            record["attack"] = attack
-        record |= {"minutes": minutes, **provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            record = run_job(args.preset, preset, arm, seed, folder, records, data, data_args, img_size)
+            record |= {**provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        longest = max(longest, 60 * sum(record["minutes"].values()))
         with locked(lock):
             records = read_records(results)
             verdict = replace_record(records, record)
             results.write_text(json.dumps(records, indent=1) + "\n")
             write_report(args.preset, records, args.out)
         print(
-            f"[study {args.preset}] {arm} seed {seed}: probe {100 * metrics['probe']:.2f}, "
-            f"{sum(minutes.values()):.1f} min, {verdict}",
+            f"[study {args.preset}] {arm} seed {seed}: probe {100 * record['metrics']['probe']:.2f}, "
+            f"{sum(record['minutes'].values()):.1f} min, {verdict}",
             flush=True,
         )
     print(f"[study {args.preset}] results: {results.with_suffix('.md')}")
+
+
+def run_job(name: str, preset: Preset, arm: str, seed: int, folder: Path, records, data, data_args, img_size) -> dict:
+    """Pre-train ``arm`` at ``seed`` (logging under ``folder``) and evaluate it: its record, without provenance."""
+    start = time.perf_counter()
+    minutes, epochs, ratio, attack = {}, None, None, {}
+    if arm == PIXELS:
+        features_of = pixel_floor(data.normalize, img_size)
+    else:
+        if ARMS[arm].epoch_factor == "time_ratio":
+            ratio = time_ratio(preset, records, seed)
+        epochs = arm_epochs(preset, arm, ratio)
+        cli = pretrain(preset, arm, seed, folder, epochs, data_args)
+        minutes["pretrain"] = (time.perf_counter() - start) / 60
+        features_of = encoder_features(cli.model.encoder)
+        attack = attack_log(cli.trainer)
+    start = time.perf_counter()
+    metrics = evaluate(features_of, data, preset)
+    minutes["eval"] = (time.perf_counter() - start) / 60
+    record = {"preset": name, "arm": arm, "seed": seed, "epochs": epochs, "time_ratio": ratio}
+    if ratio is not None:
+        record["time_ratio_from"] = "a fixed number" if preset.time_ratio else f"MAE+AEMIM / MAE minutes, seed {seed}"
+    record |= {"metrics": metrics, "corruption_seeding": CORRUPTION_SEEDING}
+    if attack:
+        record["attack"] = attack
+    return record | {"minutes": minutes}
+
+
+def reevaluate(earlier: dict, checkpoint: Path, data: EvalData, preset: Preset, provenance: dict) -> dict:
+    """``earlier``'s record with its metrics measured again on the encoder of its kept ``checkpoint``: the
+    pre-training fields stay, with its provenance under "pretrained"; the evaluation's provenance replaces it."""
+    start = time.perf_counter()
+    metrics = evaluate(encoder_features(checkpoint_encoder(checkpoint, data.test_x.device)), data, preset)
+    pretrained = earlier.get("pretrained") or {k: earlier[k] for k in ("commit", "device", "date")}
+    minutes = {**earlier["minutes"], "eval": (time.perf_counter() - start) / 60}
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    record = {**earlier, "metrics": metrics, "corruption_seeding": CORRUPTION_SEEDING, "minutes": minutes}
+    return record | {**provenance, "date": date, "pretrained": pretrained}

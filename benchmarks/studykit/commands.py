@@ -3,6 +3,8 @@
 import math
 from pathlib import Path
 
+import torch
+
 from advmim_pl.cli import run
 
 from .design import ARMS, QUIET, Preset
@@ -58,7 +60,9 @@ def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: 
     configs = ["-c", f"study/{preset.configs}/{spec.pretrain}"]
     for overlay in spec.overlays:
         configs += ["-c", overlay]
-    attack_seed = ["--model.init_args.plugin.init_args.seed", str(seed)] if spec.overlays else []  # attack RNG follows
+    attack_seed = (
+        ["--model.init_args.plugin.init_args.seed", str(seed)] if spec.overlays else []
+    )  # its RNG follows the seed
     logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: pretrain}}}}"
     limit = limit_arguments(preset)
     return [
@@ -87,3 +91,20 @@ def attack_log(trainer) -> dict[str, float]:
     plug-in): the feature distance to the clean target at x, at the attack's x_a and at an energy-matched random
     sign. Their ratio adv / random says whether the attack was adversarial at all."""
     return {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("attack/objective")}
+
+
+def kept_checkpoint(folder: Path, record: dict, preset: Preset) -> Path:
+    """The last checkpoint of the newest pre-training logged under ``folder`` (``pretrain/version_N``), checked to
+    hold the training steps of ``record``'s epochs. FileNotFoundError when none is kept, ValueError when it trained
+    another length (a run the record does not describe)."""
+    kept = sorted(folder.glob("pretrain/version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3][8:]))
+    if not kept:
+        raise FileNotFoundError(f"{folder}: no pre-training checkpoint is kept; run the job again with --rerun")
+    steps = torch.load(kept[-1], map_location="cpu", weights_only=False)["global_step"]
+    expected = round(record["epochs"] * steps_per_epoch(preset))
+    if steps != expected:
+        raise ValueError(
+            f"{kept[-1]} trained {steps} steps; the record of {record['arm']} seed {record['seed']} says "
+            f"{record['epochs']:g} epochs, {expected} steps"
+        )
+    return kept[-1]

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from advmim_pl.cli import run
-from advmim_pl.modules import PretrainModule
+from advmim_pl.report import ReportTable
 
 from .commands import limit_arguments, pretrain
 from .design import QUIET, SMOKE_SIZES, Preset
-from .evaluate import EvalData, accuracy, encoder_features, evaluate
+from .evaluate import EvalData, accuracy, checkpoint_encoder, encoder_features, evaluate
 from .jobs import claim, locked, read_records, replace_record
-from .report import pct, table
+from .report import pct
 
 FLOOR = "random encoder"
 CANDIDATES = ("probe", "knn", "ft1", "ft10")  # the candidate primary metrics, in the README's order
@@ -134,14 +134,18 @@ def score(
     folder = work / encoder.replace(" ", "_").replace("=", "") / f"seed{seed}"
     if encoder == FLOOR:
         cli = pretrain(spec.pretrain, FLOOR, seed, folder, 0, data_args)
-        metrics, init_from, about = evaluate(encoder_features(cli.model), data, spec.pretrain, full=False), None, {}
+        metrics, init_from, about = (
+            evaluate(encoder_features(cli.model.encoder), data, spec.pretrain, full=False),
+            None,
+            {},
+        )
     else:
         epochs = int(encoder.rpartition("=")[2])
         init_from = base_checkpoint(spec, epochs, work, data_args)
         about = {"epochs": epochs, "base_sha256": sha256(init_from)}
         metrics = {}
         if seed == 0:
-            base = PretrainModule.load_from_checkpoint(init_from, map_location=data.test_x.device)
+            base = checkpoint_encoder(init_from, data.test_x.device)
             metrics = evaluate(encoder_features(base), data, spec.pretrain, full=False)
     extra = data_args + limit_arguments(spec.pretrain)
     for protocol in spec.few_labels:
@@ -233,7 +237,9 @@ def pilot_markdown(name: str, spec: ContinuePreset, records: list[dict]) -> str:
         "training labels. The probe and kNN of the base are deterministic (one value). Spread: "
         "sqrt((sd_base^2 + sd_floor^2) / 2).",
         "",
-        *table(["E0", "metric", "base", "random encoder", "margin", "spread", "margin / spread", "> 3 points"], cells),
+        *ReportTable(
+            ["E0", "metric", "base", "random encoder", "margin", "spread", "margin / spread", "> 3 points"], cells
+        ).markdown(),
         "",
         verdict,
         "",

@@ -1,20 +1,25 @@
-"""The evaluation of one frozen representation: probe, kNN, MNIST transfer, corruptions and PGD."""
+"""The evaluation of one frozen representation: probe, kNN and MNIST transfer, then the corruption suite and PGD of
+the representation plus its probe through the library's ``robust_accuracy`` (the corruption noise seeded as
+``RobustnessEvaluator`` seeds it, so the two report comparable numbers)."""
 
-import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from advmim_pl.adversarial.attack import pgd_attack
+from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.data import FashionMNISTDataModule, MNISTSubsetDataModule
-from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from advmim_pl.eval.features import FeatureSet, cross_validate, knn_predict, pixel_features, pooled_features
+from advmim_pl.eval.features import FeatureSet, LinearReadout, Pixels, Pooled, cross_validate, extract, knn_predict
+from advmim_pl.eval.robust import pgd_key, robust_accuracy
 from advmim_pl.models.normalize import Normalize
+from advmim_pl.models.vit import MaskedViT
+from advmim_pl.weights import load_encoder, read_weights
 
 from .design import PGD_EPS, PROBES, Preset
+
+PGD_STEPS = 10  # PGD-10, step 2.5 eps / 10, no random start
+CORRUPTION_SEEDING = "robust_accuracy's rule, seed 0: batch i draws from one generator seeded i"  # in each record
 
 
 @dataclass
@@ -57,23 +62,23 @@ def load_eval_data(preset: Preset, img_size: int, device: torch.device, fashion_
     return EvalData(train_x, train_y, test_x[test], test_y[test], mnist_x, mnist_y, normalize)
 
 
-def extract(features_of: Callable[[Tensor], Tensor], x: Tensor, batch: int) -> Tensor:
-    """features_of over x in chunks, without gradients -> (N, D) float32."""
-    with torch.no_grad():
-        return torch.cat([features_of(chunk).float() for chunk in x.split(batch)])
+def features(features_of: nn.Module, x: Tensor, y: Tensor, batch: int) -> FeatureSet:
+    """The float32 features (N, D) of ``features_of`` on images x (N, C, H, W), in chunks of ``batch``, named "f"."""
+    return extract(
+        lambda images: {"f": features_of(images)}, zip(x.split(batch), y.split(batch), strict=True), x.device
+    )
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
-def evaluate(
-    features_of: Callable[[Tensor], Tensor], data: EvalData, preset: Preset, full: bool = True
-) -> dict[str, float]:
+def evaluate(features_of: nn.Module, data: EvalData, preset: Preset, full: bool = True) -> dict[str, float]:
     """Every metric of one frozen representation ``features_of`` (images (B, C, H, W) in [0, 1] -> (B, D),
     differentiable for PGD), as fractions; only the probe and kNN unless ``full``."""
     batch, metrics = preset.eval_batch, {}
-    train, test = extract(features_of, data.train_x, batch), extract(features_of, data.test_x, batch)
+    train = features(features_of, data.train_x, data.train_y, batch).features["f"]
+    test = features(features_of, data.test_x, data.test_y, batch).features["f"]
     probe = PROBES.logistic(train, data.train_y, 10)
     metrics["probe"] = accuracy(probe.logits(test), data.test_y)
     metrics["probe_c"] = probe.fit.c
@@ -82,47 +87,37 @@ def evaluate(
     if not full:
         return metrics
 
-    digits = FeatureSet({"avg": extract(features_of, data.mnist_x, batch)}, data.mnist_y)
-    counts = cross_validate(digits, preset.mnist_folds, 10, PROBES)["avg/logreg"]
+    digits = features(features_of, data.mnist_x, data.mnist_y, batch)
+    counts = cross_validate(digits, preset.mnist_folds, 10, PROBES)["f/logreg"]
     metrics["mnist"] = counts["correct"] / counts["total"]
-
-    x, y = data.test_x[: preset.robust_images], data.test_y[: preset.robust_images]
-
-    def head(images: Tensor) -> Tensor:
-        return probe.logits(features_of(images).float())
-
-    metrics["clean_subset"] = accuracy(torch.cat([head(c).detach() for c in x.split(batch)]), y)
-    generator = torch.Generator(device=x.device)
-    for name in CORRUPTIONS:
-        for severity in SEVERITIES:
-            generator.manual_seed(0)
-            corrupted = corrupt(x, name, severity, generator)
-            with torch.no_grad():
-                logits = torch.cat([head(c) for c in corrupted.split(batch)])
-            metrics[f"corruption/{name}/{severity}"] = accuracy(logits, y)
-    metrics["corruption/mean"] = statistics.fmean(
-        metrics[f"corruption/{c}/{s}"] for c in CORRUPTIONS for s in SEVERITIES
-    )
-    for eps in PGD_EPS:
-        correct = 0
-        for xc, yc in zip(x.split(batch), y.split(batch), strict=True):
-
-            def objective(x_adv: Tensor, yc: Tensor = yc) -> Tensor:
-                return F.cross_entropy(head(x_adv), yc, reduction="none")
-
-            x_adv = pgd_attack(objective, xc, eps / 255, steps=10, random_start=False)
-            with torch.no_grad():
-                correct += int((head(x_adv).argmax(dim=1) == yc).sum())
-        metrics[f"pgd/{eps}"] = correct / len(y)
-    return metrics
+    robust = data.test_x[: preset.robust_images], data.test_y[: preset.robust_images]
+    return metrics | robustness(LinearReadout(features_of, probe), *robust, batch)
 
 
-def encoder_features(module) -> Callable[[Tensor], Tensor]:
-    """Average-pooled features of a pre-trained module's encoder (frozen, eval mode)."""
-    encoder = module.encoder.eval().requires_grad_(False)
-    return lambda x: pooled_features(encoder, x)["avg"]
+def robustness(classifier: LinearReadout, x: Tensor, y: Tensor, batch: int) -> dict[str, float]:
+    """Accuracy of ``classifier`` on (x, y) in chunks of ``batch``: clean ("clean_subset"), every corruption x
+    severity and their mean, and PGD-10 at each of ``PGD_EPS`` /255 ("pgd/<eps>"), by ``robust_accuracy`` with its
+    default seed 0."""
+    attacks = [Attacker(eps=eps / 255, steps=PGD_STEPS, random_start=False) for eps in PGD_EPS]
+    counts = robust_accuracy(classifier.logits, zip(x.split(batch), y.split(batch), strict=True), classifier, attacks)
+    names = {"clean": "clean_subset"} | {pgd_key(eps / 255): f"pgd/{eps}" for eps in PGD_EPS}
+    return {names.get(key, key): value for key, value in counts.accuracy().items()}
 
 
-def pixel_floor(normalize: Normalize, img_size: int) -> Callable[[Tensor], Tensor]:
+def encoder_features(encoder: MaskedViT) -> nn.Module:
+    """Average-pooled features of a pre-trained encoder (frozen, eval mode)."""
+    return Pooled(encoder, "avg").eval().requires_grad_(False)
+
+
+def checkpoint_encoder(path: Path, device: torch.device) -> MaskedViT:
+    """The clean encoder of a pre-training checkpoint, built from its hyperparameters and loaded by the library's
+    ``init_from`` reader (the plug-in's auxiliary norms dropped), on ``device``."""
+    settings = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    encoder = MaskedViT.from_settings(settings)
+    load_encoder(encoder.vit, read_weights(path), str(path))
+    return encoder.to(device)
+
+
+def pixel_floor(normalize: Normalize, img_size: int) -> nn.Module:
     """Raw pixels normalised with the Fashion-MNIST statistics (``normalize``), at full resolution."""
-    return lambda x: pixel_features(x, normalize, img_size)
+    return Pixels(normalize, img_size)

@@ -27,7 +27,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def replace_record(records: list[dict], record: dict) -> str:
-    """Put ``record`` in ``records`` in place of an earlier run of its arm and seed; say how they compare."""
+    """Put ``record`` in ``records`` in place of an earlier run of its arm and seed; say how they compare (which
+    metrics differ, the corruption keys counted together)."""
     key = (record["arm"], record["seed"])
     index = next((i for i, r in enumerate(records) if (r["arm"], r["seed"]) == key), None)
     if index is None:
@@ -37,8 +38,14 @@ def replace_record(records: list[dict], record: dict) -> str:
     old, new = earlier["metrics"], record["metrics"]
     if old == new:
         return f"reproduced exactly the earlier run (commit {earlier['commit']}, {earlier['device']})"
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    corruption = [k for k in changed if k.startswith("corruption/")]
+    named = [k for k in changed if k not in corruption] + ([f"{len(corruption)} corruption keys"] if corruption else [])
     diff = max((abs(old[k] - new[k]) for k in old.keys() & new.keys()), default=math.nan)
-    return f"differs from the earlier run (commit {earlier['commit']}, {earlier['device']}): max |diff| {diff:.4g}"
+    return (
+        f"differs from the earlier run (commit {earlier['commit']}, {earlier['device']}) in {', '.join(named)}: "
+        f"max |diff| {diff:.4g}"
+    )
 
 
 def todo(

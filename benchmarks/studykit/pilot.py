@@ -10,11 +10,12 @@ import lightning as L
 from torch import Tensor
 
 from advmim_pl.cli import run
+from advmim_pl.report import ReportTable
 
 from .commands import pretrain, pretrain_command
 from .design import Preset
 from .evaluate import EvalData, encoder_features, evaluate
-from .report import pct, table
+from .report import pct
 
 
 class EncoderSnapshots(L.Callback):
@@ -62,12 +63,12 @@ def run_pilot(name: str, preset: Preset, work: Path, data_args: list[str], data:
     result = {"preset": name, "MAE": {}, "seconds_per_step": {}}
     start = time.perf_counter()
     cli = pretrain(preset, "random encoder", 0, work / "pilot_random", 0, data_args)
-    result["random encoder"] = evaluate(encoder_features(cli.model), data, preset, full=False)
+    result["random encoder"] = evaluate(encoder_features(cli.model.encoder), data, preset, full=False)
     cli = pretrain(preset, "MAE", 0, work / "pilot", max(preset.pilot_epochs), data_args, [here + "EncoderSnapshots"])
     snapshots = callback_of(cli, EncoderSnapshots).states
     for epochs in preset.pilot_epochs:
         cli.model.encoder.load_state_dict(snapshots[epochs])
-        result["MAE"][str(epochs)] = evaluate(encoder_features(cli.model), data, preset, full=False)
+        result["MAE"][str(epochs)] = evaluate(encoder_features(cli.model.encoder), data, preset, full=False)
         print(f"[pilot] MAE {epochs} epochs: {result['MAE'][str(epochs)]}", flush=True)
     steps = 30 if name != "smoke" else 2
     for arm in ("MAE", "MAE+AEMIM"):
@@ -109,7 +110,7 @@ def pilot_markdown(pilot: dict) -> str:
         "the earlier counts are not annealed: a conservative reading). Frozen encoder, average-pooled features; "
         "top-1 in % on the Fashion-MNIST test images.",
         "",
-        *table(["encoder", "epochs", "probe", "kNN", "probe gain", "kNN gain"], rows),
+        *ReportTable(["encoder", "epochs", "probe", "kNN", "probe gain", "kNN gain"], rows).markdown(),
         "",
         f"Seconds per training step: MAE {steps['MAE']:.3f}, MAE+AEMIM {steps['MAE+AEMIM']:.3f}; time ratio "
         f"{pilot['time_ratio']:.2f} (the compute-matched arm trains round(E x ratio) epochs).",

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
+from advmim_pl.report import ReportTable, report_markdown
 
 from .design import ARMS, COMPARISONS, FLOORS, METRICS, PGD_EPS, PIXELS, PRESETS
+from .evaluate import CORRUPTION_SEEDING
 from .stats import comparison, decide
 
 
@@ -36,11 +38,6 @@ def summary(values: list[float]) -> str:
 def epochs_cell(record: dict) -> str:
     """A record's pre-training epochs ("-" for the raw pixels, which have none)."""
     return "-" if record.get("epochs") is None else f"{record['epochs']:g}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Markdown table lines."""
-    return ["| " + " | ".join(cells) + " |" for cells in (header, ["---"] * len(header), *rows)]
 
 
 def difference_cell(c: dict | None) -> str:
@@ -97,39 +94,47 @@ def markdown(preset: str, records: list[dict]) -> str:
         for arm in arms
         for r in runs_of(records, arm)
     ]
+    former = [f"{r['arm']} seed {r['seed']}" for r in records if r.get("corruption_seeding") != CORRUPTION_SEEDING]
     lines = [
-        f"# Study v2, preset `{preset}`: does the AEMIM plug-in help?",
-        "",
         f"Made by `python benchmarks/study.py --preset {preset}` (design and decision rule: benchmarks/README.md). "
         f"Pre-training for E = {spec.epochs} epoch(s) on Fashion-MNIST train; frozen encoders, average-pooled "
         "features. "
         "Top-1 accuracy in %: converged logistic-regression probe (primary) and kNN on the 10,000 Fashion-MNIST "
         f"test images; MNIST 5-fold probe; corruptions (11 x 5) and PGD-10 of the frozen encoder plus its probe on "
-        f"the first {spec.robust_images} test images. Attack adv / random: the attack objective at the adversarial "
+        f"the first {spec.robust_images} test images, by `advmim_pl.eval.robust.robust_accuracy` (corruption noise: "
+        f"{CORRUPTION_SEEDING}). Attack adv / random: the attack objective at the adversarial "
         "example over that at an energy-matched random sign, at the last logging step of pre-training.",
+        *(
+            [
+                "",
+                f"Corruption numbers of {len(former)} record(s) still come from the study's former seeding (the "
+                "noise generator reseeded with 0 for each corruption and severity), not comparable with the others: "
+                f"{', '.join(former)}.",
+            ]
+            if former
+            else []
+        ),
         "",
         "## Decision (pre-registered rule)",
         "",
         f"- Primary metric (probe): MAE+AEMIM **{'helps' if helps else 'does not help'}** ({reason}).",
         *robust,
-        "",
-        "## Paired differences, percentage points: mean over seeds [95% t-interval, n − 1 dof]",
-        "",
-        *table(["difference", "seeds", *columns], diffs),
-        "",
-        "## Smallest detectable effect (two-sided 5% test, 80% power, from the observed spread of the differences)",
-        "",
-        *table(["difference", "seeds", *columns], mdes),
-        "",
-        "## Per arm: mean ± std over seeds",
-        "",
-        *table(["arm", "seeds", "epochs", *columns], summary_rows),
-        "",
-        "## Every run",
-        "",
-        *table(["arm", "seed", "epochs", *columns, "attack adv / random", *RUN_DETAILS], run_rows),
     ]
-    return "\n".join(lines) + "\n"
+    tables = [
+        ReportTable(
+            ["difference", "seeds", *columns],
+            diffs,
+            "Paired differences, percentage points: mean over seeds [95% t-interval, n − 1 dof]",
+        ),
+        ReportTable(
+            ["difference", "seeds", *columns],
+            mdes,
+            "Smallest detectable effect (two-sided 5% test, 80% power, from the observed spread of the differences)",
+        ),
+        ReportTable(["arm", "seeds", "epochs", *columns], summary_rows, "Per arm: mean ± std over seeds"),
+        ReportTable(["arm", "seed", "epochs", *columns, "attack adv / random", *RUN_DETAILS], run_rows, "Every run"),
+    ]
+    return report_markdown(tables, f"Study v2, preset `{preset}`: does the AEMIM plug-in help?", lines)
 
 
 def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
