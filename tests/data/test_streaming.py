@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from litdata.utilities import env
 from PIL import Image
@@ -224,3 +225,10 @@ def test_unreachable_or_unauthorised_url_is_one_line(monkeypatch, tmp_path):
             assert "\n" not in str(caught.value)
     finally:
         server.shutdown()
+
+
+def test_the_streaming_config_builds_the_module(folders):
+    data = yaml.safe_load((Path(__file__).parents[2] / "configs" / "data" / "streaming.yaml").read_text())["data"]
+    assert data["class_path"] == "advmim_pl.data.StreamingImageDataModule"
+    dm = StreamingImageDataModule(**(data["init_args"] | {"train_dir": str(folders[1])}))
+    assert dm.num_classes == CLASSES and dm.val_dir is None
