@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from advmim_pl.eval.features import ProbeSettings
+from advmim_pl.eval.probes import ProbeSettings
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.data import FashionMNISTDataModule, MNISTSubsetDataModule
-from advmim_pl.eval.features import FeatureSet, LinearReadout, Pixels, Pooled, cross_validate, extract, knn_predict
+from advmim_pl.eval.extract import extract
+from advmim_pl.eval.floors import LinearReadout, Pixels, Pooled
+from advmim_pl.eval.probes import FeatureSet, cross_validate, knn_predict
 from advmim_pl.eval.robust import pgd_key, robust_accuracy
 from advmim_pl.models.normalize import Normalize
 from advmim_pl.models.vit import MaskedViT
@@ -106,7 +108,7 @@ def robustness(classifier: LinearReadout, x: Tensor, y: Tensor, batch: int) -> d
 
 def encoder_features(encoder: MaskedViT) -> nn.Module:
     """Average-pooled features of a pre-trained encoder (frozen, eval mode)."""
-    return Pooled(encoder, "avg").eval().requires_grad_(False)
+    return Pooled(encoder, "avg")
 
 
 def checkpoint_encoder(path: Path, device: torch.device) -> MaskedViT:
