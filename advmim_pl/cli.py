@@ -240,7 +240,9 @@ class AdvMIMCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError, MisconfigurationException) as err:
-            cause = err.__cause__ or err
+            cause = err
+            while cause.__cause__ is not None:  # the constructor's own error, below one union error per nesting level
+                cause = cause.__cause__
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
         self._drop_unaccepted_num_classes()
 
