@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.cli import EXPORT_HELP, AdvMIMCLI, resolve_config, resolve_config_args, run, shipped_configs
 from tests.helpers.config_tools import assert_contains, leaves, printed_config
 
@@ -31,7 +31,8 @@ def test_every_config_is_shipped_and_resolvable():
 def test_job_configs_parse_with_their_values(config, capsys):
     printed = printed_config(capsys, "-c", config.name)
     assert_contains(printed, yaml.safe_load(config.read_text()))
-    assert (printed["attack"] is not None) == config.name.endswith(("_adv.yaml", "_adv_continue.yaml"))
+    has_plugin = printed["model"]["init_args"].get("plugin") is not None
+    assert has_plugin == config.name.endswith(("_adv.yaml", "_adv_continue.yaml"))
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda p: p.name)
@@ -45,13 +46,16 @@ def test_ablations_compose_on_a_job(ablation, capsys):
     }
 
 
-@pytest.mark.parametrize("extra, adversarial", [([], True), (["--attack", "null"], False)])
-def test_the_attack_section_switches_the_plugin(extra, adversarial):
+@pytest.mark.parametrize("extra, adversarial", [([], True), (["--model.init_args.plugin", "null"], False)])
+def test_the_plugin_block_switches_the_plugin(extra, adversarial):
     cli = AdvMIMCLI(args=resolve_config_args(["-c", "quickstart_adv.yaml", *extra]), run=False)
-    assert cli.model.hparams.adversarial is adversarial
+    assert isinstance(cli.model.plugin, AEMIM) is adversarial
+    assert (cli.model.hparams.plugin is not None) is adversarial
     assert (cli.model.aux_decoder is not None) is adversarial
-    attacks = [c for c in cli.trainer.callbacks if isinstance(c, AdversarialTargetCallback)]
-    assert len(attacks) == int(adversarial)
+    assert (cli.model.attack_callback is not None) is adversarial  # what the module puts on the trainer at fit
+    if adversarial:  # the block's values reach the plug-in and its attacker
+        block = yaml.safe_load((CONFIGS / "quickstart_adv.yaml").read_text())["model"]["init_args"]["plugin"]
+        assert cli.model.hparams.plugin["init_args"] == pytest.approx(block["init_args"])
     # values flow from the data module to the model
     assert (cli.model.hparams.img_size, cli.model.hparams.in_chans) == (
         cli.datamodule.img_size,
@@ -72,9 +76,9 @@ def test_unknown_config_name_lists_the_shipped_ones():
     [
         (["--model.init_args.no_such_key", "1"], "no_such_key"),
         (["--data.init_args.batch_size", "abc"], "batch_size"),
-        (["--attack.init_args.eps", "-1"], "eps"),
-        (["--attack.init_args.steps", "-2"], "steps"),
-        (["--attack.init_args.distance", "l3"], "distance"),
+        (["--model.init_args.plugin.init_args.eps", "-1"], "eps"),
+        (["--model.init_args.plugin.init_args.steps", "-2"], "steps"),
+        (["--model.init_args.plugin.init_args.distance", "l3"], "distance"),
         (["--model.init_args.method.init_args.mask_ratio", "1.5"], "mask_ratio"),
     ],
 )
@@ -83,6 +87,45 @@ def test_bad_values_are_cli_errors_naming_the_key(args, named, capsys):
         run(["fit", "-c", "quickstart_adv.yaml", *args])
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err.split("error:", 1)[1]  # in the error itself, not only the usage
+
+
+OLD_KEYS = {  # the keys of the configs before the plug-in became one block: (job, flags or a YAML overlay, new key)
+    "attack_null_flag": ("quickstart_adv.yaml", ["--attack", "null"], "--model.init_args.plugin null"),
+    "attack_flag": ("quickstart_adv.yaml", ["--attack.init_args.eps", "0.03"], "model.init_args.plugin"),
+    "attack_section": ("quickstart_adv.yaml", {"attack": {"init_args": {"steps": 2}}}, "model.init_args.plugin"),
+    "aux_weight_flag": (
+        "quickstart_adv.yaml",
+        ["--model.init_args.aux_weight", "0.5"],
+        "model.init_args.plugin.init_args.aux_weight",
+    ),
+    "aux_norm_floor_yaml": (
+        "quickstart_adv.yaml",
+        {"model": {"init_args": {"aux_norm_floor": 1.0}}},
+        "model.init_args.plugin.init_args.aux_norm_floor",
+    ),
+    "adversarial_pretraining": ("quickstart.yaml", ["--model.init_args.adversarial", "true"], "model.init_args.plugin"),
+    "adversarial_finetuning": (
+        "quickstart_finetune.yaml",
+        ["--model.init_args.adversarial", "true"],
+        "model.init_args.attack",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OLD_KEYS)
+def test_an_old_key_is_a_one_line_error_naming_the_new_one(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job, old, new = OLD_KEYS[case]
+    if isinstance(old, dict):
+        (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+        old = ["-c", str(tmp_path / "old.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "-c", job, *old])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(("advmim fit: error: ", "advmim: error: ")) and err.count("\n") == 1, err
+    assert new in err.split("error: ", 1)[1], err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(
@@ -127,7 +170,7 @@ def test_aemim_quickstart_logs_attack_and_grids_and_exports(tmp_path, monkeypatc
             "4",
             "--trainer.limit_val_batches",
             "2",
-            "--attack.init_args.log_images_every_n_steps",
+            "--model.init_args.plugin.init_args.log_images_every_n_steps",
             "5",
             "--data.init_args.num_workers",
             "0",

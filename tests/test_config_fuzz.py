@@ -26,8 +26,8 @@ def method(**init_args) -> dict:
     return model(method={"init_args": init_args})
 
 
-def attack(**init_args) -> dict:
-    return {"attack": {"init_args": init_args}}
+def plugin(**init_args) -> dict:
+    return model(plugin={"init_args": init_args})
 
 
 def data(**init_args) -> dict:
@@ -39,10 +39,10 @@ CASES = {
     # wrong types
     "str_for_int_yaml": (MAE_JOB, model(patch_size="sixteen"), ["patch_size", "sixteen"]),
     "str_for_int_flag": (MAE_JOB, ["--data.init_args.batch_size", "abc"], ["batch_size", "abc"]),
-    "list_for_float_yaml": (MAE_JOB, attack(eps=[0.1]), ["eps"]),
+    "list_for_float_yaml": (MAE_JOB, plugin(eps=[0.1]), ["eps"]),
     "list_for_float_flag": (MAE_JOB, ["--model.init_args.base_lr", "[0.1, 0.2]"], ["base_lr"]),
     "bool_for_str": (MAE_JOB, model(encoder=True), ["encoder", "True"]),
-    "str_for_bool": (MAE_JOB, attack(on_validation="sometimes"), ["on_validation", "sometimes"]),
+    "str_for_bool": (MAE_JOB, plugin(on_validation="sometimes"), ["on_validation", "sometimes"]),
     "int_for_bool": (MAE_JOB, data(hflip=3), ["hflip"]),
     "list_for_dict": (MAE_JOB, model(encoder_kwargs=[1, 2]), ["encoder_kwargs"]),
     "str_for_seed": (MAE_JOB, {"seed_everything": "abc"}, ["seed_everything", "abc"]),
@@ -51,7 +51,7 @@ CASES = {
     "unknown_top_level": (MAE_JOB, {"no_such_section": 1}, ["no_such_section"]),
     "unknown_trainer_key": (MAE_JOB, {"trainer": {"max_epoch": 3}}, ["max_epoch"]),
     "unknown_model_key": (MAE_JOB, model(base_learning_rate=0.1), ["base_learning_rate"]),
-    "unknown_attack_key": (MAE_JOB, attack(epsilon=0.1), ["epsilon"]),
+    "unknown_plugin_key": (MAE_JOB, plugin(epsilon=0.1), ["epsilon"]),
     "unknown_data_key": (MAE_JOB, data(batchsize=8), ["batchsize"]),
     "unknown_method_key": (MAE_JOB, method(mask_ration=0.5), ["mask_ration"]),
     "unknown_simmim_key": (SIMMIM_JOB, method(mask_patch=8), ["mask_patch"]),
@@ -61,10 +61,10 @@ CASES = {
     "img_size_negative": (MAE_JOB, data(img_size=-32), ["img_size", "-32"]),
     "decoder_dim_0": (MAE_JOB, method(decoder_dim=0), ["decoder_dim"]),
     "decoder_heads_not_dividing": (MAE_JOB, method(decoder_heads=5), ["decoder_heads 5"]),
-    "steps_negative": (MAE_JOB, attack(steps=-1), ["steps"]),
-    "eps_negative": (MAE_JOB, attack(eps=-0.1), ["eps"]),
-    "step_size_0": (MAE_JOB, attack(step_size=0), ["step_size"]),
-    "warmup_negative": (MAE_JOB, attack(warmup_epochs=-1), ["warmup_epochs"]),
+    "steps_negative": (MAE_JOB, plugin(steps=-1), ["steps"]),
+    "eps_negative": (MAE_JOB, plugin(eps=-0.1), ["eps"]),
+    "step_size_0": (MAE_JOB, plugin(step_size=0), ["step_size"]),
+    "warmup_negative": (MAE_JOB, plugin(warmup_epochs=-1), ["warmup_epochs"]),
     "num_workers_negative": (MAE_JOB, data(num_workers=-1), ["num_workers", "-1"]),
     "num_nodes_0": (MAE_JOB, ["--trainer.num_nodes", "0"], ["num_nodes"]),
     "channels_2": (MAE_JOB, data(channels=2), ["channels", "2"]),
@@ -86,7 +86,21 @@ CASES = {
     "unknown_data_class": (MAE_JOB, ["--data", "advmim_pl.data.NoSuchDataModule"], ["NoSuchDataModule"]),
     "unknown_model_class": (MAE_JOB, {"model": {"class_path": "advmim_pl.modules.NoSuchModule"}}, ["NoSuchModule"]),
     "unknown_method_class": (MAE_JOB, model(method={"class_path": "advmim_pl.mim.BEiT"}), ["advmim_pl.mim.BEiT"]),
-    "unknown_attack_class": (MAE_JOB, ["--attack", "advmim_pl.adversarial.NoSuchAttack"], ["NoSuchAttack"]),
+    "unknown_finetune_attack_class": (
+        "quickstart_finetune.yaml",
+        ["--model.init_args.attack", "advmim_pl.adversarial.NoSuchAttack"],
+        ["NoSuchAttack"],
+    ),
+    "finetune_attack_eps_negative": (
+        "quickstart_finetune.yaml",
+        model(attack={"class_path": "advmim_pl.adversarial.Attacker", "init_args": {"eps": -0.1}}),
+        ["eps", "-0.1"],
+    ),
+    "unknown_plugin_class": (
+        MAE_JOB,
+        ["--model.init_args.plugin", "advmim_pl.adversarial.NoSuchPlugin"],
+        ["NoSuchPlugin"],
+    ),
     "unknown_strategy": (MAE_JOB, ["--trainer.strategy", "ddp_nonexistent"], ["strategy", "ddp_nonexistent"]),
     "unknown_accelerator": (MAE_JOB, ["--trainer.accelerator", "quantum"], ["accelerator", "quantum"]),
     "unknown_precision": (MAE_JOB, ["--trainer.precision", "bf17"], ["precision", "bf17"]),
@@ -107,21 +121,21 @@ CASES = {
         ["train_root", "required"],
     ),
     # literals
-    "unknown_distance": (MAE_JOB, attack(distance="l3"), ["distance", "l3"]),
-    "unknown_perturbation": (MAE_JOB, attack(perturbation="salt"), ["perturbation", "salt"]),
-    "unknown_attack_mask": (MAE_JOB, attack(attack_mask="half"), ["attack_mask", "half"]),
-    "unknown_aux_input": (MAE_JOB, model(aux_input="sideways"), ["aux_input", "sideways"]),
-    "unknown_branch_params": (MAE_JOB, model(branch_params="some"), ["branch_params", "some"]),
-    "unknown_aux_decoder": (MAE_JOB, model(aux_decoder="both"), ["aux_decoder", "both"]),
-    "unknown_aux_target_norm": (MAE_JOB, model(aux_target_norm="none"), ["aux_target_norm", "none"]),
-    "negative_aux_norm_floor": (MAE_JOB, model(aux_norm_floor=-1.0), ["aux_norm_floor", "-1.0"]),
+    "unknown_distance": (MAE_JOB, plugin(distance="l3"), ["distance", "l3"]),
+    "unknown_perturbation": (MAE_JOB, plugin(perturbation="salt"), ["perturbation", "salt"]),
+    "unknown_attack_mask": (MAE_JOB, plugin(attack_mask="half"), ["attack_mask", "half"]),
+    "unknown_aux_input": (MAE_JOB, plugin(aux_input="sideways"), ["aux_input", "sideways"]),
+    "unknown_branch_params": (MAE_JOB, plugin(branch_params="some"), ["branch_params", "some"]),
+    "unknown_aux_decoder": (MAE_JOB, plugin(aux_decoder="both"), ["aux_decoder", "both"]),
+    "unknown_aux_target_norm": (MAE_JOB, plugin(aux_target_norm="none"), ["aux_target_norm", "none"]),
+    "negative_aux_norm_floor": (MAE_JOB, plugin(aux_norm_floor=-1.0), ["aux_norm_floor", "-1.0"]),
     # budgets and combinations that cannot work
-    "eps_in_255_units": (MAE_JOB, attack(eps=8), ["eps=8", "8/255 = 0.0314"]),
-    "pgd_without_budget": (MAE_JOB, attack(eps=0.0), ["eps=0.0", "perturbation: none"]),
+    "eps_in_255_units": (MAE_JOB, plugin(eps=8), ["eps=8", "8/255 = 0.0314"]),
+    "pgd_without_budget": (MAE_JOB, plugin(eps=0.0), ["eps=0.0", "perturbation: none"]),
     "no_start_with_one_encoder": (
         MAE_JOB,
-        {**attack(random_start=False), **model(branch_params="none")},
-        ["random_start: false", "branch_params: none"],
+        plugin(random_start=False, branch_params="none"),
+        ["random_start=False", "branch_params='none'"],
     ),
 }
 
@@ -211,12 +225,12 @@ def test_data_module_values_are_refused_at_parse_time(overlay, named, tmp_path, 
 @pytest.mark.parametrize(
     "flag, value, line",
     [
-        ("--attack.init_args.eps", "-0.01", "attack.init_args.eps: Not of type NonNegativeFloat: -0.01 does not "
-         "conform to restriction v>=0"),
+        ("--model.init_args.plugin.init_args.eps", "-0.01", "model.init_args.plugin.init_args.eps: Not of type "
+         "NonNegativeFloat: -0.01 does not conform to restriction v>=0"),
         ("--model.init_args.method.init_args.mask_ratio", "0", "model.init_args.method.init_args.mask_ratio: Not of "
          "type OpenUnitInterval: 0 does not conform to restriction v>0 and v<1"),
-        ("--model.init_args.aux_weight", "-1", "model.init_args.aux_weight: Not of type NonNegativeFloat: -1 does not "
-         "conform to restriction v>=0"),
+        ("--model.init_args.plugin.init_args.aux_weight", "-1", "model.init_args.plugin.init_args.aux_weight: Not of "
+         "type NonNegativeFloat: -1 does not conform to restriction v>=0"),
         ("--trainer.max_epochs", "abc", "trainer.max_epochs: 'abc' is not a valid value: expected int or NoneType"),
     ],
 )  # fmt: skip

@@ -68,9 +68,10 @@ def test_trainer_configs_compose_on_a_job(config, capsys):
     composed = leaves(printed)
     for key, value in leaves(yaml.safe_load(config.read_text())).items():
         assert composed[key] == value, key
-    # the job itself is untouched: same data, same attack
+    # the job itself is untouched: same data, same plug-in
     base = leaves(printed_config(capsys, "-c", "quickstart_adv.yaml"))
-    for key in (("data", "init_args", "batch_size"), ("attack", "init_args", "eps"), ("model", "init_args", "encoder")):
+    eps = ("model", "init_args", "plugin", "init_args", "eps")
+    for key in (("data", "init_args", "batch_size"), eps, ("model", "init_args", "encoder")):
         assert composed[key] == base[key]
     if config.stem == "tpu":  # the only model key a trainer file sets; the rest of the optimizer is the job's
         optimizer = printed["model"]["init_args"]["optimizer"]
@@ -87,8 +88,9 @@ def test_ddp_config_builds_a_ddp_trainer_on_cpu():
     assert expected["gradient_as_bucket_view"] is True and expected["static_graph"] is False
     assert built.trainer.world_size == 1
     assert strategy.process_group_backend is None  # chosen at setup: gloo on CPU, nccl on CUDA
-    # the plug-in is on the trainer under DDP too
-    assert any(type(c).__name__ == "AdversarialTargetCallback" for c in built.trainer.callbacks)
+    # the plug-in's attack goes on the trainer under DDP too (Lightning attaches configure_callbacks at fit)
+    (attack,) = built.model.configure_callbacks()
+    assert type(attack).__name__ == "AdversarialTargetCallback" and attack.attacker is built.model.plugin.attacker
 
 
 class StrategyOnlyCLI(AdvMIMCLI):
