@@ -1,8 +1,11 @@
-"""Each ``*_adv.yaml`` job is its baseline job plus one plug-in overlay, the same for every pair.
+"""Each job with the plug-in is its baseline job plus one plug-in overlay, the same for every pair.
 
-Both files of a pair are resolved the way ``advmim fit`` resolves them (defaults, links, class paths), so a
-value that a plug-in file sets to its default does not count as a difference, and one that drifted does.
-The quickstart feature evaluation is likewise the full one on other data.
+The pairs are found, not listed: every shipped job config (one that names its model's class) with a
+``model.init_args.plugin`` block, paired with its baseline sibling (``X_adv.yaml`` with ``X.yaml``), and every
+continuation (``X_adv_continue.yaml``) with the plug-in job it continues (``X_adv.yaml``); a new host method's pair is
+checked when its configs land. Both files of a pair are resolved the way ``advmim fit`` resolves them (defaults,
+links, class paths), so a value that a plug-in file sets to its default does not count as a difference, and one that
+drifted does. The quickstart feature evaluation is likewise the full one on other data.
 """
 
 from pathlib import Path
@@ -13,17 +16,44 @@ import yaml
 from tests.helpers.config_tools import leaves, printed_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-PAIRS = sorted((p.name.removesuffix("_adv.yaml") + ".yaml", p.name) for p in CONFIGS.glob("*_adv.yaml"))
-# what the plug-in may change: the attack section and the module's plug-in options
-PLUGIN_MODEL_KEYS = {"adversarial", "aux_weight", "aux_input", "aux_target", "branch_params", "aux_decoder"}
+PLUGIN = ("model", "init_args", "plugin")
 # per job, not per method: how often the image grids are written (every 500 steps on ImageNet, 50 in a quickstart)
-PER_JOB = {("attack", "init_args", "log_images_every_n_steps")}
+PER_JOB = {(*PLUGIN, "init_args", "log_images_every_n_steps")}
 ABSENT = "<absent>"
 FEATURE_JOBS = ("features.yaml", "quickstart_features.yaml")
 
 
+def plugin_jobs() -> list[Path]:
+    """Every shipped job config (not an overlay: its model names a class_path) with a plug-in block."""
+    jobs = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        model = yaml.safe_load(path.read_text()).get("model") or {}
+        if "class_path" in model and (model.get("init_args") or {}).get("plugin") is not None:
+            jobs.append(path)
+    return jobs
+
+
+def sibling(path: Path, suffix: str, replacement: str) -> Path | None:
+    """``path`` with its name's ``suffix`` replaced, when ``path`` ends in it and that file exists."""
+    if not path.name.endswith(suffix):
+        return None
+    other = path.with_name(path.name.removesuffix(suffix) + replacement)
+    return other if other.is_file() else None
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+JOBS = plugin_jobs()
+PAIRS = [(relative(base), relative(job)) for job in JOBS if (base := sibling(job, "_adv.yaml", ".yaml"))]
+CONTINUATIONS = [
+    (relative(job), relative(cont)) for cont in JOBS if (job := sibling(cont, "_adv_continue.yaml", "_adv.yaml"))
+]
+
+
 def is_plugin_key(key: tuple) -> bool:
-    return key[0] == "attack" or (key[:2] == ("model", "init_args") and key[2] in PLUGIN_MODEL_KEYS)
+    return key[:3] == PLUGIN
 
 
 def overlay(capsys, base: str, plugin: str) -> dict[tuple, object]:
@@ -33,23 +63,19 @@ def overlay(capsys, base: str, plugin: str) -> dict[tuple, object]:
     return {k: after.get(k, ABSENT) for k in changed}
 
 
-def test_every_plugin_job_has_its_baseline():
-    assert [plugin for _, plugin in PAIRS] == [
-        "mae_adv.yaml",
-        "maskfeat_adv.yaml",
-        "quickstart_adv.yaml",
-        "quickstart_maskfeat_adv.yaml",
-        "quickstart_simmim_adv.yaml",
-        "simmim_adv.yaml",
-    ]
-    assert all((CONFIGS / base).is_file() for base, _ in PAIRS)
+def test_every_plugin_job_has_its_baseline_or_continues_one():
+    paired = {plugin for _, plugin in PAIRS} | {continuation for _, continuation in CONTINUATIONS}
+    assert paired == {relative(job) for job in JOBS}
+    # at least the shipped MAE, SimMIM and both quickstarts, and the reference of the shared overlay
+    assert {"mae_adv.yaml", "simmim_adv.yaml", "quickstart_adv.yaml", "quickstart_simmim_adv.yaml"} <= paired
+    assert {"mae_adv_continue.yaml", "quickstart_adv_continue.yaml"} <= {c for _, c in CONTINUATIONS}
 
 
 @pytest.mark.parametrize("base, plugin", PAIRS, ids=[p for _, p in PAIRS])
-def test_a_plugin_job_differs_from_its_baseline_only_in_plugin_keys(base, plugin, capsys):
+def test_a_plugin_job_differs_from_its_baseline_only_in_the_plugin_block(base, plugin, capsys):
     changes = overlay(capsys, base, plugin)
     assert sorted(k for k in changes if not is_plugin_key(k)) == []
-    assert changes[("attack", "class_path")] == "advmim_pl.adversarial.AdversarialTargetCallback"
+    assert changes[(*PLUGIN, "class_path")] == "advmim_pl.adversarial.AEMIM"
 
 
 def test_every_pair_shares_one_overlay(capsys):
@@ -76,9 +102,9 @@ CONTINUATION_KEYS = {
 }
 
 
-@pytest.mark.parametrize("plugin", ["mae_adv.yaml", "quickstart_adv.yaml"])
-def test_a_continuation_job_is_its_plugin_job_with_a_continuation_schedule(plugin, capsys):
-    changes = overlay(capsys, plugin, plugin.replace("_adv.yaml", "_adv_continue.yaml"))
+@pytest.mark.parametrize("plugin, continuation", CONTINUATIONS, ids=[c for _, c in CONTINUATIONS])
+def test_a_continuation_job_is_its_plugin_job_with_a_continuation_schedule(plugin, continuation, capsys):
+    changes = overlay(capsys, plugin, continuation)
     assert {k for k in changes if k[:2] != ("trainer", "logger")} == CONTINUATION_KEYS
     before = leaves(printed_config(capsys, "-c", plugin))
     assert changes[("model", "init_args", "base_lr")] <= before[("model", "init_args", "base_lr")] / 4
