@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors import safe_open
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.cli import run
 from advmim_pl.models.branch_norm import branch
 from tests.helpers.micro import MICRO_VIT, bundled_sample, micro_module, save, smooth_images, trainer
@@ -22,8 +22,8 @@ def trained(tmp_path_factory):
     """A micro MAE run with the plug-in, two steps on the bundled sample, saved where a run saves it
     (``version_0/checkpoints/last.ckpt``): the module and the checkpoint's path."""
     L.seed_everything(0)
-    module = micro_module(adversarial=True)
-    t = trainer(2, [AdversarialTargetCallback(steps=1)], limit_val_batches=0)
+    module = micro_module(plugin=AEMIM(steps=1))
+    t = trainer(2, limit_val_batches=0)
     t.fit(module, datamodule=bundled_sample(batch_size=8))
     ckpt = tmp_path_factory.mktemp("run") / "version_0" / "checkpoints" / "last.ckpt"
     t.save_checkpoint(ckpt)
@@ -49,7 +49,7 @@ def assert_local_dir_gives_clean_features(folder, module) -> None:
     with torch.no_grad():
         exported = model.forward_features((x - mean) / std)
         torch.testing.assert_close(exported, module.encoder.forward_features(x))
-        if module.hparams.adversarial:
+        if module.plugin is not None:
             with branch(module.encoder, "aux"):
                 assert not torch.allclose(exported, module.encoder.forward_features(x), atol=1e-4)
 
@@ -144,10 +144,11 @@ def test_model_card_names_method_attack_data_training_and_features(trained, tmp_
     card = (tmp_path / "encoder" / "README.md").read_text()
     assert "pipeline_tag: image-feature-extraction" in card and "library_name: timm" in card
     assert "- **Pre-training:** MAE, with the AEMIM adversarial plug-in" in card
-    assert f"  - eps: {4 / 255}\n  - steps: 1\n" in card  # the attack's settings, from the callback's state
+    plugin = card.split("- **Plug-in:**\n", 1)[1].split("- **", 1)[0]  # the plug-in's settings, from its hparams
+    assert f"  - eps: {4 / 255}\n  - steps: 1\n" in plugin and "  - aux_weight: 1.0\n" in plugin
     assert "  - channels: 1\n" in card and "  - crop_scale: (0.5, 1.0)\n" in card  # the data module's options
     assert "- **Training:** 2 optimizer steps" in card
-    assert "  - mask_ratio: 0.75\n" in card and "  - aux_weight: 1.0\n" in card
+    assert "  - mask_ratio: 0.75\n" in card
     assert f"## Model Comparison\n{table}\n" in card
     assert f'timm.create_model("local-dir:{tmp_path / "encoder"}", pretrained=True)' in card
 
@@ -160,7 +161,7 @@ def test_model_card_without_plugin_trainer_or_features_says_so(tmp_path):
     assert "- **Pre-training:** SimMIM, without the adversarial plug-in" in card
     assert "- **Data:** not recorded in the checkpoint" in card
     assert "- **Training:** not recorded in the checkpoint" in card
-    assert "Attack" not in card and "## Model Comparison" not in card
+    assert "Plug-in" not in card and "## Model Comparison" not in card
 
 
 def test_non_empty_folder_is_refused_unless_overwrite(trained, tmp_path):

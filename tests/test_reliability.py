@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from advmim_pl import adversarial
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.cli import run
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, read_checkpoint
 from tests.helpers.micro import loader, micro_module, trainer
@@ -56,7 +56,7 @@ def test_out_of_memory_in_the_attack_says_what_to_change(monkeypatch):
 
     monkeypatch.setattr(adversarial.attacker, "perturb", oom)  # the engine call inside Attacker.generate
     with pytest.raises(torch.OutOfMemoryError, match="lower data.init_args.batch_size.*fewer attack steps"):
-        trainer(1, [AdversarialTargetCallback(steps=3)]).fit(micro_module(adversarial=True), loader())
+        trainer(1).fit(micro_module(plugin=AEMIM(steps=3)), loader())
 
 
 def test_truncated_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.cli import run
 from advmim_pl.eval import KNNMonitor
 from advmim_pl.export import export_encoder, export_folder
@@ -85,7 +86,7 @@ def test_every_tensor_of_a_reference_mae_checkpoint_lands_where_it_belongs(tmp_p
     path = save_reference(state, tmp_path / "mae_visualize_vit_micro.pth")
     consumed = read_weights(path).consumed
     assert {k for k in consumed if "outside 'model'" not in k} == set(state)  # nothing silently ignored
-    module = micro_module(adversarial=True, init_from=path)
+    module = micro_module(plugin=AEMIM(), init_from=path)
     encoder = clean_state_dict(module.encoder.vit.state_dict())
     decoder, aux_decoder = module.decoder.state_dict(), module.aux_decoder.state_dict()
     for key, value in state.items():
