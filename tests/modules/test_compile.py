@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.models.branch_norm import branch
 from tests.helpers.micro import loader, micro_module, trainer
 
@@ -49,8 +49,8 @@ def fit(method: str, compile: bool) -> Record:
     counters.clear()
     L.seed_everything(0, verbose=False)
     record = Record()
-    module = micro_module(method, adversarial=True, compile=compile)
-    trainer(STEPS, [AdversarialTargetCallback(log_images_every_n_steps=0), record]).fit(module, loader(8 * STEPS))
+    module = micro_module(method, plugin=AEMIM(log_images_every_n_steps=0), compile=compile)
+    trainer(STEPS, [record]).fit(module, loader(8 * STEPS))
     return record
 
 
@@ -73,7 +73,7 @@ def test_compiled_step_agrees_with_eager_and_does_not_recompile(method):
 @pytest.mark.parametrize("active", ["clean", "aux"])
 def test_no_graph_break_inside_the_encoder_blocks(active):
     """torch._dynamo.explain over the encoder blocks with branch norms, in training mode with gradients."""
-    module = micro_module("mae", adversarial=True)
+    module = micro_module("mae", plugin=AEMIM())
     blocks = module.encoder.vit.blocks
     tokens = torch.randn(8, 17, module.encoder.vit.embed_dim, requires_grad=True)
     with branch(module.encoder, active):
