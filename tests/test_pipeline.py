@@ -9,7 +9,7 @@ from advmim_pl.cli import run
 from advmim_pl.eval.corruptions import CORRUPTIONS
 from tests.helpers.micro import MICRO_FLAGS
 
-MICRO = [*MICRO_FLAGS, "--data.init_args.num_workers", "0"]
+MICRO_RUN = [*MICRO_FLAGS, "--data.init_args.num_workers", "0"]  # the micro encoder, data read in this process
 
 
 def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):
@@ -25,7 +25,7 @@ def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):
             "fit",
             "-c",
             "quickstart_adv.yaml",
-            *MICRO,
+            *MICRO_RUN,
             *decoder,
             "--trainer.max_steps",
             "4",
@@ -34,7 +34,7 @@ def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):
         ]
     )
     pretrained = Path("runs/advmim/version_0/checkpoints/last.ckpt")
-    probe = run(["fit", "-c", "quickstart_probe.yaml", *MICRO, "--model.init_args.init_from", str(pretrained),
+    probe = run(["fit", "-c", "quickstart_probe.yaml", *MICRO_RUN, "--model.init_args.init_from", str(pretrained),
                  "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"])  # fmt: skip
     assert probe.model.hparams.num_classes == 10  # linked from the data
     probed = Path(probe.trainer.checkpoint_callback.last_model_path)
