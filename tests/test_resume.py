@@ -15,10 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.reliability import read_checkpoint
-from tests.helpers.micro import MICRO_VIT_FLAG, micro_module
+from tests.helpers.micro import MICRO_VIT_FLAG, micro_module, trainer
 
 STEPS = 8
-MICRO = [
+JOB_ARGS = [  # the plug-in quickstart with the micro ViT, a checkpoint after every step
     "-c", "quickstart_adv.yaml",
     "--model.init_args.encoder", "vit_base_patch16_224",
     "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG,
@@ -26,7 +26,7 @@ MICRO = [
     "--model.init_args.method.init_args.decoder_depth", "1",
     "--model.init_args.method.init_args.decoder_heads", "4",
     "--model.init_args.warmup_epochs", "0.01",            # the lr schedule moves every step
-    "--attack.init_args.warmup_epochs", "0.01",           # so does the eps ramp
+    "--model.init_args.plugin.init_args.warmup_epochs", "0.01",  # so does the eps ramp
     "--data.init_args.batch_size", "16",                  # 250 batches per epoch: the kill is mid-epoch
     "--data.init_args.num_workers", "1",                  # augmentation in a worker process
     "--trainer.precision", "32-true",
@@ -39,7 +39,7 @@ MICRO = [
 
 def advmim(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # tests.helpers.killer
-    return subprocess.run([sys.executable, "-m", "advmim_pl.cli", "fit", *MICRO, *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "advmim_pl.cli", "fit", *JOB_ARGS, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
@@ -102,13 +102,11 @@ def fit_micro(root: Path, device_resident: bool, stop: dict, ckpt_path: Path | N
         ModelCheckpoint(root / "val", "{step}", monitor="val/loss", save_top_k=-1),
         ModelCheckpoint(root / "epoch", "{step}", save_on_train_epoch_end=True, save_top_k=-1),
     ]
-    trainer = L.Trainer(
-        accelerator="cpu", precision="32-true", callbacks=[batches, *checkpoints], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, default_root_dir=root, **stop,
-    )  # fmt: skip
+    run = trainer(callbacks=[batches, *checkpoints], enable_checkpointing=True, log_every_n_steps=50,
+                  limit_val_batches=1, default_root_dir=root, **stop)  # fmt: skip
     module = micro_module()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer.global_step, module.state_dict(), batches.sums
+    run.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return run.global_step, module.state_dict(), batches.sums
 
 
 @pytest.mark.filterwarnings(
