@@ -17,10 +17,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import multiprocessing
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.data.resumable import TrainingOrder
 from tests.helpers.micro import loader, micro_module, trainer
+from tests.helpers.recording import recording_plugin
 
 WORLD = 2
 N, BATCH = 32, 4  # 32 images, 4 per rank and step: 4 steps per rank in one epoch
@@ -43,42 +44,32 @@ def indexed_images() -> TensorDataset:
     return TensorDataset(x, torch.arange(N))
 
 
-class ShardRecorder(AdversarialTargetCallback):
-    """Records, per rank, which images each crafted batch held and how far x_a moved; saves it with the final
-    weights to ``out_dir / f"rank{rank}.pt"`` when training ends."""
+class ShardRecorder(L.Callback):
+    """Records, per rank, the labels of each batch the trainer handed over and, from the module's recording attacker,
+    which images each crafted batch held and how far x_a moved; saves it with the final weights to
+    ``out_dir / f"rank{rank}.pt"`` when training ends."""
 
-    def __init__(self, out_dir: str, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
-        self.labels: list[list[int]] = []  # labels of the batch the trainer handed over
-        self.crafted: list[list[int]] = []  # indices read from the images the attack received
-        self.linf: list[float] = []  # max over the batch of |x_a - x|_inf
-        self.moved: list[float] = []  # min over the batch of |x_a - x|_inf (> 0: something was crafted)
+        self.labels: list[list[int]] = []
 
     def setup(self, trainer, pl_module, stage):
         torch.set_num_threads(1)  # two processes on two cores
-        super().setup(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.labels.append(batch[1].tolist())
 
-    def generate(self, pl_module, x, objective):
-        result = super().generate(pl_module, x, objective)
-        self.crafted.append(torch.round(x[:, 0, 0, 0] * MARK).long().tolist())
-        distance = (result.x_adv - x).abs().flatten(1).amax(dim=1)
-        self.linf.append(distance.max().item())
-        self.moved.append(distance.min().item())
-        return result
-
     def on_train_end(self, trainer, pl_module):
         state = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
+        calls = pl_module.plugin.attacker.calls  # (x, x_a, objective(x), objective(x_a)) per crafted batch
+        distances = [(x_adv - x).abs().flatten(1).amax(dim=1) for x, x_adv, *_ in calls]
         record = dict(
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            labels=self.labels,
-            crafted=self.crafted,
-            linf=self.linf,
-            moved=self.moved,
+            labels=self.labels,  # labels of the batch the trainer handed over
+            crafted=[torch.round(x[:, 0, 0, 0] * MARK).long().tolist() for x, *_ in calls],  # what the attack got
+            linf=[d.max().item() for d in distances],  # max over the batch of |x_a - x|_inf
+            moved=[d.min().item() for d in distances],  # min over the batch (> 0: something was crafted)
             state=state,
         )
         torch.save(record, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
@@ -88,23 +79,13 @@ def test_ddp_ranks_craft_targets_for_their_own_shards_and_stay_in_sync(tmp_path,
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # loopback only
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     L.seed_everything(0)
-    module = micro_module(adversarial=True)
+    module = micro_module(plugin=recording_plugin(eps=EPS, steps=2))
     initial = {name: value.clone() for name, value in module.state_dict().items()}
     data = indexed_images()
-    ddp_trainer = L.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy=ddp_from_config(),
-        precision="32-true",
-        max_epochs=1,
-        callbacks=[ShardRecorder(str(tmp_path), eps=EPS, steps=2)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
+    ddp_trainer = trainer(
+        -1, [ShardRecorder(str(tmp_path))], devices=WORLD, strategy=ddp_from_config(), max_epochs=1,
         default_root_dir=tmp_path,
-    )
+    )  # fmt: skip
     ddp_trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=True))
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -147,7 +128,7 @@ def test_mae_gives_every_trainable_parameter_a_gradient():
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             missing.extend(n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None)
 
-    trainer(1, [Check(), AdversarialTargetCallback()]).fit(micro_module(adversarial=True), loader())
+    trainer(1, [Check()]).fit(micro_module(plugin=AEMIM()), loader())
     assert missing == []
 
 
@@ -207,10 +188,9 @@ def fit_ddp(root: Path, module: L.LightningModule, device_resident: bool, ckpt_p
         ModelCheckpoint(root / "step", "{step}", every_n_train_steps=1, save_top_k=-1),
         ModelCheckpoint(root / "val", "{step}", monitor="val/loss", save_top_k=-1),
     ]
-    ddp_trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=ddp_from_config("popen"), precision="32-true",
-        callbacks=[batches, *checkpoints, *module_callbacks(module)], max_epochs=2, limit_val_batches=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    ddp_trainer = trainer(
+        -1, [batches, *checkpoints], devices=WORLD, strategy=ddp_from_config("popen"), max_epochs=2,
+        limit_val_batches=1, enable_checkpointing=True, log_every_n_steps=50, default_root_dir=root,
     )  # fmt: skip
     ddp_trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     ddp_trainer.strategy.barrier()  # every checkpoint is on disk before any rank lists them
@@ -219,12 +199,7 @@ def fit_ddp(root: Path, module: L.LightningModule, device_resident: bool, ckpt_p
 
 
 def adversarial_micro_module() -> L.LightningModule:
-    return micro_module(adversarial=True)
-
-
-def module_callbacks(module: L.LightningModule) -> list[L.Callback]:
-    """The attack a plug-in module needs (its generator draws the random starts)."""
-    return [AdversarialTargetCallback(log_images_every_n_steps=0)] if module.hparams.get("adversarial") else []
+    return micro_module(plugin=AEMIM(log_images_every_n_steps=0))
 
 
 def resume_worker(rank: int, root: Path, port: int) -> None:
