@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.mim.losses import (
+    TargetNorm,
     feature_distance,
     mae_loss,
     normalize_patches,
@@ -228,3 +230,30 @@ def test_mae_loss_normalises_with_the_floor_and_the_given_statistics():
     expected = (((pred - (target - mean) / (var + 1e-6 + 0.3).sqrt()) ** 2).mean(-1) * mask).sum() / mask.sum()
     torch.testing.assert_close(mae_loss(pred, target, mask, True, 0.3, stats), expected)
     torch.testing.assert_close(mae_loss(pred, target, mask, True), mae_loss(pred, target, mask, True, 0.0, None))
+
+
+def test_the_methods_normalise_their_targets_as_the_target_norm_says(micro_encoder, images):
+    """MAE's per-patch target with a TargetNorm: the floor added to the variance of the patches of ``stats_from``
+    (computed here from the definition); the default is the plain norm_pix_loss. SimMIM's raw pixels ignore it."""
+    encoder, g = micro_encoder(), torch.Generator().manual_seed(2)
+    x, stats_images = images(4, seed=1), images(4, seed=2)
+    mae = MAE(norm_pix_loss=True)
+    mask = mae.sample_mask(encoder, 4, CPU, g)
+    pred = torch.randn(4, 64, 16, generator=g)  # (B, N, p*p*C): 8 x 8 patches of 4 x 4 grey pixels
+
+    def expected(floor: float, stats: torch.Tensor) -> torch.Tensor:
+        target, source = patchify(x, 4), patchify(stats, 4)
+        mean, var = source.mean(-1, keepdim=True), source.var(-1, keepdim=True)
+        error = ((pred - (target - mean) / (var + 1e-6 + floor).sqrt()) ** 2).mean(-1)
+        return (error * mask.patches).sum() / mask.patches.sum()
+
+    torch.testing.assert_close(
+        mae.loss(pred, x, mask, encoder, TargetNorm(0.3, stats_images)), expected(0.3, stats_images)
+    )
+    torch.testing.assert_close(mae.loss(pred, x, mask, encoder, TargetNorm(0.3)), expected(0.3, x))
+    torch.testing.assert_close(mae.loss(pred, x, mask, encoder), expected(0.0, x))
+    simmim = SimMIM(mask_patch_size=8)
+    mask = simmim.sample_mask(encoder, 4, CPU, g)
+    pred = torch.rand(4, 1, 32, 32, generator=g)
+    plain = simmim.loss(pred, x, mask, encoder)
+    assert torch.equal(simmim.loss(pred, x, mask, encoder, TargetNorm(0.3, stats_images)), plain)
