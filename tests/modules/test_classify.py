@@ -14,15 +14,16 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from advmim_pl.adversarial import AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM, AdversarialTargetCallback, Attacker
 from advmim_pl.cli import AdvMIMCLI, resolve_config, resolve_config_args
-from advmim_pl.eval.features import C_GRID, FeatureSet, evaluation_batches, extract, knn_predict, logistic_probe
+from advmim_pl.eval.extract import evaluation_batches, extract
+from advmim_pl.eval.probes import C_GRID, FeatureSet, knn_predict, logistic_probe
 from advmim_pl.export import export_encoder
 from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
 from advmim_pl.schedule import warmup_cosine
 from advmim_pl.weights import read_weights
 from tests.helpers.micro import ENCODER, MICRO, MICRO_FLAGS, SAMPLE, bundled_sample, loader, micro_module, save, trainer
-from tests.helpers.recording import RecordingAttack
+from tests.helpers.recording import RecordingAttacker
 
 PLAIN = dict(randaugment=False, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)  # no augmentation
 # patch average - cls token top-1 of the fixed micro SimMIM encoder (seed 0), measured: logistic regression 68.2 vs
@@ -41,8 +42,8 @@ def plugin_checkpoint(tmp_path_factory) -> tuple[str, PretrainModule]:
     """A PretrainModule trained 3 steps with the plug-in (aux norms present), saved by a Trainer."""
     path = tmp_path_factory.mktemp("pretrain") / "adv.ckpt"
     L.seed_everything(0)
-    module = micro_module(adversarial=True)
-    t = trainer(3, [AdversarialTargetCallback(eps=8 / 255)])
+    module = micro_module(plugin=AEMIM(eps=8 / 255))
+    t = trainer(3)
     t.fit(module, loader())
     t.save_checkpoint(path)
     return str(path), module.eval()
@@ -225,9 +226,9 @@ def test_random_erasing_fills_one_rectangle_per_image_with_normalised_noise():
 
 def test_adversarial_finetuning_crafts_within_eps_and_trains():
     L.seed_everything(0)
-    module = FinetuneModule(10, **ENCODER, batch_size=8, adversarial=True)
-    attack = RecordingAttack(eps=8 / 255, steps=2)
-    t = trainer(3, [attack])
+    attack = RecordingAttacker(eps=8 / 255, steps=2)
+    module = FinetuneModule(10, **ENCODER, batch_size=8, attack=attack)
+    t = trainer(3)
     t.fit(module, labelled())
     assert len(attack.crafted) == 3
     for x, x_adv, _, _ in attack.calls:
@@ -241,8 +242,7 @@ def test_adversarial_finetuning_crafts_within_eps_and_trains():
 
 def test_aux_norms_get_gradient_only_from_the_adversarial_loss():
     torch.manual_seed(0)
-    module = FinetuneModule(10, **ENCODER, adversarial=True, branch_params="norm", **PLAIN)
-    module.attack = AdversarialTargetCallback(eps=8 / 255)
+    module = FinetuneModule(10, **ENCODER, attack=Attacker(eps=8 / 255), branch_params="norm", **PLAIN)
     x, y = next(iter(labelled()))
     out = module.losses(x, y)
     aux = [p for n, p in module.named_parameters() if ".aux." in n]
@@ -255,11 +255,19 @@ def test_aux_norms_get_gradient_only_from_the_adversarial_loss():
     torch.testing.assert_close(out["loss"], out["clean"] + out["adv"])
 
 
-def test_module_and_callback_must_agree():
-    with pytest.raises(RuntimeError, match="needs an AdversarialTargetCallback"):
-        trainer(1).fit(FinetuneModule(10, **ENCODER, adversarial=True, **PLAIN), labelled())
-    with pytest.raises(RuntimeError, match="adversarial=False"):
-        trainer(1, [AdversarialTargetCallback()]).fit(FinetuneModule(10, **ENCODER, **PLAIN), labelled())
+def test_the_attack_is_on_the_trainer_and_in_the_checkpoint(tmp_path):
+    module = FinetuneModule(10, **ENCODER, attack=Attacker(eps=8 / 255, steps=2, seed=3), **PLAIN)
+    t = trainer(1)
+    t.fit(module, labelled())
+    attacks = [c for c in t.callbacks if isinstance(c, AdversarialTargetCallback)]
+    assert attacks == [module.attack_callback] and attacks[0].attacker is module.attack
+    t.save_checkpoint(tmp_path / "adv.ckpt")
+    loaded = FinetuneModule.load_from_checkpoint(tmp_path / "adv.ckpt")
+    assert type(loaded.attack) is Attacker and loaded.attack.settings() == module.attack.settings()
+    assert torch.load(tmp_path / "adv.ckpt", weights_only=True)["callbacks"]["AdversarialTargetCallback"]["rng"].numel()
+    t = trainer(1)
+    t.fit(FinetuneModule(10, **ENCODER, **PLAIN), labelled())
+    assert not any(isinstance(c, AdversarialTargetCallback) for c in t.callbacks)  # clean fine-tuning has none
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------
@@ -282,7 +290,7 @@ def test_num_classes_flows_from_the_data_through_the_cli(config, plugin_checkpoi
 # ---- a real signal -----------------------------------------------------------------------------------
 def cached_features(probe: LinearProbeModule) -> tuple[FeatureSet, FeatureSet]:
     """The probe's own features (its encoder and pooling) of the bundled sample's training and test images, with
-    the evaluation transform: cached once, as ``advmim_pl.eval.features`` does."""
+    the evaluation transform: cached once, as ``advmim_pl.eval.extract`` does."""
     data = bundled_sample()
     data.setup("test")
     transform = data.eval_transform()
@@ -298,7 +306,15 @@ def converged_accuracy(train: FeatureSet, test: FeatureSet) -> float:
     return float((probe.logits(test.features["f"]).argmax(1) == test.labels).float().mean())
 
 
-def test_the_quickstart_probe_recipe_ends_within_a_point_of_the_converged_logistic_regression(pretrained):
+@pytest.fixture(scope="module")
+def mae_features(pretrained) -> tuple[FeatureSet, FeatureSet, float]:
+    """The pre-trained micro MAE's cls-token features of the bundled sample (training, test) and the converged
+    logistic regression's test accuracy on them, computed once for the tests that read them."""
+    train, test = cached_features(LinearProbeModule(10, **SAMPLE, init_from=pretrained["mae"]))
+    return train, test, converged_accuracy(train, test)
+
+
+def test_the_quickstart_probe_recipe_ends_within_a_point_of_the_converged_logistic_regression(pretrained, mae_features):
     config = yaml.safe_load(Path(resolve_config("quickstart_probe.yaml")).read_text())
     args, optimizer = config["model"]["init_args"], config["model"]["init_args"]["optimizer"]
     optimizer_class = getattr(importlib.import_module(optimizer["class_path"].rpartition(".")[0]),
@@ -310,7 +326,7 @@ def test_the_quickstart_probe_recipe_ends_within_a_point_of_the_converged_logist
         head_norm=args["head_norm"], bias_lr_scale=args["bias_lr_scale"],
         optimizer=lambda params: optimizer_class(params, **optimizer["init_args"]),
     )  # fmt: skip
-    train, test = cached_features(probe)
+    train, test, converged = mae_features  # the probe's own features: the same encoder and cls token
     probe.features = lambda x: x  # the recipe (head, optimizer, schedule) on the cached features
     with torch.no_grad():
         untrained = F.cross_entropy(copy.deepcopy(probe.head).eval()(train.features["f"]), train.labels).item()
@@ -321,7 +337,6 @@ def test_the_quickstart_probe_recipe_ends_within_a_point_of_the_converged_logist
     with torch.no_grad():
         trained = F.cross_entropy(probe.head(train.features["f"]), train.labels).item()
         accuracy = float((probe.head(test.features["f"]).argmax(1) == test.labels).float().mean())
-    converged = converged_accuracy(train, test)
     assert abs(accuracy - converged) <= 0.01, (accuracy, converged)  # measured: 0.778 vs 0.781
     assert trained < 0.5 * untrained, (trained, untrained)  # ln 10 = 2.30 untrained
     assert probe.head[1].bias.abs().max() < 5  # the old LARS recipe's bias ran away to |b| ~ 95
@@ -354,15 +369,13 @@ def test_simmim_encoders_default_to_the_patch_average_and_a_token_probe_names_th
     assert margins == pytest.approx(MEASURED_SIMMIM_MARGINS, abs=0.01), margins
 
 
-def test_mae_pretraining_beats_the_random_encoder_floor(pretrained):
+def test_mae_pretraining_beats_the_random_encoder_floor(mae_features):
     """Under the converged probes on the MAE's cls token; the random floor is the same architecture at seed 0."""
-    mae = LinearProbeModule(10, **SAMPLE, init_from=pretrained["mae"])
     torch.manual_seed(0)
-    random = LinearProbeModule(10, **SAMPLE, global_pool="token")
+    random = cached_features(LinearProbeModule(10, **SAMPLE, global_pool="token"))
     results = {}
-    for name, probe in (("mae", mae), ("random", random)):
-        train, test = cached_features(probe)
+    for name, (train, test, converged) in (("mae", mae_features), ("random", (*random, converged_accuracy(*random)))):
         knn = knn_predict(train.features["f"], train.labels, test.features["f"], 10)
-        results[name] = (float((knn == test.labels).float().mean()), converged_accuracy(train, test))
+        results[name] = (float((knn == test.labels).float().mean()), converged)
     assert results["mae"][0] >= results["random"][0] + 0.04, results  # kNN, measured: 0.683 vs 0.600
     assert results["mae"][1] >= results["random"][1], results  # logistic regression, measured: 0.781 vs 0.757
