@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from advmim_pl.adversarial import AEMIM
 from advmim_pl.cli import EXPORT_HELP, AdvMIMCLI, resolve_config, resolve_config_args, run, shipped_configs
 from tests.helpers.config_tools import assert_contains, leaves, printed_config
+from tests.helpers.micro import MICRO_FLAGS, MICRO_VIT
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 JOBS = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -158,12 +159,14 @@ def test_quickstart_lowers_the_reconstruction_loss(tmp_path, monkeypatch):
 
 
 def test_aemim_quickstart_logs_attack_and_grids_and_exports(tmp_path, monkeypatch):
+    """The plug-in quickstart with the micro encoder (what is logged and exported does not depend on its size)."""
     monkeypatch.chdir(tmp_path)
     cli = run(
         [
             "fit",
             "-c",
             "quickstart_adv.yaml",
+            *MICRO_FLAGS,
             "--trainer.max_steps",
             "12",
             "--trainer.log_every_n_steps",
@@ -190,7 +193,7 @@ def test_aemim_quickstart_logs_attack_and_grids_and_exports(tmp_path, monkeypatc
     run(["export", str(last), str(tmp_path / "encoder.safetensors")])
     state = load_file(tmp_path / "encoder.safetensors")
     model = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, in_chans=1, depth=6
+        "vit_base_patch16_224", num_classes=0, img_size=32, patch_size=4, in_chans=1, **MICRO_VIT
     ).eval()
     model.load_state_dict(state, strict=True)
     module = cli.model.eval()
