@@ -108,4 +108,5 @@ def test_a_continuation_job_is_its_plugin_job_with_a_continuation_schedule(plugi
     assert {k for k in changes if k[:2] != ("trainer", "logger")} == CONTINUATION_KEYS
     before = leaves(printed_config(capsys, "-c", plugin))
     assert changes[("model", "init_args", "base_lr")] <= before[("model", "init_args", "base_lr")] / 4
-    assert changes[("trainer", "max_epochs")] <= before[("trainer", "max_epochs")] / 4
+    # a few epochs, not the schedule again: 20 of 800 on ImageNet; 1 of the 2-epoch quickstart, its shortest
+    assert changes[("trainer", "max_epochs")] <= max(1, before[("trainer", "max_epochs")] / 4)
