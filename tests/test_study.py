@@ -96,6 +96,10 @@ def test_paired_differences_use_only_the_seeds_both_arms_have():
     c = stats.comparison(records, "probe", "MAE+AEMIM", "MAE")
     assert c["n"] == 2 and c["mean"] == pytest.approx(0.01) and c["sd"] == pytest.approx(math.sqrt(0.0008))
     assert stats.comparison(records, "probe", "MAE+AEMIM", "MAE+sign") is None
+    # corruption numbers pair only records whose corrupted images were drawn alike
+    records[0]["corruption_seeding"] = "new"  # MAE seed 0
+    assert set(stats.paired_differences(records, "corruption/mean", "MAE+AEMIM", "MAE")) == {2}
+    assert set(stats.paired_differences(records, "probe", "MAE+AEMIM", "MAE")) == {0, 2}
 
 
 def three_seeds(aemim: list[float], mae: list[float], sign: list[float], pgd: list[float] | None = None) -> list:
@@ -166,6 +170,9 @@ def test_a_rerun_replaces_its_record_and_reports_the_difference():
     ]  # in place
     assert records[0]["metrics"]["probe"] == 0.7
     assert jobs.replace_record(records, record("MAE", 1, 0.7)) == "new" and len(records) == 3
+    rounded = record("MAE", 1, 0.7)  # a float32 mean where the earlier record had the exact fraction
+    rounded["metrics"]["probe"] = 0.699999988079071
+    assert jobs.replace_record(records, rounded).startswith("reproduced the earlier run (commit abc, dev) to float32")
     corrupted = record("MAE", 1, 0.7)
     corrupted["metrics"] |= {"corruption/contrast/1": 0.1, "corruption/contrast/2": 0.1}
     assert " in 2 corruption keys: max |diff| 0.45" in jobs.replace_record(records, corrupted)

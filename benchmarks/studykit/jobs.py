@@ -26,9 +26,12 @@ def read_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+ROUNDING = 1e-6  # float32 rounding of a fraction (older records hold float32 means); one image of 10,000 is 1e-4
+
+
 def replace_record(records: list[dict], record: dict) -> str:
-    """Put ``record`` in ``records`` in place of an earlier run of its arm and seed; say how they compare (which
-    metrics differ, the corruption keys counted together)."""
+    """Put ``record`` in ``records`` in place of an earlier run of its arm and seed; say how they compare: which
+    metrics differ by more than float32 rounding (``ROUNDING``), the corruption keys counted together."""
     key = (record["arm"], record["seed"])
     index = next((i for i, r in enumerate(records) if (r["arm"], r["seed"]) == key), None)
     if index is None:
@@ -36,16 +39,18 @@ def replace_record(records: list[dict], record: dict) -> str:
         return "new"
     earlier, records[index] = records[index], record
     old, new = earlier["metrics"], record["metrics"]
+    run = f"the earlier run (commit {earlier['commit']}, {earlier['device']})"
     if old == new:
-        return f"reproduced exactly the earlier run (commit {earlier['commit']}, {earlier['device']})"
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        return f"reproduced exactly {run}"
+    changed = sorted(
+        k for k in old.keys() | new.keys() if k not in old or k not in new or abs(old[k] - new[k]) > ROUNDING
+    )
+    if not changed:
+        return f"reproduced {run} to float32 rounding ({ROUNDING:g})"
     corruption = [k for k in changed if k.startswith("corruption/")]
     named = [k for k in changed if k not in corruption] + ([f"{len(corruption)} corruption keys"] if corruption else [])
     diff = max((abs(old[k] - new[k]) for k in old.keys() & new.keys()), default=math.nan)
-    return (
-        f"differs from the earlier run (commit {earlier['commit']}, {earlier['device']}) in {', '.join(named)}: "
-        f"max |diff| {diff:.4g}"
-    )
+    return f"differs from {run} in {', '.join(named)}: max |diff| {diff:.4g}"
 
 
 def todo(

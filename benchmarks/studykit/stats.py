@@ -36,10 +36,14 @@ def detectable_effect(sd: float, n: int, level: float = 0.95, power: float = 0.8
 
 
 def paired_differences(records: list[dict], metric: str, arm: str, reference: str) -> dict[int, float]:
-    """{seed: metric(arm) - metric(reference)} over the seeds both arms have."""
-    by_seed = {(r["arm"], r["seed"]): r["metrics"][metric] for r in records if metric in r["metrics"]}
+    """{seed: metric(arm) - metric(reference)} over the seeds both arms have; for a corruption metric, only the
+    seeds whose two records share their ``corruption_seeding`` (the same corrupted images)."""
+    by_seed = {(r["arm"], r["seed"]): r for r in records if metric in r["metrics"]}
     seeds = sorted({s for a, s in by_seed if a == arm} & {s for a, s in by_seed if a == reference})
-    return {s: by_seed[arm, s] - by_seed[reference, s] for s in seeds}
+    pairs = [(s, by_seed[arm, s], by_seed[reference, s]) for s in seeds]
+    if metric.startswith("corruption/"):
+        pairs = [(s, a, b) for s, a, b in pairs if a.get("corruption_seeding") == b.get("corruption_seeding")]
+    return {s: a["metrics"][metric] - b["metrics"][metric] for s, a, b in pairs}
 
 
 def comparison(records: list[dict], metric: str, arm: str, reference: str) -> dict | None:
