@@ -10,8 +10,8 @@ Pipelines (each a DataLoader over the same files, batch 64, the same random-resi
   float32 out);
 - ``fast``: ``ImageFolderDataModule(decode="fast")``'s training loader (reduced JPEG decode, crop then resize,
   uint8 out; the float conversion happens on the device and is not timed here);
-- further pipelines register in ``PIPELINES`` (a name and a function (root, workers, batch_size) -> iterable of
-  batches), e.g. a streaming reader, and are then measured and reported like the others.
+- ``streaming``: ``StreamingImageDataModule``'s training loader over the same files as litdata chunks (``advmim
+  prepare``, built once beside them): the fast path's decode from records instead of files, uint8 out.
 
     python benchmarks/input_pipeline.py                      # build the images (once), measure, write results
     python benchmarks/input_pipeline.py --workers 1,2,4,8    # on a machine with more cores
@@ -35,28 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from provenance import git_commit, write_results
+from provenance import git_commit
 from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision import transforms as T
 
-from advmim_pl.data import ImageFolderDataModule
+from advmim_pl.data import ImageFolderDataModule, StreamingImageDataModule
 from advmim_pl.data import jpeg as J
+from advmim_pl.data.prepare import prepare
+from advmim_pl.report import ReportTable, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "input_pipeline"
 SIZE, SCALE = 224, (0.2, 1.0)
 # Reference training rates on one H200 (MAE ViT-B/16, 224 px; AEMIM with the plug-in's defaults), images/s
 ANCHORS = {"MAE eager": 3543, "MAE compiled": 4853, "MAE+AEMIM": 1448}
-SKIMAGE_PHOTOS = [
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "motorcycle_right.png",
-    "hubble_deep_field.jpg",
-]
+SKIMAGE_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
+SKIMAGE_PHOTOS += ["motorcycle_right.png", "hubble_deep_field.jpg"]
 
 
 # ---- the images ------------------------------------------------------------------------------------------------
@@ -89,10 +84,8 @@ def build_images(root: Path, count: int, classes: int = 10, seed: int = 0) -> di
     for i in range(count):
         source = sources[rng.integers(len(sources))]
         height, width = source.shape[:2]
-        if rng.random() < 0.85:
-            aspect = math.exp(rng.uniform(math.log(1.1), math.log(1.6)))
-        else:
-            aspect = math.exp(rng.uniform(math.log(0.65), math.log(0.9)))
+        low, high = (1.1, 1.6) if rng.random() < 0.85 else (0.65, 0.9)  # landscape or portrait
+        aspect = math.exp(rng.uniform(math.log(low), math.log(high)))
         area = rng.uniform(0.35, 1.0) * height * width
         ch, cw = round(math.sqrt(area / aspect)), round(math.sqrt(area * aspect))
         if ch > height:
@@ -144,23 +137,10 @@ def dataset_root(count: int) -> Path:
 # ---- the pipelines ---------------------------------------------------------------------------------------------
 def reference(root: Path, workers: int, batch_size: int) -> Iterable:
     """(a) torchvision ImageFolder + PIL + classic transforms, float32 out."""
-    transform = T.Compose(
-        [
-            T.RandomResizedCrop(SIZE, SCALE, interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-        ]
-    )
-    dataset = datasets.ImageFolder(str(root), transform=transform)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
+    crop = T.RandomResizedCrop(SIZE, SCALE, interpolation=T.InterpolationMode.BICUBIC)
+    dataset = datasets.ImageFolder(str(root), transform=T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor()]))
+    pin = torch.cuda.is_available()
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, pin_memory=pin)
 
 
 def data_module(decode: str) -> Callable[[Path, int, int], Iterable]:
@@ -176,12 +156,23 @@ def data_module(decode: str) -> Callable[[Path, int, int], Iterable]:
     return make
 
 
+def streaming(root: Path, workers: int, batch_size: int) -> Iterable:
+    """(d) StreamingImageDataModule's training loader over the folder's chunks, prepared on first use."""
+    shards = root.with_name(f"{root.name}_shards")
+    if not (shards / "index.json").is_file():  # after an interrupted preparation, delete the folder
+        prepare(str(root), str(shards))
+    options = dict(img_size=SIZE, crop_scale=SCALE, batch_size=batch_size, num_workers=workers)
+    dm = StreamingImageDataModule(str(shards), **options)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
 # name -> (description, loader factory (root, workers, batch_size) -> iterable of (images, labels) batches)
 PIPELINES: dict[str, tuple[str, Callable[[Path, int, int], Iterable]]] = {
     "reference": ("torchvision ImageFolder, PIL, RandomResizedCrop + flip + ToTensor (float32)", reference),
     "shipped": ("ImageFolderDataModule decode: pil (PIL decode, v2 transforms, float32)", data_module("pil")),
     "fast": ("ImageFolderDataModule decode: fast (reduced JPEG decode, crop then resize, uint8)", data_module("fast")),
-    # "streaming": (..., factory): another data path registers here and is measured like the others
+    "streaming": ("StreamingImageDataModule (litdata chunks of the same JPEGs, fast decode, uint8)", streaming),
 }
 
 
@@ -266,12 +257,13 @@ def machine_slug() -> tuple[str, str]:
     return description, slug
 
 
-def markdown(report: dict) -> str:
+def write_markdown(folder: str, stem: str, report: dict) -> None:
+    """Print the three tables (throughput, per-stage profile, cores to feed) and write ``<stem>.md`` and
+    ``<stem>.json`` (``report``) to ``folder``."""
     data, names = report["images"], list(report["pipelines"])
     ref = report["pipelines"]["reference"]["1"]["images_per_s_per_worker"]
+    fast = report["pipelines"]["fast"]["1"]["images_per_s_per_worker"]
     lines = [
-        "# Input-pipeline throughput: training images per second per worker process",
-        "",
         f"- machine: {report['machine']}; torch {report['torch']}, torchvision {report['torchvision']}, "
         f"Pillow {report['pillow']}, simplejpeg {report['simplejpeg']}; commit {report['commit']}"
         f"{' (+ local changes)' if report['dirty'] else ''}",
@@ -283,40 +275,37 @@ def markdown(report: dict) -> str:
         f"best of {report['rounds']} interleaved passes over all images (other processes only slow a pass down); "
         "one thread per worker",
         f"- machine load (1-min average) during the passes: {report['load_avg'][0]:.1f} to {report['load_avg'][1]:.1f}",
-        "",
-        "| pipeline | workers | images/s | images/s per worker | x reference (same workers) | batch dtype |",
-        "|---|---:|---:|---:|---:|---|",
+        f"- fast / reference per worker (1 worker): {fast / ref:.2f}x",
     ]
+    rows = []
     for name in names:
         for workers, r in report["pipelines"][name].items():
             base = report["pipelines"]["reference"][workers]["images_per_s"]
-            lines.append(
-                f"| {name} | {workers} | {r['images_per_s']:,.0f} | {r['images_per_s_per_worker']:,.0f} | "
-                f"{r['images_per_s'] / base:.2f} | {r['batch_dtype']} |"
-            )
-    lines += ["", "## Per-stage profile, ms per image (one process)", ""]
+            rows.append([name, workers, f"{r['images_per_s']:,.0f}", f"{r['images_per_s_per_worker']:,.0f}",
+                         f"{r['images_per_s'] / base:.2f}", r["batch_dtype"]])  # fmt: skip
+    columns = ["pipeline", "workers", "images/s", "images/s per worker", "x reference (same workers)", "batch dtype"]
+    throughput = ReportTable(columns, rows, align="lrrrrl")
     prof = report["profile"]["ms_per_image"]
     stages = list(next(iter(prof.values())))
-    lines += ["| path | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
-    for name, ms in prof.items():
-        lines.append(f"| {name} | " + " | ".join(f"{ms[s]:.2f}" for s in stages) + " |")
-    lines += [
-        "",
-        "## Cores to feed one H200",
-        "",
-        "Worker processes (one core each) at the 1-worker rate per worker, for the reference training rates on one "
-        "H200 (ViT-B/16, 224 px):",
-        "",
-        "| pipeline | " + " | ".join(f"{k} ({v:,} img/s)" for k, v in ANCHORS.items()) + " |",
-        "|---|" + "---:|" * len(ANCHORS),
-    ]
-    for name in names:
-        rate = report["pipelines"][name]["1"]["images_per_s_per_worker"]
-        lines.append(f"| {name} | " + " | ".join(f"{v / rate:.1f}" for v in ANCHORS.values()) + " |")
-    fast = report["pipelines"]["fast"]["1"]["images_per_s_per_worker"]
-    lines += ["", f"fast / reference per worker (1 worker): {fast / ref:.2f}x", ""]
-    lines += [f"- {note}" for note in report["notes"]] + [""]
-    return "\n".join(lines)
+    profile = ReportTable(
+        ["path", *stages],
+        [[name, *(f"{ms[s]:.2f}" for s in stages)] for name, ms in prof.items()],
+        title="Per-stage profile, ms per image (one process)",
+        align="l" + "r" * len(stages),
+    )
+    cores = ReportTable(
+        ["pipeline", *(f"{k} ({v:,} img/s)" for k, v in ANCHORS.items())],
+        [
+            [name, *(f"{v / report['pipelines'][name]['1']['images_per_s_per_worker']:.1f}" for v in ANCHORS.values())]
+            for name in names
+        ],
+        title="Cores to feed one H200",
+        align="l" + "r" * len(ANCHORS),
+    )
+    heading = "Input-pipeline throughput: training images per second per worker process"
+    tables = [throughput, profile, cores]
+    path = write_report(folder, stem, tables, report, heading=heading, lines=lines, notes=report["notes"])
+    print(f"wrote {path} and .json")
 
 
 NOTES = [
@@ -327,8 +316,9 @@ NOTES = [
     "Profile: the stages of one image in one process, timed with perf_counter; decode of the fast path includes "
     "reading the header and drawing the box (the decode scale depends on it); collate per image is a 64-image "
     "batch's default_collate over 64.",
-    "Cores to feed: anchor rate / 1-worker images/s per worker; the main training process and the GPU's own host "
-    "work need cores beyond these.",
+    "Cores to feed one H200: worker processes (one core each) for the reference training rates on one H200 "
+    "(ViT-B/16, 224 px), anchor rate / 1-worker images/s per worker; the main training process and the GPU's own "
+    "host work need cores beyond these.",
 ]
 
 
@@ -403,7 +393,7 @@ def main() -> None:
         "profile": prof,
         "notes": NOTES,
     }
-    write_results(args.out, f"input_pipeline_{slug}", report, markdown(report))
+    write_markdown(args.out, f"input_pipeline_{slug}", report)
 
 
 if __name__ == "__main__":

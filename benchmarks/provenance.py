@@ -1,6 +1,5 @@
 """Where a benchmark figure comes from: the device it ran on and the commit it ran at."""
 
-import json
 import os
 import platform
 import subprocess
@@ -40,14 +39,3 @@ def git_commit() -> tuple[str, bool | None]:
     if commit.returncode:
         return "unknown", None
     return commit.stdout.strip(), bool(dirty.stdout.strip())
-
-
-def write_results(folder: str | Path, stem: str, report: dict, text: str) -> None:
-    """``report`` as ``<folder>/<stem>.json`` and its Markdown ``text`` as ``<stem>.md``; prints the text and the
-    paths."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(text)
-    print(f"wrote {out / stem}.json and .md")

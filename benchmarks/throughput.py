@@ -25,12 +25,13 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
-from provenance import device_info, git_commit, write_results
+from provenance import device_info, git_commit
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from advmim_pl.adversarial import AEMIM
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
+from advmim_pl.report import ReportTable, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (host method, PGD steps of the AEMIM plug-in or None, attack_mask, baseline for the ratios)
@@ -238,14 +239,16 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def markdown(report: dict) -> str:
+def write_markdown(folder: str, stem: str, report: dict) -> None:
+    """Print the results table and write ``<stem>.md`` and ``<stem>.json`` (``report``) to ``folder``."""
     setup, decoder = report["setup"], report["setup"]["mae_decoder"]
     loads = [r["load_avg_1min"] for r in report["results"].values()]
     load = (min(loads), max(loads))
+    heading = (
+        f"Training-step throughput: {setup['model']}, {setup['img_size']} px, patch {setup['patch_size']}, "
+        f"batch {setup['batch_size']}"
+    )
     lines = [
-        f"# Training-step throughput: {setup['model']}, {setup['img_size']} px, patch {setup['patch_size']}, "
-        f"batch {setup['batch_size']}",
-        "",
         f"- device: {report['device']}; torch {report['torch']}, lightning {report['lightning']}, "
         f"timm {report['timm']}; commit {report['commit']}{' (+ local changes)' if report['dirty'] else ''}",
         f"- precision {setup['precision']}, compile {setup['compile']}, {setup['steps']} timed steps after "
@@ -253,24 +256,31 @@ def markdown(report: dict) -> str:
         f"- MAE decoder {decoder['dim']}-d, {decoder['depth']} blocks, {decoder['heads']} heads ({decoder['why']}; "
         f"encoder {decoder['encoder_embed_dim']}-d); mask ratio 0.75. SimMIM mask squares "
         f"{setup['simmim_mask_patch']} px, ratio 0.6",
-        "- AEMIM: the plug-in's defaults (eps 4/255, random start) with the attack view named in the "
+        "- AEMIM: AdversarialTargetCallback defaults (eps 4/255, random start) with the attack view named in the "
         "configuration (none = the whole image, the default), separate aux decoder, branch norms",
         f"- machine load (1-min average after each timed fit): {load[0]:.1f} to {load[1]:.1f} "
         "(above the number of cores, other processes distort the timings)",
-        "",
-        "| configuration | images/s | ms/step | peak mem (MiB) | GFLOP/img | TFLOP/s | time x | mem x | FLOP x "
-        "| time x / FLOP x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in report["results"].items():
-        lines.append(
-            f"| {name} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {fmt(r['peak_mem_mib'], ',.0f')} | "
-            f"{r['gflop_per_image']:.3f} | {r['tflop_per_s']:.3f} | {fmt(r['time_ratio'], '.2f')} | "
-            f"{fmt(r['mem_ratio'], '.2f')} | {fmt(r['flop_ratio'], '.2f')} | "
-            f"{fmt(r['time_ratio'] / r['flop_ratio'] if r['flop_ratio'] else None, '.2f')} |"
-        )
-    lines += ["", *[f"- {note}" for note in report["notes"]], ""]
-    return "\n".join(lines)
+    columns = ["configuration", "images/s", "ms/step", "peak mem (MiB)", "GFLOP/img", "TFLOP/s", "time x", "mem x"]
+    columns += ["FLOP x", "time x / FLOP x"]
+    rows = [
+        [
+            name,
+            f"{r['images_per_s']:,.1f}",
+            f"{r['ms_per_step']:.1f}",
+            fmt(r["peak_mem_mib"], ",.0f"),
+            f"{r['gflop_per_image']:.3f}",
+            f"{r['tflop_per_s']:.3f}",
+            fmt(r["time_ratio"], ".2f"),
+            fmt(r["mem_ratio"], ".2f"),
+            fmt(r["flop_ratio"], ".2f"),
+            fmt(r["time_ratio"] / r["flop_ratio"] if r["flop_ratio"] else None, ".2f"),
+        ]
+        for name, r in report["results"].items()
+    ]
+    table = ReportTable(columns, rows, align="l" + "r" * (len(columns) - 1))
+    path = write_report(folder, stem, [table], report, heading=heading, lines=lines, notes=report["notes"])
+    print(f"wrote {path} and .json")
 
 
 NOTES = [
@@ -346,7 +356,7 @@ def main() -> None:
     }
     suffix = ("_compile" if args.compile else "") + ("" if args.precision == "bf16-mixed" else f"_{args.precision}")
     stem = f"throughput_{slug}_{args.model}_{args.img_size}px_bs{args.batch_size}{suffix}"
-    write_results(args.out, stem, report, markdown(report))
+    write_markdown(args.out, stem, report)
 
 
 if __name__ == "__main__":
