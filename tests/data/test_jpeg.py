@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from advmim_pl.data import ImageFolderDataModule
 from advmim_pl.data import jpeg as J
 from advmim_pl.data.base import machine_cores
-from advmim_pl.eval.features import evaluation_batches
+from advmim_pl.eval.extract import evaluation_batches
 
 SCALE = (0.2, 1.0)
 DRAWS = 4000
