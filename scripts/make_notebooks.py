@@ -45,9 +45,7 @@ QUICKSTART = [
         "module, data = cli.model, cli.datamodule\n"
         "if CHECKPOINT:\n"
         "    module = PretrainModule.load_from_checkpoint(CHECKPOINT)  # method and weights from the file\n"
-        "attack = cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("
-        "'AdversarialTargetCallback')]\n"
-        "module.attack = attack\n"
+        "attack = module.plugin.attacker  # the plug-in's generic PGD engine\n"
         "module.eval()\n"
         "print('final train loss', float(cli.trainer.callback_metrics['train/loss']))"
     ),
