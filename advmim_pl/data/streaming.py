@@ -5,9 +5,10 @@ evaluation views (``ImageDataModule``), a litdata ``StreamingDataset`` for train
 
 - **Shards under DDP.** litdata gives each rank (and each of its DataLoader workers) its own chunks' samples:
   ranks read disjoint samples. Under DDP it drops the remainder and pads nothing, so every rank trains on the same
-  number of full batches: an epoch is each sample at most once, and all but fewer than
-  ``world_size x num_workers x batch_size`` samples exactly once (which ones are left out changes with the epoch's
-  shuffle). On one process, every sample once, in full batches (``drop_last``).
+  number of full batches, ``floor(floor(N / batch_size) / world_size)`` of them for N samples (split among its
+  workers): an epoch is each sample at most once, and all but fewer than ``world_size x batch_size`` exactly once
+  (which ones are left out changes with the epoch's shuffle), the bound of the map-style modules too. On one
+  process, every sample once, in full batches (``drop_last``).
 - **Resumption.** The loader's position is saved by the data module (``state_dict``: Lightning keeps it in the
   checkpoint) as the number of batches the fit loop trained this epoch, not as litdata counts them: Lightning's
   fit loop fetches one batch ahead, and it does not give a ``StreamingDataLoader`` its state back on every resume
