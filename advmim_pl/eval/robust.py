@@ -1,9 +1,10 @@
-"""Robust accuracy of one classifier, as a pure function: clean, every corruption x severity, and PGD.
+"""Robust accuracy of classifiers, as pure functions: clean, every corruption x severity, and PGD.
 
-``robust_accuracy`` serves ``RobustnessEvaluator`` (one test batch per call) and the study (all its images).
+``robust_accuracies`` serves ``RobustnessEvaluator`` (its model and readouts, one test batch per call) and
+``robust_accuracy`` (one classifier) the study (all its images).
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,65 @@ def with_corruption_mean(results: dict[str, float], prefix: str = "") -> dict[st
     return {**results, f"{prefix}corruption/mean": sum(corruption) / len(corruption)}
 
 
+@dataclass
+class Classifier:
+    """One classifier ``robust_accuracy`` scores: ``logits`` images (B, C, H, W) in [0, 1] -> logits (B, K),
+    differentiable in the images; ``attacks`` one ``Attacker`` per budget, each keeping its own random stream across
+    calls; ``objective(labels)`` the loss PGD maximises (None: ``cross_entropy_objective(logits, labels)``)."""
+
+    logits: Callable[[Tensor], Tensor]
+    attacks: Sequence[Attacker] = ()
+    objective: Callable[[Tensor], Objective] | None = None
+
+
+def robust_accuracies(
+    classifiers: Mapping[str, Classifier],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    module: nn.Module,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+    first_batch: int = 0,
+) -> dict[str, RobustCounts]:
+    """Clean, corruption and PGD accuracy counts of several classifiers on the same labelled batches; each
+    corrupted batch is made once and scored by every classifier.
+
+    ``batches`` of (images (B, C, H, W) in [0, 1], labels (B,)); ``module`` the model the attacks run against
+    (handed to ``Attacker.generate``, which puts it in eval mode for the attack). Returns the counts per name.
+
+    Seeding rule: batch i (counted from ``first_batch``) draws all its corruption noise from one generator on the
+    images' device seeded with ``seed * 1_000_003 + i``, in the order ``corruptions`` x ``severities``. So a
+    corrupted image depends only on (seed, batch index, batch content), not on the classifiers or what was scored
+    before: every classifier scored with the same arguments sees the same corrupted images.
+    """
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
+    correct: dict[str, dict[str, Tensor]] = {name: {} for name in classifiers}
+    total = 0
+
+    def score(key: str, x: Tensor, y: Tensor, names=classifiers) -> None:
+        for name in names:
+            counts = correct[name]
+            counts[key] = counts.get(key, 0) + accuracy_counts(classifiers[name].logits(x), y)
+
+    for index, (x, y) in enumerate(batches, start=first_batch):
+        total += len(y)
+        with torch.no_grad():
+            score("clean", x, y)
+            generator = generator_for(x.device).manual_seed(seed * CORRUPTION_SEED_STRIDE + index)
+            for name in corruptions:
+                for severity in severities:
+                    score(f"corruption/{name}/{severity}", corrupt(x, name, severity, generator), y)
+        for name, classifier in classifiers.items():
+            objective = classifier.objective or (lambda labels, c=classifier: cross_entropy_objective(c.logits, labels))
+            for attack in classifier.attacks:
+                x_adv = attack.generate(module, x, objective(y)).x_adv
+                with torch.no_grad():
+                    score(pgd_key(attack.eps), x_adv, y, names=[name])
+    return {name: RobustCounts(counts, total) for name, counts in correct.items()}
+
+
 def robust_accuracy(
     logits: Callable[[Tensor], Tensor],
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -77,39 +137,7 @@ def robust_accuracy(
     first_batch: int = 0,
     objective: Callable[[Tensor], Objective] | None = None,
 ) -> RobustCounts:
-    """Clean, corruption and PGD accuracy counts of a classifier on labelled batches.
-
-    ``logits``: images (B, C, H, W) in [0, 1] -> logits (B, K), differentiable in the images; ``batches`` of
-    (images (B, C, H, W) in [0, 1], labels (B,)); ``module`` the model the attacks run against (handed to
-    ``Attacker.generate``, which puts it in eval mode for the attack); ``attacks`` one ``Attacker`` per budget,
-    each keeping its own random stream across calls; ``objective(labels)`` the loss PGD maximises (default
-    ``cross_entropy_objective(logits, labels)``).
-
-    Seeding rule: batch i (counted from ``first_batch``) draws all its corruption noise from one generator on the
-    images' device seeded with ``seed * 1_000_003 + i``, in the order ``corruptions`` x ``severities``. So a
-    corrupted image depends only on (seed, batch index, batch content), not on the classifier or what was scored
-    before: every classifier scored with the same arguments sees the same corrupted images.
-    """
-    objective = objective or (lambda labels: cross_entropy_objective(logits, labels))
-    unknown = [c for c in corruptions if c not in CORRUPTIONS]
-    if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
-    correct: dict[str, Tensor] = {}
-    total = 0
-
-    def add(key: str, scored: Tensor, y: Tensor) -> None:
-        correct[key] = correct.get(key, 0) + accuracy_counts(scored, y)
-
-    for index, (x, y) in enumerate(batches, start=first_batch):
-        total += len(y)
-        with torch.no_grad():
-            add("clean", logits(x), y)
-            generator = generator_for(x.device).manual_seed(seed * CORRUPTION_SEED_STRIDE + index)
-            for name in corruptions:
-                for severity in severities:
-                    add(f"corruption/{name}/{severity}", logits(corrupt(x, name, severity, generator)), y)
-        for attack in attacks:
-            x_adv = attack.generate(module, x, objective(y)).x_adv
-            with torch.no_grad():
-                add(pgd_key(attack.eps), logits(x_adv), y)
-    return RobustCounts(correct, total)
+    """``robust_accuracies`` of one classifier (``Classifier`` documents ``logits``, ``attacks`` and
+    ``objective``), with the same seeding rule."""
+    classifier = {"": Classifier(logits, attacks, objective)}
+    return robust_accuracies(classifier, batches, module, corruptions, severities, seed, first_batch)[""]

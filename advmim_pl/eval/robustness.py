@@ -2,7 +2,7 @@
 
 ``RobustnessEvaluator`` is a callback: on every test batch it scores the module's ``logits`` on the clean
 images, on each corruption x severity, and on PGD examples crafted by ``Attacker`` with the module's
-``cross_entropy_objective`` (``advmim_pl.eval.robust.robust_accuracy``); at the end of the test epoch it scores
+``cross_entropy_objective`` (``advmim_pl.eval.robust.robust_accuracies``); at the end of the test epoch it scores
 the out-of-distribution ImageFolders, prints a table, logs every accuracy and writes ``robustness.md`` /
 ``robustness.json`` next to the logs. With ``floors`` the same table has three more columns, all read out by
 one converged logistic regression fit on the frozen features of the training images: the module's own encoder
@@ -30,7 +30,7 @@ from advmim_pl.eval.corruptions import CORRUPTIONS, SEVERITIES
 from advmim_pl.eval.extract import evaluation_batches
 from advmim_pl.eval.floors import LinearReadout, Pixels, Pooled, fit_readouts, random_encoder
 from advmim_pl.eval.probes import ProbeSettings
-from advmim_pl.eval.robust import accuracy_counts, pgd_eps, robust_accuracy, with_corruption_mean
+from advmim_pl.eval.robust import Classifier, accuracy_counts, pgd_eps, robust_accuracies, with_corruption_mean
 from advmim_pl.report import ReportTable, write_report
 
 READOUTS = {  # results-key prefix -> table column of the logistic-regression readouts that floors: true adds
@@ -159,12 +159,12 @@ class RobustnessEvaluator(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         x, y = batch[0], batch[1]
         self.total += len(y)
-        model = ("", pl_module.logits, pl_module.cross_entropy_objective)
-        for prefix, logits, objective in (model, *((p, r.logits, None) for p, r in self.readouts.items())):
-            counts = robust_accuracy(
-                logits, [(x, y)], pl_module, self.attacks[prefix], self.corruptions, self.severities, self.seed,
-                first_batch=batch_idx, objective=objective,
-            )  # fmt: skip
+        classifiers = {"": Classifier(pl_module.logits, self.attacks[""], pl_module.cross_entropy_objective)}
+        classifiers |= {prefix: Classifier(r.logits, self.attacks[prefix]) for prefix, r in self.readouts.items()}
+        scored = robust_accuracies(
+            classifiers, [(x, y)], pl_module, self.corruptions, self.severities, self.seed, first_batch=batch_idx
+        )
+        for prefix, counts in scored.items():
             for key, count in counts.correct.items():
                 self.correct[f"{prefix}{key}"] = self.correct.get(f"{prefix}{key}", 0) + count
 
