@@ -40,8 +40,10 @@ def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):
     probed = Path(probe.trainer.checkpoint_callback.last_model_path)
     for checkpoint in (pretrained, probed):  # plain hyperparameters and callback states: torch's safe unpickler
         assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["encoder"] == "vit_base_patch16_224"
+    # the readouts beside the model fit on 400 images, not the whole sample: tests/eval/test_robustness.py checks them
     table = run(["test", "-c", "eval/quickstart_robustness.yaml", "--ckpt_path", str(probed),
-                 "--trainer.limit_test_batches", "1", "--data.init_args.num_workers", "0"])  # fmt: skip
+                 "--trainer.limit_test_batches", "1", "--trainer.callbacks.init_args.floor_images", "400",
+                 "--data.init_args.num_workers", "0"])  # fmt: skip
     folder = Path(table.trainer.logger.log_dir)
     results = json.loads((folder / "robustness.json").read_text())
     assert {f"corruption/{c}/{s}" for c in CORRUPTIONS for s in range(1, 6)} <= set(results)
