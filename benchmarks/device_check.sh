@@ -23,7 +23,7 @@ run python benchmarks/throughput.py --model vit_tiny_patch16_224 --img-size 32 -
   --batch-size 1024 --steps 20 --warmup 5 --compile
 
 # 2. ViT-Tiny MAE end to end through Lightning on GPU-resident Fashion-MNIST (target >= 30,000 img/s)
-run python -m advmim_pl.cli fit -c quickstart.yaml -c trainer/gpu.yaml --attack null \
+run python -m advmim_pl.cli fit -c quickstart.yaml -c trainer/gpu.yaml \
   --data.init_args.device_resident true \
   --data.init_args.batch_size 1024 --model.init_args.compile true --trainer.max_epochs 20 \
   --trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trainer.logger false

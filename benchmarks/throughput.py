@@ -256,7 +256,7 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
         f"- MAE decoder {decoder['dim']}-d, {decoder['depth']} blocks, {decoder['heads']} heads ({decoder['why']}; "
         f"encoder {decoder['encoder_embed_dim']}-d); mask ratio 0.75. SimMIM mask squares "
         f"{setup['simmim_mask_patch']} px, ratio 0.6",
-        "- AEMIM: AdversarialTargetCallback defaults (eps 4/255, random start) with the attack view named in the "
+        "- AEMIM: the plug-in's defaults (eps 4/255, random start) with the attack view named in the "
         "configuration (none = the whole image, the default), separate aux decoder, branch norms",
         f"- machine load (1-min average after each timed fit): {load[0]:.1f} to {load[1]:.1f} "
         "(above the number of cores, other processes distort the timings)",
