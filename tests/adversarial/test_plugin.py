@@ -1,7 +1,6 @@
 """The AEMIM plug-in on a PretrainModule: the example is adversarial, the model is left untouched,
 branch-specific norms separate the two losses, bad settings are refused."""
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -14,6 +13,7 @@ from advmim_pl.mim.methods import MAE, SimMIM
 from advmim_pl.models.branch_norm import BranchNorm, branch
 from advmim_pl.modules.pretrain import PretrainModule
 from tests.helpers.micro import MICRO, smooth_images
+from tests.helpers.micro import trainer as quiet_trainer
 
 CPU = torch.device("cpu")
 
@@ -46,17 +46,7 @@ def trained(tmp_path_factory):
         if method not in cache:
             module = make_module(method, eps=4 / 255, steps=1)
             data = TensorDataset(smooth_images(48, seed=1), torch.zeros(48, dtype=torch.long))
-            trainer = L.Trainer(
-                max_steps=6,
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                log_every_n_steps=1,
-                default_root_dir=tmp_path_factory.mktemp(method),
-            )
+            trainer = quiet_trainer(6, default_root_dir=tmp_path_factory.mktemp(method))
             trainer.fit(module, DataLoader(data, batch_size=8))
             assert trainer.global_step == 6
             assert module.attack_callback in trainer.callbacks  # the module put its attack on the trainer
@@ -377,18 +367,7 @@ def test_drop_path_target_is_the_eval_mode_encoding(method, attack_mask):
 # ---- settings that cannot work, and the random stream ---------------------------------------------------
 def fit(module, tmp_path, max_epochs=1, **trainer_kwargs):
     data = TensorDataset(smooth_images(32, seed=1), torch.zeros(32, dtype=torch.long))
-    options = dict(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(trainer_kwargs)
-    trainer = L.Trainer(**options)
+    trainer = quiet_trainer(max_epochs=max_epochs, default_root_dir=tmp_path, **trainer_kwargs)
     val = DataLoader(TensorDataset(smooth_images(16, seed=4), torch.zeros(16, dtype=torch.long)), batch_size=8)
     trainer.fit(module, DataLoader(data, batch_size=8), val)
     return trainer
