@@ -18,6 +18,7 @@ from advmim_pl.data.device import (
     to_channels,
 )
 from advmim_pl.data.resumable import ResumableSampler, TrainingOrder, mix
+from tests.helpers.micro import trainer as quiet_trainer
 
 
 def uint8_images(batch: int, channels: int = 1, height: int = 28, width: int = 28, seed: int = 0) -> torch.Tensor:
@@ -124,16 +125,7 @@ def fit_two_epochs(seed: int, monkeypatch) -> list[tuple[int, torch.Tensor, torc
     monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
     dm = Indexed(batch_size=8, num_workers=0, img_size=16, channels=3, device_resident=True)
     module = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=dm)
+    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, datamodule=dm)
     assert isinstance(dm.train_dataloader(), DeviceBatches) and isinstance(dm.val_dataloader(), DataLoader)
     return module.batches
 

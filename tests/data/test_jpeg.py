@@ -19,6 +19,7 @@ from advmim_pl.data import ImageFolderDataModule
 from advmim_pl.data import jpeg as J
 from advmim_pl.data.base import machine_cores
 from advmim_pl.eval.extract import evaluation_batches
+from tests.helpers.micro import trainer as quiet_trainer
 
 SCALE = (0.2, 1.0)
 DRAWS = 4000
@@ -180,10 +181,7 @@ def test_trainer_steps_receive_float_images(tmp_path):
     jpeg_folder(tmp_path)
     dm = fast_module(tmp_path)
     module = RecordInputs()
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
-    trainer.fit(module, datamodule=dm)
+    quiet_trainer(3).fit(module, datamodule=dm)
     assert len(module.seen) == 3
     for x in module.seen:
         assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

@@ -27,6 +27,7 @@ from advmim_pl.data.base import machine_cores
 from advmim_pl.data.prepare import VERSION, prepare
 from advmim_pl.data.streaming import StreamingImageDataModule
 from advmim_pl.eval.extract import evaluation_batches
+from tests.helpers.micro import trainer as quiet_trainer
 
 CLASSES, PER_CLASS, BATCH = 3, 12, 4  # 36 images: 9 full batches of 4 on one process
 
@@ -123,10 +124,7 @@ def fit(shards, root: Path, workers: int, ckpt_path=None) -> list[torch.Tensor]:
         ModelCheckpoint(root / "step", "{step}", every_n_train_steps=1, save_top_k=-1),
         ModelCheckpoint(root / "epoch", "{step}", save_on_train_epoch_end=True, save_top_k=-1),
     ]
-    trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", callbacks=checkpoints, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=2, callbacks=checkpoints, enable_checkpointing=True, default_root_dir=root)
     trainer.fit(module_, datamodule=module(shards, num_workers=workers), ckpt_path=ckpt_path)
     return module_.seen
 

@@ -3,7 +3,6 @@
 import itertools
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,7 @@ from advmim_pl.data.fashion_mnist import SAMPLE_PATH
 from advmim_pl.eval.robustness import OODSet, RobustnessEvaluator
 from advmim_pl.modules import LinearProbeModule
 from tests.helpers.micro import MICRO_VIT
+from tests.helpers.micro import trainer as quiet_trainer
 
 EPS = (2 / 255, 8 / 255)
 STEPS, STEP_SIZE = 5, 1 / 255
@@ -40,9 +40,7 @@ def probe() -> LinearProbeModule:
         base_lr=4e-2, global_pool="avg", optimizer=torch.optim.Adam,  # Adam: quick to fit, unlike LARS
     )  # fmt: skip
     x, y = fashion(1024, "train")
-    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
+    quiet_trainer(max_epochs=6).fit(module, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
     return module.eval()
 
 
@@ -59,9 +57,9 @@ def reference_pgd(model, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.
 
 
 def evaluate(module, evaluator, x, y, folder) -> dict[str, float]:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        inference_mode=False, callbacks=[evaluator], default_root_dir=folder)  # fmt: skip
-    trainer.test(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    quiet_trainer(inference_mode=False, callbacks=[evaluator], default_root_dir=folder).test(
+        module, DataLoader(TensorDataset(x, y), batch_size=32)
+    )
     return evaluator.results
 
 
@@ -95,8 +93,7 @@ def test_corruptions_ood_and_report(probe, tmp_path):
     class_map = {name: label for label, name in names.items()}
     evaluator = RobustnessEvaluator(corruptions=["gaussian_noise", "contrast"], severities=[1, 5], pgd_eps=[EPS[0]],
                                     pgd_steps=2, ood_sets={"subset": OODSet(str(ood_root), class_map)})  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
-                        enable_model_summary=False, inference_mode=False, callbacks=[evaluator])  # fmt: skip
+    trainer = quiet_trainer(logger=True, default_root_dir=tmp_path, inference_mode=False, callbacks=[evaluator])
     trainer.test(probe, DataLoader(TensorDataset(x, y), batch_size=32))
     results = evaluator.results
     keep = (y == 3) | (y == 7)
@@ -141,9 +138,13 @@ def test_floors_are_scored_like_the_model_without_changing_its_numbers(probe, tm
     runs = {}
     for floors in (False, True):
         evaluator = RobustnessEvaluator(**settings, floors=floors, floor_images=2000)
-        trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path / str(floors), enable_progress_bar=False,
-                            enable_model_summary=False, inference_mode=False, callbacks=[evaluator],
-                            limit_test_batches=2)  # fmt: skip
+        trainer = quiet_trainer(
+            logger=True,
+            default_root_dir=tmp_path / str(floors),
+            inference_mode=False,
+            callbacks=[evaluator],
+            limit_test_batches=2,
+        )
         trainer.test(probe, datamodule=data)
         runs[floors] = evaluator
     plain, floored = runs[False].results, runs[True].results

@@ -150,12 +150,9 @@ def fit_plugin(root: Path, ckpt_path: Path | None = None, seed: int = 0) -> Pret
         num_samples=24, num_val_samples=8, batch_size=8, img_size=32, channels=1, num_workers=0, pin_memory=False
     )
     checkpoints = ModelCheckpoint(root, "{step}", every_n_train_steps=1, save_top_k=-1)
-    trainer = L.Trainer(
-        max_steps=6, accelerator="cpu", precision="32-true", callbacks=[checkpoints], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
-    )  # fmt: skip
+    run = trainer(6, [checkpoints], enable_checkpointing=True, limit_val_batches=0, default_root_dir=root)
     module = maskfeat_module(seed)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    run.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
 
 
