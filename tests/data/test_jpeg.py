@@ -5,7 +5,6 @@ and bad input."""
 from io import BytesIO
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,7 @@ from advmim_pl.data import jpeg as J
 from advmim_pl.data.base import machine_cores
 from advmim_pl.eval.extract import evaluation_batches
 from tests.helpers.micro import trainer as quiet_trainer
+from tests.helpers.recording import RecordBatches
 
 SCALE = (0.2, 1.0)
 DRAWS = 4000
@@ -161,26 +161,10 @@ def test_fast_batches_uint8_then_float_on_device(tmp_path):
     assert next(iter(grey.train_dataloader()))[0].shape == (4, 1, 32, 32)
 
 
-class RecordInputs(L.LightningModule):
-    """Records the images its training steps receive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[torch.Tensor] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch[0])
-        return (self.weight * batch[0].float().mean()).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_trainer_steps_receive_float_images(tmp_path):
     jpeg_folder(tmp_path)
     dm = fast_module(tmp_path)
-    module = RecordInputs()
+    module = RecordBatches()
     quiet_trainer(3).fit(module, datamodule=dm)
     assert len(module.seen) == 3
     for x in module.seen:

@@ -28,6 +28,7 @@ from advmim_pl.data.prepare import VERSION, prepare
 from advmim_pl.data.streaming import StreamingImageDataModule
 from advmim_pl.eval.extract import evaluation_batches
 from tests.helpers.micro import trainer as quiet_trainer
+from tests.helpers.recording import RecordBatches
 
 CLASSES, PER_CLASS, BATCH = 3, 12, 4  # 36 images: 9 full batches of 4 on one process
 
@@ -99,22 +100,6 @@ def test_ranks_read_disjoint_shares_of_equal_size(folders, workers, monkeypatch)
         shares.append([i for x in batches for i in ids(x)])
     assert len(shares[0]) == len(shares[1]) == 4 * BATCH
     assert not set(shares[0]) & set(shares[1]) and len(set(shares[0] + shares[1])) == len(shares[0] + shares[1])
-
-
-class RecordBatches(L.LightningModule):
-    """Records the images of its training steps."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[torch.Tensor] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch[0])
-        return (self.weight * batch[0].mean()).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def fit(shards, root: Path, workers: int, ckpt_path=None) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
-"""An attacker that records what it crafted, to compare runs and check the examples."""
+"""Recorders: an attacker that records what it crafted, and a module that records the images it trained on."""
 
 import inspect
 
+import lightning as L
 import torch
 
 from advmim_pl.adversarial import AEMIM, Attacker
@@ -36,3 +37,19 @@ def recording_plugin(**settings) -> AEMIM:
     plugin = AEMIM(**settings)
     plugin.attacker = RecordingAttacker(**plugin.attacker.settings())
     return plugin
+
+
+class RecordBatches(L.LightningModule):
+    """Records the images of its training steps (``seen``), with one parameter so that the optimiser steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0])
+        return (self.weight * batch[0].float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
