@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from advmim_pl.adversarial.attacker import Attacker
+from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.checks import plain
 from advmim_pl.modules.clipping import UnscaledClipping
 from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine
@@ -26,12 +27,18 @@ class BaseModule(UnscaledClipping, L.LightningModule):
 
     A subclass calls ``store_hparams()`` in its ``__init__`` (its constructor arguments must include
     ``batch_size``, ``base_lr``, ``lr_reference_batch``, ``warmup_epochs`` and ``min_lr``), sets
-    and implements ``param_groups()``.
+    and implements ``param_groups()``. A subclass with an attack sets ``attack_callback``, which the base puts on the
+    trainer.
     """
 
     def __init__(self, optimizer: OptimizerCallable) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
+        self.attack_callback: AdversarialTargetCallback | None = None
+
+    def configure_callbacks(self) -> list:
+        """The module's attack on the trainer (its checkpoint state, warnings and image grids), if it has one."""
+        return [] if self.attack_callback is None else [self.attack_callback]
 
     def store_hparams(self, ignore: tuple[str, ...] = (), **replaced) -> None:
         """Save the calling ``__init__``'s arguments (less ``optimizer`` and ``ignore``) as hyperparameters, with

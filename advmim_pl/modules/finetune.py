@@ -157,7 +157,6 @@ class FinetuneModule(ClassifierModule):
         nn.init.zeros_(self.head.bias)
         self.attack = instantiate_class((), attack) if isinstance(attack, dict) else attack  # dict: from hparams
         self.hparams.attack = self.attack and self.attack.config()  # load_from_checkpoint rebuilds the attack
-        self.attack_callback = None
         if self.attack is not None:
             self.attack_callback = AdversarialTargetCallback(self.attack)
             if branch_params == "norm":
@@ -176,10 +175,6 @@ class FinetuneModule(ClassifierModule):
         self.randaugment = (
             v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude) if randaugment else None
         )
-
-    def configure_callbacks(self) -> list:
-        """The attack on the trainer (its checkpoint state and warnings)."""
-        return [] if self.attack_callback is None else [self.attack_callback]
 
     # ---- the step ------------------------------------------------------------------------------------
     @property

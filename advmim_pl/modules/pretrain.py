@@ -111,7 +111,6 @@ class PretrainModule(BaseModule):
         if init_from is not None:
             self.load_weights(init_from)
         self.aux_decoder = None  # the plug-in's aux norms and decoder start as the (loaded) clean ones
-        self.attack_callback = None
         if plugin is not None:
             self.aux_decoder = plugin.build(method, self.encoder, self.decoder, copy_decoder=init_from is not None)
             self.attack_callback = AdversarialTargetCallback(plugin.attacker, plugin.log_images_every_n_steps)
@@ -135,10 +134,6 @@ class PretrainModule(BaseModule):
             for part in (self.encoder.vit.blocks, self.decoder, self.aux_decoder):
                 if part is not None:
                     part.compile()
-
-    def configure_callbacks(self) -> list:
-        """The plug-in's attack on the trainer (checkpoint state, warnings, image grids)."""
-        return [] if self.attack_callback is None else [self.attack_callback]
 
     def _mask_rng(self) -> torch.Generator:
         """The generator of training masks, on the module's device (made at the first draw): seeded from the global
