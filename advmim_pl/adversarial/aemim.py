@@ -47,7 +47,7 @@ class AEMIM:
     against the encoder's own features and adds ``aux_weight * L_aux``, the host method's loss of an auxiliary
     branch that reconstructs x_a's targets (in the host's target space: pixels, normalised patches, HOG, ...) from
     its masked version. It owns no parameters: ``PretrainModule(plugin=AEMIM(...))`` asks it for the auxiliary
-    decoder and normalisation layers, and returns an ``AdversarialTargetCallback`` for the attack's state.
+    decoder and normalisation layers, and puts an ``AdversarialTargetCallback`` for the attack's state on the trainer.
 
     Args:
         aux_weight: lambda, weight of the auxiliary reconstruction loss (ramped with the attack's warm-up).
