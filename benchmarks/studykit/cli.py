@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from provenance import REPO, device_info, git_commit
 
-from . import continuation
+from . import continuation, continuation_arms, continuation_report
 from .commands import arm_epochs, attack_log, kept_checkpoint, pretrain, time_ratio
 from .design import ARMS, CONTINUE, PIXELS, PRESETS, Preset
 from .evaluate import (
@@ -31,7 +31,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=[*PRESETS, *CONTINUE], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 .. the preset's count - 1)")
-    parser.add_argument("--arms", nargs="+", choices=[*ARMS, PIXELS], help="arms (default: the preset's)")
+    parser.add_argument(
+        "--arms", nargs="+", choices=[*ARMS, PIXELS, *continuation_arms.ARMS], help="arms (default: the preset's)"
+    )
     parser.add_argument("--rerun", action="store_true", help="run recorded (arm, seed) again; says if it reproduced")
     parser.add_argument(
         "--from-checkpoints",
@@ -57,11 +59,19 @@ def main(description: str) -> None:
     seeds = args.seeds if args.seeds is not None else list(range(preset.seeds))
     if min(seeds) < 0:
         cli.error(f"--seeds must be non-negative, got {seeds}")
-    if continuing and not args.pilot:
-        cli.error(f"--preset {args.preset}: only its --pilot runs so far; the arms follow its choice")
+    if continuing and args.from_checkpoints:
+        cli.error(f"--from-checkpoints is for study v2's presets, not --preset {args.preset}")
+    wrong = [a for a in args.arms or () if (a in continuation_arms.ARMS) != continuing]
+    if wrong:
+        cli.error(f"--arms {wrong} are not arms of --preset {args.preset}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        write_report(args.preset, read_records(args.out / f"study_{args.preset}.json"), args.out)
+        records = read_records(args.out / f"study_{args.preset}.json")
+        if continuing:
+            pilot = read_records(args.out / f"study_{args.preset}_pilot.json")
+            continuation_report.write_report(args.preset, records, pilot, args.out)
+        else:
+            write_report(args.preset, records, args.out)
         return
     commit, dirty = git_commit()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,8 +84,12 @@ def main(description: str) -> None:
     img_size = 28 if preset.configs == "cpu" else 32
     data = load_eval_data(preset, img_size, device, args.fashion_mnist_root, args.mnist_csv)
     work = args.workdir / args.preset
-    if continuing:
+    if continuing and args.pilot:
         continuation.run_pilot(args.preset, work, data, data_args, args.out, provenance)
+    elif continuing:
+        continuation_arms.run_arms(
+            args.preset, seeds, args.arms, args.rerun, work, data, data_args, args.out, provenance
+        )
     elif args.pilot:
         run_pilot(args.preset, preset, work, data_args, data, args.out, provenance)
     else:

@@ -32,6 +32,27 @@ from .report import pct
 FLOOR = "random encoder"
 CANDIDATES = ("probe", "knn", "ft1", "ft10")  # the candidate primary metrics, in the README's order
 MARGIN = 0.03  # the chosen metric's margin over the floor must exceed 3 points
+# ---- the arms (continuation_arms.py runs them, continuation_report.py reports them) ----
+BASE = "base"
+# continuation arm -> the study v2 arm whose configs it trains with (None: the base itself, no continuation)
+ARMS = {
+    BASE: None,
+    "MAE continued": "MAE",
+    "MAE+AEMIM continued": "MAE+AEMIM",
+    "MAE+sign continued": "MAE+sign",
+    "MAE continued, compute-matched": "MAE",
+}
+MATCHED = "MAE continued, compute-matched"  # trains r x E1 epochs, r = the seed's MAE+AEMIM / MAE minutes
+# the decision rule's pairs: the plug-in's continuation helps only if both intervals are above zero
+RULE = (("MAE+AEMIM continued", "MAE continued"), ("MAE+AEMIM continued", "MAE+sign continued"))
+COMPARISONS = [
+    *RULE,
+    ("MAE+AEMIM continued", MATCHED),
+    ("MAE+sign continued", "MAE continued"),
+    ("MAE continued", BASE),
+    ("MAE+AEMIM continued", BASE),
+    (BASE, FLOOR),
+]
 
 
 @dataclass(frozen=True)
@@ -46,26 +67,37 @@ class FewLabels:
 @dataclass(frozen=True)
 class ContinuePreset:
     """A size of the continuation study: the pre-training preset it shares with study v2, the pilot's E0 values,
-    the evaluation seeds, the few-label protocols and the arguments added to every fine-tune."""
+    the evaluation seeds, the few-label protocols, the arguments added to every fine-tune, the continuation recipe
+    (E1 epochs, base lr, warm-up epochs), the study v2 preset whose random-encoder and raw-pixel records are the
+    floors, and a fixed (E0, primary metric) that replaces the pilot's choice (the smoke preset's toy sizes)."""
 
     pretrain: Preset
     pilot_epochs: tuple[int, ...]
+    floors_from: str
     eval_seeds: tuple[int, ...] = (0, 1, 2)
     few_labels: dict[str, FewLabels] = field(
         default_factory=lambda: {"ft1": FewLabels(0.01, 22), "ft10": FewLabels(0.1, 2)}
     )
     finetune_extra: tuple[str, ...] = ()
+    continue_epochs: int = 1
+    continue_lr: float = 3e-4
+    continue_warmup: float = 0.1
+    fixed_choice: tuple[int, str] | None = None
 
 
 CONTINUE_PRESETS = {
-    "cpu-continue": ContinuePreset(Preset("cpu", epochs=1, time_ratio=None, seeds=3, arms=()), pilot_epochs=(4, 8, 16)),
+    "cpu-continue": ContinuePreset(
+        Preset("cpu", epochs=1, time_ratio=None, seeds=3, arms=()), pilot_epochs=(4, 8, 16), floors_from="cpu"
+    ),
     # the same machinery at toy size, for the tests
     "smoke-continue": ContinuePreset(
         Preset("cpu", epochs=1, time_ratio=None, seeds=2, arms=(), **SMOKE_SIZES),
         pilot_epochs=(1, 2),
+        floors_from="smoke",
         eval_seeds=(0, 1),
         few_labels={"ft1": FewLabels(0.2, 1), "ft10": FewLabels(0.4, 1)},
         finetune_extra=("--data.init_args.batch_size=16", "--trainer.limit_train_batches=2"),
+        fixed_choice=(1, "ft10"),
     ),
 }
 

@@ -137,9 +137,10 @@ def markdown(preset: str, records: list[dict]) -> str:
     return report_markdown(tables, f"Study v2, preset `{preset}`: does the AEMIM plug-in help?", lines)
 
 
-def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
-    """Accuracy against corruption severity (0 = clean) and against the PGD eps (0 = clean): one line per arm,
-    std over seeds as error bars, the floors dashed. Skipped where matplotlib is missing."""
+def plot(preset: str, records: list[dict], out: Path, arms: list[str] | None = None) -> list[Path]:
+    """Accuracy against corruption severity (0 = clean) and against the PGD eps (0 = clean): one line per arm of
+    ``arms`` (default: study v2's, in order), std over seeds as error bars, the floors dashed. Skipped where
+    matplotlib is missing."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -166,7 +167,7 @@ def plot(preset: str, records: list[dict], out: Path) -> list[Path]:
     paths = []
     for name, (xs, curve, xlabel) in figures.items():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for arm in arm_order(records):
+        for arm in arms or arm_order(records):
             runs = runs_of(records, arm)
             ys = torch.tensor([curve(r["metrics"]) for r in runs]) * 100
             std = ys.std(dim=0) if len(runs) > 1 else torch.zeros(len(xs))

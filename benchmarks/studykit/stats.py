@@ -57,11 +57,12 @@ def comparison(records: list[dict], metric: str, arm: str, reference: str) -> di
     return {"n": len(diffs), "mean": mean, "low": low, "high": high, "sd": sd, "mde": detectable_effect(sd, len(diffs))}
 
 
-def decide(records: list[dict], metric: str = PRIMARY) -> tuple[bool, str]:
-    """The pre-registered rule: MAE+AEMIM helps on ``metric`` only if its paired differences against MAE and
-    against the noise control (MAE+sign) both have 95% t-intervals above zero. (verdict, reason)."""
+def decide(records: list[dict], metric: str = PRIMARY, rule=RULE) -> tuple[bool, str]:
+    """The pre-registered rule: the plug-in's arm helps on ``metric`` only if its paired differences against each
+    reference of ``rule`` ((arm, reference) pairs; study v2's: MAE and the noise control MAE+sign) all have 95%
+    t-intervals above zero. (verdict, reason)."""
     reasons, helps = [], True
-    for arm, reference in RULE:
+    for arm, reference in rule:
         c = comparison(records, metric, arm, reference)
         if c is None or c["n"] < 2:
             return False, f"{arm} - {reference}: fewer than two paired seeds, no interval"

@@ -1,0 +1,159 @@
+"""The continuation study's arms: each starts from the base (MAE trained for the pilot's E0 epochs) and trains E1 more
+epochs with the continuation recipe, then is scored on the pilot's primary metric and the secondaries.
+
+The design and the decision rule are pre-registered in benchmarks/README.md ("study.py --preset cpu-continue").
+Jobs run seed by seed in the order of ``ARMS``; each is recorded in ``results/study_<preset>.json`` as it finishes.
+
+    python benchmarks/study.py --preset cpu-continue
+"""
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from advmim_pl.cli import run
+
+from .commands import attack_log, length_arguments, limit_arguments, pretrain_command
+from .continuation import (
+    ARMS,
+    BASE,
+    CONTINUE_PRESETS,
+    MATCHED,
+    ContinuePreset,
+    base_checkpoint,
+    base_name,
+    choose,
+    few_label_accuracy,
+    margins,
+    sha256,
+)
+from .continuation_report import write_report
+from .evaluate import CORRUPTION_SEEDING, EvalData, checkpoint_encoder, encoder_features, evaluate
+from .jobs import claim, locked, read_records, replace_record
+
+
+def choice(spec: ContinuePreset, pilot: list[dict]) -> tuple[int, str]:
+    """(E0, primary metric): the preset's fixed choice, or else the pilot's pre-registered one. ValueError when the
+    pilot has chosen nothing (its rule then says the arms do not run)."""
+    if spec.fixed_choice is not None:
+        return spec.fixed_choice
+    chosen = choose(margins(pilot, spec.pilot_epochs))
+    if chosen is None:
+        raise ValueError("the pilot has chosen no (E0, metric): run --pilot first; if it is complete, no arm runs")
+    return chosen["epochs"], chosen["metric"]
+
+
+def arm_jobs(spec: ContinuePreset, seeds: list[int], arms: list[str] | None = None) -> list[tuple[int, str]]:
+    """(seed, arm) jobs seed by seed in the order of ``ARMS`` (the compute-matched arm after the two it times)."""
+    return [(s, a) for s in seeds for a in ARMS if arms is None or a in arms]
+
+
+def time_ratio(records: list[dict], seed: int) -> float:
+    """MAE+AEMIM continued's pre-training minutes over MAE continued's, for ``seed``."""
+    minutes = {r["arm"]: r["minutes"]["pretrain"] for r in records if r["seed"] == seed and "pretrain" in r["minutes"]}
+    if not {"MAE continued", "MAE+AEMIM continued"} <= minutes.keys():
+        raise RuntimeError(f"seed {seed}: {MATCHED!r} needs the MAE and MAE+AEMIM continued records of seed {seed}")
+    return minutes["MAE+AEMIM continued"] / minutes["MAE continued"]
+
+
+def continue_command(spec: ContinuePreset, arm: str, seed: int, base: Path, folder: Path, epochs: float, data_args):
+    """The ``advmim fit`` argument list of one continuation: the v2 arm's configs at ``seed`` (data order, masks,
+    attack start), ``epochs`` long, from ``base``'s weights with the continuation recipe's lr and warm-up."""
+    argv = pretrain_command(spec.pretrain, ARMS[arm], seed, folder, 1, data_args)
+    argv = [a for a in argv if not a.startswith("--trainer.max_epochs=")]
+    return argv + [
+        *length_arguments(spec.pretrain, epochs),
+        f"--model.init_args.init_from={base}",
+        f"--model.init_args.base_lr={spec.continue_lr}",
+        f"--model.init_args.warmup_epochs={spec.continue_warmup}",
+    ]
+
+
+def pilot_values(pilot: list[dict], encoder: str, seed: int, checkpoint: Path | None) -> dict[str, float]:
+    """The few-label metrics the pilot recorded for ``encoder`` at evaluation ``seed`` (of the same checkpoint, by
+    its SHA-256, when ``checkpoint`` is given); empty when it has none."""
+    digest = sha256(checkpoint) if checkpoint is not None else None
+    for r in pilot:
+        if (r["arm"], r["seed"]) == (encoder, seed) and (digest is None or r.get("base_sha256") == digest):
+            return {k: v for k, v in r["metrics"].items() if k.startswith("ft")}
+    return {}
+
+
+def run_arm(spec, name, arm, seed, work, data: EvalData, data_args, records, pilot, e0) -> dict:
+    """Train (unless the base) and score one (arm, seed): its record, without provenance. The frozen-encoder
+    metrics of the base are measured at seed 0 and shared by its other seeds; its few-label fine-tunes are taken
+    from the pilot when the pilot scored the same checkpoint."""
+    folder = work / "arms" / arm.replace(" ", "_").replace(",", "") / f"seed{seed}"
+    base = base_checkpoint(spec, e0, work, data_args)
+    record = {"preset": name, "arm": arm, "seed": seed, "base_sha256": sha256(base), "epochs": 0, "minutes": {}}
+    start = time.perf_counter()
+    if arm == BASE:
+        checkpoint = base
+        metrics = pilot_values(pilot, base_name(e0), seed, base)
+        if metrics:
+            record["few_labels_from"] = "the pilot's record of this checkpoint (same SHA-256, same evaluation seed)"
+        earlier = next((r for r in records if (r["arm"], r["seed"]) == (BASE, 0)), None)
+        if seed != 0 and earlier is not None:
+            metrics |= {k: v for k, v in earlier["metrics"].items() if not k.startswith("ft")}
+            record["frozen_from"] = "seed 0 (the same encoder: these metrics have no seed of their own)"
+            record["corruption_seeding"] = earlier.get("corruption_seeding")
+            encoder = None
+        else:
+            encoder = checkpoint_encoder(base, data.test_x.device)
+    else:
+        ratio = time_ratio(records, seed) if arm == MATCHED else None
+        epochs = spec.continue_epochs * (ratio or 1)
+        cli = run(continue_command(spec, arm, seed, base, folder, epochs, data_args))
+        record["minutes"]["pretrain"] = (time.perf_counter() - start) / 60
+        record |= {
+            "epochs": epochs,
+            "steps": cli.trainer.global_step,
+            "time_ratio": ratio,
+            "attack": attack_log(cli.trainer),
+        }
+        checkpoint = folder / "continued.ckpt"
+        cli.trainer.save_checkpoint(checkpoint)
+        encoder, metrics = cli.model.encoder.eval(), {}
+    start = time.perf_counter()
+    if encoder is not None:
+        metrics |= evaluate(encoder_features(encoder), data, spec.pretrain)
+        record["corruption_seeding"] = CORRUPTION_SEEDING
+    extra = data_args + limit_arguments(spec.pretrain)
+    for protocol in spec.few_labels:
+        if protocol not in metrics:
+            metrics[protocol] = few_label_accuracy(spec, protocol, checkpoint, seed, data, folder, extra)
+    record["minutes"]["eval"] = (time.perf_counter() - start) / 60
+    return record | {"metrics": metrics}
+
+
+def run_arms(name: str, seeds, arms, rerun: bool, work: Path, data: EvalData, data_args, out: Path, provenance) -> None:
+    """Every missing (or, with ``rerun``, every) job of ``arms`` x ``seeds``, claimed one at a time; each record is
+    written, and the report rebuilt, as soon as its job is done."""
+    spec = CONTINUE_PRESETS[name]
+    pilot = read_records(out / f"study_{name}_pilot.json")
+    e0, primary = choice(spec, pilot)
+    results, lock, claims = out / f"study_{name}.json", work / "records.lock", work / "claims.json"
+    done = {(r["seed"], r["arm"]) for r in read_records(results)}
+    jobs = [j for j in arm_jobs(spec, seeds, arms) if rerun or j not in done]
+    print(f"[study {name}] E0 = {e0}, primary metric {primary}: {len(jobs)} jobs", flush=True)
+    while (job := claim(claims, lock, results, jobs, rerun)) is not None:
+        jobs.remove(job)
+        seed, arm = job
+        with locked(lock):
+            records = read_records(results)
+        record = run_arm(spec, name, arm, seed, work, data, data_args, records, pilot, e0)
+        record |= {"base_epochs": e0, "primary": primary, **provenance}
+        record["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with locked(lock):
+            records = read_records(results)
+            verdict = replace_record(records, record)
+            results.write_text(json.dumps(records, indent=1) + "\n")
+            write_report(name, records, pilot, out)
+        minutes = sum(record["minutes"].values())
+        print(
+            f"[study {name}] {arm} seed {seed}: {primary} {100 * record['metrics'][primary]:.2f}, "
+            f"{minutes:.1f} min, {verdict}",
+            flush=True,
+        )
+    print(f"[study {name}] results: {results.with_suffix('.md')}")
