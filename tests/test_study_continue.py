@@ -13,7 +13,7 @@ from advmim_pl.data.base import balanced_subset
 from tests.test_study import BENCHMARKS, run_study
 
 sys.path.insert(0, str(BENCHMARKS))  # the study package imports provenance.py from its folder
-from studykit import continuation  # noqa: E402
+from studykit import continuation, continuation_arms  # noqa: E402
 
 sys.path.remove(str(BENCHMARKS))
 
@@ -84,3 +84,80 @@ def test_the_smoke_pilot_records_every_job_and_its_choice(tmp_path):
         "[pilot" not in again
         and json.loads((tmp_path / "out" / "study_smoke-continue_pilot.json").read_text()) == records
     )
+
+
+# ---- the arms ---------------------------------------------------------------------------------------------------
+def timed(arm: str, seed: int, pretrain: float) -> dict:
+    return {"arm": arm, "seed": seed, "minutes": {"pretrain": pretrain, "eval": 1.0}, "metrics": {}}
+
+
+def test_the_compute_matched_continuation_trains_the_seeds_measured_time_ratio_in_steps(tmp_path):
+    records = [timed("MAE continued", 0, 1.0), timed("MAE+AEMIM continued", 0, 4.4), timed("MAE continued", 1, 2.0)]
+    assert continuation_arms.time_ratio(records, 0) == pytest.approx(4.4)
+    with pytest.raises(RuntimeError, match="needs the MAE and MAE\\+AEMIM continued records of seed 1"):
+        continuation_arms.time_ratio(records, 1)
+    spec = continuation.CONTINUE_PRESETS["cpu-continue"]
+    argv = continuation_arms.continue_command(spec, continuation.MATCHED, 2, tmp_path / "b.ckpt", tmp_path, 4.4, [])
+    # 234 steps of batch 256 in one epoch of 60,000 images: 4.4 epochs = 1030 steps, the cosine ending there
+    assert "--trainer.max_steps=1030" in argv and "--trainer.max_epochs=5" in argv
+    assert [a for a in argv if a.startswith("--trainer.max_epochs")] == ["--trainer.max_epochs=5"]
+    assert f"--model.init_args.init_from={tmp_path / 'b.ckpt'}" in argv and "--model.init_args.base_lr=0.0003" in argv
+    assert "--model.init_args.warmup_epochs=0.1" in argv and argv[argv.index("--seed_everything") + 1] == "2"
+    plugin = continuation_arms.continue_command(spec, "MAE+AEMIM continued", 2, tmp_path, tmp_path, 1, [])
+    assert "study/aemim.yaml" in plugin and plugin[plugin.index("--model.init_args.plugin.init_args.seed") + 1] == "2"
+    assert "--trainer.max_epochs=1" in plugin and not any(a.startswith("--trainer.max_steps") for a in plugin)
+
+
+def test_the_arms_take_the_pilots_choice_and_refuse_to_run_without_one():
+    spec = continuation.CONTINUE_PRESETS["cpu-continue"]
+    floor = [record("random encoder", s, probe=0.79, knn=0.68 + 0.01 * s, ft10=0.48 - 0.01 * s) for s in range(3)]
+    base = [record("base E0=4", 0, probe=0.80, knn=0.81, ft10=0.70)] + [
+        record("base E0=4", s, ft10=0.69) for s in (1, 2)
+    ]
+    assert continuation_arms.choice(spec, floor + base) == (4, "ft10")  # 21 points over 0.7 spreads beats kNN's 13
+    with pytest.raises(ValueError, match="the pilot has chosen no"):
+        continuation_arms.choice(spec, floor)
+    assert continuation_arms.choice(continuation.CONTINUE_PRESETS["smoke-continue"], []) == (1, "ft10")
+
+
+def test_the_base_reuses_the_pilots_fine_tunes_only_of_the_same_checkpoint(tmp_path):
+    checkpoint = tmp_path / "base.ckpt"
+    checkpoint.write_bytes(b"weights")
+    pilot = [record("base E0=4", 1, ft1=0.5, ft10=0.6, probe=0.8) | {"base_sha256": continuation.sha256(checkpoint)}]
+    assert continuation_arms.pilot_values(pilot, "base E0=4", 1, checkpoint) == {"ft1": 0.5, "ft10": 0.6}
+    assert continuation_arms.pilot_values(pilot, "base E0=4", 0, checkpoint) == {}  # another evaluation seed
+    checkpoint.write_bytes(b"other weights")
+    assert continuation_arms.pilot_values(pilot, "base E0=4", 1, checkpoint) == {}  # another base: computed again
+
+
+def test_the_smoke_arms_continue_the_base_pair_their_seeds_and_a_rerun_reproduces(tmp_path):
+    log = run_study(tmp_path, preset="smoke-continue")
+    records = json.loads((tmp_path / "out" / "study_smoke-continue.json").read_text())
+    assert [(r["seed"], r["arm"]) for r in records] == [(s, a) for s in (0, 1) for a in continuation.ARMS]
+    assert log.count(", new") == len(records)
+    by = {(r["arm"], r["seed"]): r for r in records}
+    work = tmp_path / "runs" / "smoke-continue"
+    assert {r["base_sha256"] for r in records} == {continuation.sha256(work / "base_E1.ckpt")}  # one base
+    for seed in (0, 1):
+        ratio = (
+            by["MAE+AEMIM continued", seed]["minutes"]["pretrain"] / by["MAE continued", seed]["minutes"]["pretrain"]
+        )
+        matched = by[continuation.MATCHED, seed]
+        assert matched["time_ratio"] == pytest.approx(ratio) and matched["steps"] == round(2 * ratio)  # 2 steps/epoch
+        assert by["MAE+AEMIM continued", seed]["attack"]["attack/objective_adv"] > 0
+    frozen = {k: v for k, v in by["base", 0]["metrics"].items() if not k.startswith("ft")}
+    assert frozen.items() <= by["base", 1]["metrics"].items() and len(frozen) > 60  # shared, not measured again
+    # each continuation moved the base's encoder, and the plug-in's run differs from MAE's of the same seed
+    base = torch.load(work / "base_E1.ckpt", weights_only=False)["state_dict"]
+    moved = {}
+    for arm in ("MAE continued", "MAE+AEMIM continued"):
+        state = torch.load(work / "arms" / arm.replace(" ", "_") / "seed0" / "continued.ckpt", weights_only=False)
+        moved[arm] = {k: v for k, v in state["state_dict"].items() if k in base and k.startswith("encoder")}
+        assert len(moved[arm]) > 30 and any(not torch.equal(v, base[k]) for k, v in moved[arm].items())
+    assert any(not torch.equal(v, moved["MAE continued"][k]) for k, v in moved["MAE+AEMIM continued"].items())
+    report = (tmp_path / "out" / "study_smoke-continue.md").read_text()
+    diff = [by["MAE+AEMIM continued", s]["metrics"]["ft10"] - by["MAE continued", s]["metrics"]["ft10"] for s in (0, 1)]
+    assert f"| MAE+AEMIM continued − MAE continued | 2 | {100 * sum(diff) / 2:+.2f} [" in report
+    assert "- Primary metric (ft10): MAE+AEMIM continued **" in report
+    again = run_study(tmp_path, "--rerun", "--seeds", "1", "--arms", "MAE continued", preset="smoke-continue")
+    assert "MAE continued seed 1: ft10" in again and "reproduced exactly" in again

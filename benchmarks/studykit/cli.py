@@ -22,7 +22,7 @@ from .evaluate import (
     load_eval_data,
     pixel_floor,
 )
-from .jobs import claim, locked, read_records, replace_record, todo
+from .jobs import Budget, claim, locked, read_records, replace_record, todo
 from .pilot import run_pilot
 from .report import write_report
 
@@ -85,11 +85,10 @@ def main(description: str) -> None:
     data = load_eval_data(preset, img_size, device, args.fashion_mnist_root, args.mnist_csv)
     work = args.workdir / args.preset
     if continuing and args.pilot:
-        continuation.run_pilot(args.preset, work, data, data_args, args.out, provenance)
+        continuation.run_pilot(args.preset, work, data, data_args, args.out, provenance, Budget(args.minutes))
     elif continuing:
-        continuation_arms.run_arms(
-            args.preset, seeds, args.arms, args.rerun, work, data, data_args, args.out, provenance
-        )
+        runs = continuation_arms.Runs(args.preset, work, data, data_args, args.out, provenance)
+        continuation_arms.run_arms(runs, seeds, args.arms, args.rerun, Budget(args.minutes))
     elif args.pilot:
         run_pilot(args.preset, preset, work, data_args, data, args.out, provenance)
     else:
@@ -104,10 +103,10 @@ def run_arms(args, preset: Preset, seeds: list[int], work: Path, data: EvalData,
     arms = args.arms or [PIXELS, *preset.arms]
     again = args.rerun or args.from_checkpoints
     jobs = todo(read_records(results), arms, seeds, again, () if args.arms else preset.screen)
-    begun, longest = time.perf_counter(), 0.0
+    budget = Budget(args.minutes)
     lock, claims = work / "records.lock", work / "claims.json"
     while (job := claim(claims, lock, results, jobs, again)) is not None:
-        if args.minutes and (time.perf_counter() - begun + longest) / 60 > args.minutes:
+        if not budget.allows():
             print(f"[study {args.preset}] {args.minutes} min budget: {len(jobs)} jobs left for a later run")
             break
         jobs.remove(job)
@@ -121,7 +120,7 @@ def run_arms(args, preset: Preset, seeds: list[int], work: Path, data: EvalData,
         else:
             record = run_job(args.preset, preset, arm, seed, folder, records, data, data_args, img_size)
             record |= {**provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-        longest = max(longest, 60 * sum(record["minutes"].values()))
+        budget.took(sum(record["minutes"].values()))
         with locked(lock):
             records = read_records(results)
             verdict = replace_record(records, record)

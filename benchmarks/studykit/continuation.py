@@ -99,6 +99,23 @@ CONTINUE_PRESETS = {
         finetune_extra=("--data.init_args.batch_size=16", "--trainer.limit_train_batches=2"),
         fixed_choice=(1, "ft10"),
     ),
+    # the same design at the gpu preset's size (ViT-Tiny width, 4 blocks, 32 px, bf16, batch 512): a base of 30
+    # or 50 epochs, chosen by its own pilot
+    "gpu-continue": ContinuePreset(
+        Preset("gpu", epochs=1, time_ratio=None, seeds=3, arms=(), batch_size=512),
+        pilot_epochs=(30, 50),
+        floors_from="gpu",
+    ),
+    # the gpu preset's configs at toy size, so that the CPU tests them
+    "smoke-gpu-continue": ContinuePreset(
+        Preset("gpu", epochs=1, time_ratio=None, seeds=1, arms=(), **SMOKE_SIZES),
+        pilot_epochs=(1,),
+        floors_from="smoke-gpu",
+        eval_seeds=(0,),
+        few_labels={"ft1": FewLabels(0.2, 1), "ft10": FewLabels(0.4, 1)},
+        finetune_extra=("--data.init_args.batch_size=16", "--trainer.limit_train_batches=2"),
+        fixed_choice=(1, "ft10"),
+    ),
 }
 
 
@@ -131,13 +148,13 @@ def few_label_accuracy(
     spec: ContinuePreset, protocol: str, init_from: Path | None, seed: int, data: EvalData, folder: Path, extra: list
 ) -> float:
     """Test top-1 (fraction, all test images of ``data``) of the fixed few-label fine-tune (configs/study/cpu/
-    finetune_few.yaml) of ``init_from`` (None: a random initialisation) at evaluation ``seed``."""
+    finetune_few.yaml, or the gpu preset's) of ``init_from`` (None: a random initialisation) at evaluation ``seed``."""
     few = spec.few_labels[protocol]
     logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: {protocol}}}}}"
     argv = [
         "fit",
         "-c",
-        "study/cpu/finetune_few.yaml",
+        f"study/{spec.pretrain.configs}/finetune_few.yaml",
         f"--model.init_args.init_from={init_from if init_from is not None else 'null'}",
         f"--data.init_args.label_fraction={few.fraction}",
         f"--data.init_args.label_seed={seed}",
@@ -280,18 +297,23 @@ def pilot_markdown(name: str, spec: ContinuePreset, records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_pilot(name: str, work: Path, data: EvalData, data_args: list[str], out: Path, provenance: dict) -> None:
-    """Every missing pilot job, each recorded as it finishes, the report rebuilt after each."""
+def run_pilot(name, work: Path, data: EvalData, data_args: list[str], out: Path, provenance: dict, budget) -> None:
+    """Every missing pilot job while the ``budget`` (``jobs.Budget``) allows, each recorded as it finishes, the
+    report rebuilt after each."""
     spec = CONTINUE_PRESETS[name]
     results, lock, claims = out / f"study_{name}_pilot.json", work / "records.lock", work / "claims.json"
     jobs = [j for j in pilot_jobs(spec) if (j[0], j[1]) not in {(r["seed"], r["arm"]) for r in read_records(results)}]
     while (job := claim(claims, lock, results, jobs)) is not None:
+        if not budget.allows():
+            print(f"[pilot {name}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
+            break
         jobs.remove(job)
         seed, encoder = job
         start = time.perf_counter()
         metrics, about = score(spec, encoder, seed, work, data, data_args)
         record = {"preset": name, "arm": encoder, "seed": seed, **about, "metrics": metrics}
         record |= {"minutes": (time.perf_counter() - start) / 60, **provenance}
+        budget.took(record["minutes"])
         record["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with locked(lock):
             records = read_records(results)

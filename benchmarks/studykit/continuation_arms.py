@@ -9,6 +9,7 @@ Jobs run seed by seed in the order of ``ARMS``; each is recorded in ``results/st
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .continuation import (
 )
 from .continuation_report import write_report
 from .evaluate import CORRUPTION_SEEDING, EvalData, checkpoint_encoder, encoder_features, evaluate
-from .jobs import claim, locked, read_records, replace_record
+from .jobs import Budget, claim, locked, read_records, replace_record
 
 
 def choice(spec: ContinuePreset, pilot: list[dict]) -> tuple[int, str]:
@@ -44,7 +45,7 @@ def choice(spec: ContinuePreset, pilot: list[dict]) -> tuple[int, str]:
     return chosen["epochs"], chosen["metric"]
 
 
-def arm_jobs(spec: ContinuePreset, seeds: list[int], arms: list[str] | None = None) -> list[tuple[int, str]]:
+def arm_jobs(seeds: list[int], arms: list[str] | None = None) -> list[tuple[int, str]]:
     """(seed, arm) jobs seed by seed in the order of ``ARMS`` (the compute-matched arm after the two it times)."""
     return [(s, a) for s in seeds for a in ARMS if arms is None or a in arms]
 
@@ -80,13 +81,31 @@ def pilot_values(pilot: list[dict], encoder: str, seed: int, checkpoint: Path | 
     return {}
 
 
-def run_arm(spec, name, arm, seed, work, data: EvalData, data_args, records, pilot, e0) -> dict:
+@dataclass
+class Runs:
+    """Where and on what the jobs of one preset run: its name, the work folder (checkpoints, logs, claims), the
+    evaluation data, the data arguments of every command, the results folder and the records' provenance."""
+
+    name: str
+    work: Path
+    data: EvalData
+    data_args: list[str]
+    out: Path
+    provenance: dict
+
+    @property
+    def spec(self) -> ContinuePreset:
+        return CONTINUE_PRESETS[self.name]
+
+
+def run_arm(runs: Runs, arm: str, seed: int, records: list[dict], pilot: list[dict], e0: int) -> dict:
     """Train (unless the base) and score one (arm, seed): its record, without provenance. The frozen-encoder
     metrics of the base are measured at seed 0 and shared by its other seeds; its few-label fine-tunes are taken
     from the pilot when the pilot scored the same checkpoint."""
-    folder = work / "arms" / arm.replace(" ", "_").replace(",", "") / f"seed{seed}"
-    base = base_checkpoint(spec, e0, work, data_args)
-    record = {"preset": name, "arm": arm, "seed": seed, "base_sha256": sha256(base), "epochs": 0, "minutes": {}}
+    spec, data = runs.spec, runs.data
+    folder = runs.work / "arms" / arm.replace(" ", "_").replace(",", "") / f"seed{seed}"
+    base = base_checkpoint(spec, e0, runs.work, runs.data_args)
+    record = {"preset": runs.name, "arm": arm, "seed": seed, "base_sha256": sha256(base), "epochs": 0, "minutes": {}}
     start = time.perf_counter()
     if arm == BASE:
         checkpoint = base
@@ -104,7 +123,7 @@ def run_arm(spec, name, arm, seed, work, data: EvalData, data_args, records, pil
     else:
         ratio = time_ratio(records, seed) if arm == MATCHED else None
         epochs = spec.continue_epochs * (ratio or 1)
-        cli = run(continue_command(spec, arm, seed, base, folder, epochs, data_args))
+        cli = run(continue_command(spec, arm, seed, base, folder, epochs, runs.data_args))
         record["minutes"]["pretrain"] = (time.perf_counter() - start) / 60
         record |= {
             "epochs": epochs,
@@ -119,7 +138,7 @@ def run_arm(spec, name, arm, seed, work, data: EvalData, data_args, records, pil
     if encoder is not None:
         metrics |= evaluate(encoder_features(encoder), data, spec.pretrain)
         record["corruption_seeding"] = CORRUPTION_SEEDING
-    extra = data_args + limit_arguments(spec.pretrain)
+    extra = runs.data_args + limit_arguments(spec.pretrain)
     for protocol in spec.few_labels:
         if protocol not in metrics:
             metrics[protocol] = few_label_accuracy(spec, protocol, checkpoint, seed, data, folder, extra)
@@ -127,24 +146,28 @@ def run_arm(spec, name, arm, seed, work, data: EvalData, data_args, records, pil
     return record | {"metrics": metrics}
 
 
-def run_arms(name: str, seeds, arms, rerun: bool, work: Path, data: EvalData, data_args, out: Path, provenance) -> None:
-    """Every missing (or, with ``rerun``, every) job of ``arms`` x ``seeds``, claimed one at a time; each record is
-    written, and the report rebuilt, as soon as its job is done."""
-    spec = CONTINUE_PRESETS[name]
+def run_arms(runs: Runs, seeds: list[int], arms: list[str] | None, rerun: bool, budget: Budget) -> None:
+    """Every missing (or, with ``rerun``, every) job of ``arms`` x ``seeds`` while the ``budget`` allows, claimed
+    one at a time; each record is written, and the report rebuilt, as soon as its job is done."""
+    name, out = runs.name, runs.out
     pilot = read_records(out / f"study_{name}_pilot.json")
-    e0, primary = choice(spec, pilot)
-    results, lock, claims = out / f"study_{name}.json", work / "records.lock", work / "claims.json"
+    e0, primary = choice(runs.spec, pilot)
+    results, lock, claims = out / f"study_{name}.json", runs.work / "records.lock", runs.work / "claims.json"
     done = {(r["seed"], r["arm"]) for r in read_records(results)}
-    jobs = [j for j in arm_jobs(spec, seeds, arms) if rerun or j not in done]
+    jobs = [j for j in arm_jobs(seeds, arms) if rerun or j not in done]
     print(f"[study {name}] E0 = {e0}, primary metric {primary}: {len(jobs)} jobs", flush=True)
     while (job := claim(claims, lock, results, jobs, rerun)) is not None:
+        if not budget.allows():
+            print(f"[study {name}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
+            break
         jobs.remove(job)
         seed, arm = job
         with locked(lock):
             records = read_records(results)
-        record = run_arm(spec, name, arm, seed, work, data, data_args, records, pilot, e0)
-        record |= {"base_epochs": e0, "primary": primary, **provenance}
+        record = run_arm(runs, arm, seed, records, pilot, e0)
+        record |= {"base_epochs": e0, "primary": primary, **runs.provenance}
         record["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        budget.took(sum(record["minutes"].values()))
         with locked(lock):
             records = read_records(results)
             verdict = replace_record(records, record)

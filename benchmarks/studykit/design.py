@@ -130,5 +130,10 @@ PRESETS = {
     ),
 }
 
-CONTINUE = ("cpu-continue", "smoke-continue")  # the continuation study's presets (continuation.py)
+CONTINUE = (
+    "cpu-continue",
+    "smoke-continue",
+    "gpu-continue",
+    "smoke-gpu-continue",
+)  # the continuation study's presets (continuation.py)
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -4,7 +4,9 @@ import fcntl
 import json
 import math
 import os
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .design import PIXELS
@@ -89,3 +91,19 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@dataclass
+class Budget:
+    """A time budget of ``minutes`` (None: none) from its creation: it allows no job that could end after it,
+    allowing for the longest job so far."""
+
+    minutes: float | None
+    begun: float = field(default_factory=time.perf_counter)
+    longest: float = 0.0
+
+    def allows(self) -> bool:
+        return self.minutes is None or (time.perf_counter() - self.begun) / 60 + self.longest <= self.minutes
+
+    def took(self, minutes: float) -> None:
+        self.longest = max(self.longest, minutes)
