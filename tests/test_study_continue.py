@@ -161,3 +161,15 @@ def test_the_smoke_arms_continue_the_base_pair_their_seeds_and_a_rerun_reproduce
     assert "- Primary metric (ft10): MAE+AEMIM continued **" in report
     again = run_study(tmp_path, "--rerun", "--seeds", "1", "--arms", "MAE continued", preset="smoke-continue")
     assert "MAE continued seed 1: ft10" in again and "reproduced exactly" in again
+
+
+def test_the_gpu_continuation_runs_its_configs_at_smoke_size_within_a_time_budget(tmp_path):
+    first = run_study(tmp_path, "--minutes", "0.01", preset="smoke-gpu-continue")  # the first job, then out of time
+    assert "base seed 0: ft10" in first and "min budget: 4 jobs left for a later run" in first
+    run_study(tmp_path, preset="smoke-gpu-continue")
+    records = json.loads((tmp_path / "out" / "study_smoke-gpu-continue.json").read_text())
+    assert [r["arm"] for r in records] == list(continuation.ARMS)
+    for r in records:  # the gpu preset's 32-px encoder, fine-tuned with study/gpu/finetune_few.yaml
+        assert {"ft1", "ft10", "probe", "knn", "pgd/8"} <= set(r["metrics"]) and r["base_epochs"] == 1
+    base = torch.load(tmp_path / "runs" / "smoke-gpu-continue" / "base_E1.ckpt", weights_only=False)
+    assert base["hyper_parameters"]["img_size"] == 32 and base["state_dict"]["encoder.vit.pos_embed"].shape[-1] == 192
