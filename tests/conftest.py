@@ -1,8 +1,11 @@
 """Shared fixtures: micro ViTs (depth 2, width 64) on 32-px single-channel images, patch 4."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
+from filelock import FileLock
 
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.models.vit import MaskedViT
@@ -11,9 +14,11 @@ from tests.helpers.micro import MICRO_ENCODER, MICRO_VIT, SAMPLE, bundled_sample
 
 
 def pytest_configure(config):
-    # micro models: intra-op threads only add overhead, and with other jobs on the two cores
-    # OpenMP spin-waiting makes small backward passes ~100x slower
+    # micro models: intra-op threads only add overhead, and with other jobs on the two cores (the README's
+    # `-n 2` runs two test processes) OpenMP spin-waiting makes small backward passes ~100x slower. The
+    # environment variable gives the same to the processes the tests start (CLI runs, the study, notebooks).
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture
@@ -42,18 +47,26 @@ def images():
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory) -> dict[str, str]:
     """Checkpoints of micro encoders pre-trained for 400 steps (~6 epochs) on the bundled sample, seed 0: MAE and
-    SimMIM (learned positions, as SimMIM). Trained once per session for every test that needs a trained encoder."""
-    data, folder = bundled_sample(), tmp_path_factory.mktemp("pretrained")
-    paths = {}
-    for name, method in (
-        ("mae", MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4)),
-        ("simmim", SimMIM(mask_patch_size=8)),
-    ):
-        L.seed_everything(0)
-        module = PretrainModule(method=method, **SAMPLE, sincos_pos_embed=name == "mae", batch_size=64, base_lr=3e-3,
-                                warmup_epochs=1)  # fmt: skip
-        t = trainer(400, limit_val_batches=0)
-        t.fit(module, datamodule=data)
-        t.save_checkpoint(folder / f"{name}.ckpt")
-        paths[name] = str(folder / f"{name}.ckpt")
+    SimMIM (learned positions, as SimMIM). Trained once per test run for every test that needs a trained encoder:
+    the first pytest-xdist worker to ask trains them in the run's shared temporary folder, under a file lock."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder all workers of this run share
+    folder = shared / "pretrained"
+    folder.mkdir(exist_ok=True)
+    paths = {name: str(folder / f"{name}.ckpt") for name in ("mae", "simmim")}
+    with FileLock(str(folder / "train.lock")):
+        if all(os.path.exists(p) for p in paths.values()):
+            return paths
+        data = bundled_sample()
+        for name, method in (
+            ("mae", MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4)),
+            ("simmim", SimMIM(mask_patch_size=8)),
+        ):
+            L.seed_everything(0)
+            module = PretrainModule(method=method, **SAMPLE, sincos_pos_embed=name == "mae", batch_size=64,
+                                    base_lr=3e-3, warmup_epochs=1)  # fmt: skip
+            t = trainer(400, limit_val_batches=0)
+            t.fit(module, datamodule=data)
+            t.save_checkpoint(paths[name])
     return paths

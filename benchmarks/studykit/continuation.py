@@ -24,7 +24,7 @@ from advmim_pl.cli import run
 from advmim_pl.report import ReportTable
 
 from .commands import limit_arguments, pretrain
-from .design import QUIET, SMOKE_SIZES, Preset
+from .design import QUIET, SMOKE_GPU_SIZES, SMOKE_SIZES, Preset
 from .evaluate import EvalData, accuracy, checkpoint_encoder, encoder_features, evaluate
 from .jobs import claim, locked, read_records, replace_record
 from .report import pct
@@ -108,12 +108,16 @@ CONTINUE_PRESETS = {
     ),
     # the gpu preset's configs at toy size, so that the CPU tests them
     "smoke-gpu-continue": ContinuePreset(
-        Preset("gpu", epochs=1, time_ratio=None, seeds=1, arms=(), **SMOKE_SIZES),
+        Preset("gpu", epochs=1, time_ratio=None, seeds=1, arms=(), **SMOKE_GPU_SIZES),
         pilot_epochs=(1,),
         floors_from="smoke-gpu",
         eval_seeds=(0,),
         few_labels={"ft1": FewLabels(0.2, 1), "ft10": FewLabels(0.4, 1)},
-        finetune_extra=("--data.init_args.batch_size=16", "--trainer.limit_train_batches=2"),
+        finetune_extra=(
+            "--data.init_args.batch_size=16",
+            "--trainer.limit_train_batches=2",
+            "--trainer.precision=32-true",
+        ),
         fixed_choice=(1, "ft10"),
     ),
 }

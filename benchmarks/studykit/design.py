@@ -94,6 +94,9 @@ SMOKE_SIZES = dict(
     limit_mnist=400,
     extra=("--trainer.limit_train_batches=2", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1"),
 )
+# the same for the gpu configs, in fp32: bf16 autocast makes each step several times slower on a CPU without bf16
+# units, and the smoke runs test the configs and the job list, not the precision
+SMOKE_GPU_SIZES = SMOKE_SIZES | dict(extra=(*SMOKE_SIZES["extra"], "--trainer.precision=32-true"))
 
 PRESETS = {
     # E and the time ratio were fixed by the pilot (benchmarks/results/study_pilot.md)
@@ -126,7 +129,7 @@ PRESETS = {
         seeds=1,
         arms=("MAE", "MAE+AEMIM", "MAE compute-matched", "SimMIM", "SimMIM+AEMIM"),
         screen=("MAE+AEMIM eps 8",),
-        **SMOKE_SIZES,
+        **SMOKE_GPU_SIZES,
     ),
 }
 
