@@ -1,10 +1,10 @@
 """The study's command line (``benchmarks/study.py``): the arms' jobs, the pilots and the report."""
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from .evaluate import (
     load_eval_data,
     pixel_floor,
 )
-from .jobs import Budget, claim, locked, read_records, replace_record, todo
+from .jobs import Budget, read_records, run_jobs, todo
 from .pilot import run_pilot
 from .report import write_report
 
@@ -103,35 +103,20 @@ def run_arms(args, preset: Preset, seeds: list[int], work: Path, data: EvalData,
     arms = args.arms or [PIXELS, *preset.arms]
     again = args.rerun or args.from_checkpoints
     jobs = todo(read_records(results), arms, seeds, again, () if args.arms else preset.screen)
-    budget = Budget(args.minutes)
-    lock, claims = work / "records.lock", work / "claims.json"
-    while (job := claim(claims, lock, results, jobs, again)) is not None:
-        if not budget.allows():
-            print(f"[study {args.preset}] {args.minutes} min budget: {len(jobs)} jobs left for a later run")
-            break
-        jobs.remove(job)
-        seed, arm = job
+
+    def job(seed: int, arm: str, records: list[dict]) -> dict:
         folder = work / arm.replace(" ", "_") / f"seed{seed}"
-        with locked(lock):
-            records = read_records(results)
-        earlier = next((r for r in records if (r["seed"], r["arm"]) == job), None)
+        earlier = next((r for r in records if (r["seed"], r["arm"]) == (seed, arm)), None)
         if args.from_checkpoints and earlier and earlier.get("epochs"):
-            record = reevaluate(earlier, kept_checkpoint(folder, earlier, preset), data, preset, provenance)
-        else:
-            record = run_job(args.preset, preset, arm, seed, folder, records, data, data_args, img_size)
-            record |= {**provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-        budget.took(sum(record["minutes"].values()))
-        with locked(lock):
-            records = read_records(results)
-            verdict = replace_record(records, record)
-            results.write_text(json.dumps(records, indent=1) + "\n")
-            write_report(args.preset, records, args.out)
-        print(
-            f"[study {args.preset}] {arm} seed {seed}: probe {100 * record['metrics']['probe']:.2f}, "
-            f"{sum(record['minutes'].values()):.1f} min, {verdict}",
-            flush=True,
-        )
-    print(f"[study {args.preset}] results: {results.with_suffix('.md')}")
+            return reevaluate(earlier, kept_checkpoint(folder, earlier, preset), data, preset, provenance)
+        record = run_job(args.preset, preset, arm, seed, folder, records, data, data_args, img_size)
+        return record | {**provenance, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    def headline(record: dict) -> str:
+        return f"probe {100 * record['metrics']['probe']:.2f}"
+
+    report = partial(write_report, args.preset, out=args.out)
+    run_jobs(f"study {args.preset}", jobs, work, results, again, Budget(args.minutes), job, report, headline)
 
 
 def run_job(name: str, preset: Preset, arm: str, seed: int, folder: Path, records, data, data_args, img_size) -> dict:

@@ -7,10 +7,10 @@ Jobs run seed by seed in the order of ``ARMS``; each is recorded in ``results/st
     python benchmarks/study.py --preset cpu-continue
 """
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from advmim_pl.cli import run
@@ -31,7 +31,7 @@ from .continuation import (
 )
 from .continuation_report import write_report
 from .evaluate import CORRUPTION_SEEDING, EvalData, checkpoint_encoder, encoder_features, evaluate
-from .jobs import Budget, claim, locked, read_records, replace_record
+from .jobs import Budget, read_records, run_jobs
 
 
 def choice(spec: ContinuePreset, pilot: list[dict]) -> tuple[int, str]:
@@ -152,31 +152,18 @@ def run_arms(runs: Runs, seeds: list[int], arms: list[str] | None, rerun: bool, 
     name, out = runs.name, runs.out
     pilot = read_records(out / f"study_{name}_pilot.json")
     e0, primary = choice(runs.spec, pilot)
-    results, lock, claims = out / f"study_{name}.json", runs.work / "records.lock", runs.work / "claims.json"
+    results = out / f"study_{name}.json"
     done = {(r["seed"], r["arm"]) for r in read_records(results)}
     jobs = [j for j in arm_jobs(seeds, arms) if rerun or j not in done]
     print(f"[study {name}] E0 = {e0}, primary metric {primary}: {len(jobs)} jobs", flush=True)
-    while (job := claim(claims, lock, results, jobs, rerun)) is not None:
-        if not budget.allows():
-            print(f"[study {name}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
-            break
-        jobs.remove(job)
-        seed, arm = job
-        with locked(lock):
-            records = read_records(results)
+
+    def job(seed: int, arm: str, records: list[dict]) -> dict:
         record = run_arm(runs, arm, seed, records, pilot, e0)
-        record |= {"base_epochs": e0, "primary": primary, **runs.provenance}
-        record["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        budget.took(sum(record["minutes"].values()))
-        with locked(lock):
-            records = read_records(results)
-            verdict = replace_record(records, record)
-            results.write_text(json.dumps(records, indent=1) + "\n")
-            write_report(name, records, pilot, out)
-        minutes = sum(record["minutes"].values())
-        print(
-            f"[study {name}] {arm} seed {seed}: {primary} {100 * record['metrics'][primary]:.2f}, "
-            f"{minutes:.1f} min, {verdict}",
-            flush=True,
-        )
-    print(f"[study {name}] results: {results.with_suffix('.md')}")
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return record | {"base_epochs": e0, "primary": primary, **runs.provenance, "date": date}
+
+    def headline(record: dict) -> str:
+        return f"{primary} {100 * record['metrics'][primary]:.2f}"
+
+    report = partial(write_report, name, pilot=pilot, out=out)
+    run_jobs(f"study {name}", jobs, runs.work, results, rerun, budget, job, report, headline)

@@ -107,3 +107,31 @@ class Budget:
 
     def took(self, minutes: float) -> None:
         self.longest = max(self.longest, minutes)
+
+
+def run_jobs(label: str, jobs: list[tuple[int, str]], work: Path, results: Path, again: bool, budget: Budget, job,
+             report, headline) -> None:  # fmt: skip
+    """Run ``jobs`` ((seed, arm) pairs) one at a time while the ``budget`` allows, each claimed across processes
+    (``claim``; recorded ones too when ``again``). ``job(seed, arm, records)`` runs one and returns its record (its
+    ``minutes`` a dict of phases); the record replaces an earlier one in ``results`` and ``report(records)``
+    rebuilds the report, both under the lock, before the next job starts; ``headline(record)`` is printed with how
+    it compares to an earlier run of the job."""
+    lock, claims = work / "records.lock", work / "claims.json"
+    while (claimed := claim(claims, lock, results, jobs, again)) is not None:
+        if not budget.allows():
+            print(f"[{label}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
+            break
+        jobs.remove(claimed)
+        seed, arm = claimed
+        with locked(lock):
+            records = read_records(results)
+        record = job(seed, arm, records)
+        minutes = sum(record["minutes"].values())
+        budget.took(minutes)
+        with locked(lock):
+            records = read_records(results)
+            verdict = replace_record(records, record)
+            results.write_text(json.dumps(records, indent=1) + "\n")
+            report(records)
+        print(f"[{label}] {arm} seed {seed}: {headline(record)}, {minutes:.1f} min, {verdict}", flush=True)
+    print(f"[{label}] results: {results.with_suffix('.md')}")
