@@ -124,10 +124,12 @@ def test_the_base_reuses_the_pilots_fine_tunes_only_of_the_same_checkpoint(tmp_p
     checkpoint = tmp_path / "base.ckpt"
     checkpoint.write_bytes(b"weights")
     pilot = [record("base E0=4", 1, ft1=0.5, ft10=0.6, probe=0.8) | {"base_sha256": continuation.sha256(checkpoint)}]
-    assert continuation_arms.pilot_values(pilot, "base E0=4", 1, checkpoint) == {"ft1": 0.5, "ft10": 0.6}
-    assert continuation_arms.pilot_values(pilot, "base E0=4", 0, checkpoint) == {}  # another evaluation seed
+    digest = continuation.sha256(checkpoint)
+    assert continuation_arms.pilot_values(pilot, "base E0=4", 1, digest) == {"ft1": 0.5, "ft10": 0.6}
+    assert continuation_arms.pilot_values(pilot, "base E0=4", 0, digest) == {}  # another evaluation seed
     checkpoint.write_bytes(b"other weights")
-    assert continuation_arms.pilot_values(pilot, "base E0=4", 1, checkpoint) == {}  # another base: computed again
+    other = continuation.sha256(checkpoint)
+    assert continuation_arms.pilot_values(pilot, "base E0=4", 1, other) == {}  # another base: computed again
 
 
 def test_the_smoke_arms_continue_the_base_pair_their_seeds_and_a_rerun_reproduces(tmp_path):

@@ -71,12 +71,11 @@ def continue_command(spec: ContinuePreset, arm: str, seed: int, base: Path, fold
     ]
 
 
-def pilot_values(pilot: list[dict], encoder: str, seed: int, checkpoint: Path | None) -> dict[str, float]:
-    """The few-label metrics the pilot recorded for ``encoder`` at evaluation ``seed`` (of the same checkpoint, by
-    its SHA-256, when ``checkpoint`` is given); empty when it has none."""
-    digest = sha256(checkpoint) if checkpoint is not None else None
+def pilot_values(pilot: list[dict], encoder: str, seed: int, digest: str) -> dict[str, float]:
+    """The few-label metrics the pilot recorded for ``encoder`` at evaluation ``seed`` from the checkpoint whose
+    SHA-256 is ``digest``; empty when it has none."""
     for r in pilot:
-        if (r["arm"], r["seed"]) == (encoder, seed) and (digest is None or r.get("base_sha256") == digest):
+        if (r["arm"], r["seed"]) == (encoder, seed) and r.get("base_sha256") == digest:
             return {k: v for k, v in r["metrics"].items() if k.startswith("ft")}
     return {}
 
@@ -109,7 +108,7 @@ def run_arm(runs: Runs, arm: str, seed: int, records: list[dict], pilot: list[di
     start = time.perf_counter()
     if arm == BASE:
         checkpoint = base
-        metrics = pilot_values(pilot, base_name(e0), seed, base)
+        metrics = pilot_values(pilot, base_name(e0), seed, record["base_sha256"])
         if metrics:
             record["few_labels_from"] = "the pilot's record of this checkpoint (same SHA-256, same evaluation seed)"
         earlier = next((r for r in records if (r["arm"], r["seed"]) == (BASE, 0)), None)
