@@ -85,6 +85,13 @@ def claim(
         return None
 
 
+def release(claims: Path, job: tuple[int, str]) -> None:
+    """Drop this process's claim of ``job`` (seed, arm), once its record is written; call under the lock."""
+    held = json.loads(claims.read_text())
+    held.pop(f"{job[0]}/{job[1]}", None)
+    claims.write_text(json.dumps(held))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,10 +124,8 @@ def run_jobs(label: str, jobs: list[tuple[int, str]], work: Path, results: Path,
     rebuilds the report, both under the lock, before the next job starts; ``headline(record)`` is printed with how
     it compares to an earlier run of the job."""
     lock, claims = work / "records.lock", work / "claims.json"
-    while (claimed := claim(claims, lock, results, jobs, again)) is not None:
-        if not budget.allows():
-            print(f"[{label}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
-            break
+    # the budget is asked first: a job claimed and then not run would stay claimed while this process lives
+    while budget.allows() and (claimed := claim(claims, lock, results, jobs, again)) is not None:
         jobs.remove(claimed)
         seed, arm = claimed
         with locked(lock):
@@ -132,6 +137,9 @@ def run_jobs(label: str, jobs: list[tuple[int, str]], work: Path, results: Path,
             records = read_records(results)
             verdict = replace_record(records, record)
             results.write_text(json.dumps(records, indent=1) + "\n")
+            release(claims, claimed)
             report(records)
         print(f"[{label}] {arm} seed {seed}: {headline(record)}, {minutes:.1f} min, {verdict}", flush=True)
+    if not budget.allows():
+        print(f"[{label}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
     print(f"[{label}] results: {results.with_suffix('.md')}")
