@@ -1,12 +1,15 @@
 """benchmarks/study.py and its package studykit: the bookkeeping (paired differences, t-intervals, the decision
 rule, records and job claims), the configs of every arm, and the whole study at smoke size through its command line."""
 
+import contextlib
+import io
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from tests.helpers.config_tools import assert_contains, printed_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the study package imports provenance.py from its folder
+from studykit import cli as study_cli  # noqa: E402
 from studykit import commands, design, jobs, pilot, report, stats  # noqa: E402
 
 sys.path.remove(str(BENCHMARKS))
@@ -215,6 +219,10 @@ def test_jobs_are_seed_major_skip_recorded_ones_and_claims_of_live_processes(tmp
     claims.write_text(json.dumps({"1/MAE": dead.pid}))
     assert jobs.claim(claims, lock, records_file, [(1, "MAE")]) is None
     assert jobs.claim(claims, lock, records_file, [(1, "MAE")], rerun=True) == (1, "MAE")
+    # a finished job's claim is dropped: the same process can rerun it (a claim lasts while its job runs)
+    jobs.release(claims, (1, "MAE"))
+    assert "1/MAE" not in json.loads(claims.read_text())
+    assert jobs.claim(claims, lock, records_file, [(1, "MAE")], rerun=True) == (1, "MAE")
 
 
 def test_the_report_states_the_decision_and_one_table_width_per_table():
@@ -228,13 +236,17 @@ def test_the_report_states_the_decision_and_one_table_width_per_table():
 
 # ---- end to end --------------------------------------------------------------------------------------
 def run_study(tmp_path: Path, *args: str, preset: str = "smoke") -> str:
-    command = [sys.executable, str(BENCHMARKS / "study.py"), "--preset", preset, "--out", str(tmp_path / "out"),
-               "--workdir", str(tmp_path / "runs"), *args]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    """``python benchmarks/study.py --preset <preset> <args>`` run in ``tmp_path``, in this process (a new
+    interpreter would spend ~10 s importing torch and Lightning for every call); what it prints."""
+    argv = [str(BENCHMARKS / "study.py"), "--preset", preset, "--out", str(tmp_path / "out"),
+            "--workdir", str(tmp_path / "runs"), *args]  # fmt: skip
+    printed = io.StringIO()
+    with mock.patch.object(sys, "argv", argv), contextlib.chdir(tmp_path), contextlib.redirect_stdout(printed):
+        study_cli.main("study.py")
+    return printed.getvalue()
 
 
+@pytest.mark.long
 def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path):
     smoke = design.PRESETS["smoke"]
     log = run_study(tmp_path)
@@ -283,6 +295,7 @@ def test_the_smoke_study_runs_every_arm_and_seed_and_a_rerun_reproduces(tmp_path
         assert after[job]["minutes"]["pretrain"] == before[job]["minutes"]["pretrain"]
 
 
+@pytest.mark.long
 def test_the_smoke_pilot_records_both_encoders_and_the_time_ratio(tmp_path):
     run_study(tmp_path, "--pilot")
     outcome = json.loads((tmp_path / "out" / "study_pilot.json").read_text())
@@ -292,6 +305,7 @@ def test_the_smoke_pilot_records_both_encoders_and_the_time_ratio(tmp_path):
     assert outcome["chosen_epochs"] == pilot.choose_epochs(outcome, outcome["budget_epochs"])
 
 
+@pytest.mark.long
 def test_the_gpu_configs_run_at_smoke_size_within_a_time_budget(tmp_path):
     log = run_study(tmp_path, "--minutes", "0.01", preset="smoke-gpu")  # the first job, then out of time
     assert "jobs left for a later run" in log
