@@ -21,6 +21,12 @@ def pytest_configure(config):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(items):
+    """The notebooks, then the tests marked ``long``, then the rest, each group in collection order: started
+    first, the long runs share the two ``-n 2`` workers instead of ending the run alone in one of them."""
+    items.sort(key=lambda item: 0 if item.path.suffix == ".ipynb" else 1 if item.get_closest_marker("long") else 2)
+
+
 @pytest.fixture
 def micro_encoder():
     """Factory: ``micro_encoder(**overrides)`` -> a micro ``MaskedViT`` (seeded, fp32)."""

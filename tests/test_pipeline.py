@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from advmim_pl.cli import run
@@ -12,6 +13,7 @@ from tests.helpers.micro import MICRO_FLAGS
 MICRO_RUN = [*MICRO_FLAGS, "--data.init_args.num_workers", "0"]  # the micro encoder, data read in this process
 
 
+@pytest.mark.long
 def test_pretrain_probe_and_robustness_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     decoder = [

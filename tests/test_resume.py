@@ -49,6 +49,7 @@ def losses(run: Path) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars("train/loss")}
 
 
+@pytest.mark.long
 def test_a_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()

@@ -62,6 +62,7 @@ def test_the_choice_takes_the_smallest_e0_then_the_metric_with_the_largest_margi
     assert continuation.choose([r for r in rows if r["epochs"] == 4 and r["metric"] == "probe"]) is None
 
 
+@pytest.mark.long
 def test_the_smoke_pilot_records_every_job_and_its_choice(tmp_path):
     spec = continuation.CONTINUE_PRESETS["smoke-continue"]
     log = run_study(tmp_path, "--pilot", preset="smoke-continue")
@@ -132,6 +133,7 @@ def test_the_base_reuses_the_pilots_fine_tunes_only_of_the_same_checkpoint(tmp_p
     assert continuation_arms.pilot_values(pilot, "base E0=4", 1, other) == {}  # another base: computed again
 
 
+@pytest.mark.long
 def test_the_smoke_arms_continue_the_base_pair_their_seeds_and_a_rerun_reproduces(tmp_path):
     log = run_study(tmp_path, preset="smoke-continue")
     records = json.loads((tmp_path / "out" / "study_smoke-continue.json").read_text())
@@ -165,6 +167,7 @@ def test_the_smoke_arms_continue_the_base_pair_their_seeds_and_a_rerun_reproduce
     assert "MAE continued seed 1: ft10" in again and "reproduced exactly" in again
 
 
+@pytest.mark.long
 def test_the_gpu_continuation_runs_its_configs_at_smoke_size_within_a_time_budget(tmp_path):
     first = run_study(tmp_path, "--minutes", "0.01", preset="smoke-gpu-continue")  # the first job, then out of time
     assert "base seed 0: ft10" in first and "min budget: 4 jobs left for a later run" in first

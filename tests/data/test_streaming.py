@@ -72,6 +72,7 @@ def test_prepare_writes_every_file_and_its_label(folders):
     assert meta["version"] == VERSION and meta["classes"] == ["class0", "class1", "class2"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_epoch_reads_every_sample_once_in_full_uint8_batches(folders, workers):
     dm = module(folders[1], num_workers=workers)
@@ -121,6 +122,7 @@ def fit(shards, root: Path, workers: int, ckpt_path=None) -> list[torch.Tensor]:
     "workers, checkpoints",
     [(0, ["step/step=4", "step/step=9", "epoch/step=9", "step/step=13"]), (2, ["step/step=6", "epoch/step=9"])],
 )
+@pytest.mark.long
 def test_a_resumed_run_trains_on_the_uninterrupted_runs_batches(folders, tmp_path, workers, checkpoints):
     """Resumed mid-epoch (steps 4, 6, 13) and after an epoch's last batch (step 9, saved at the batch's end and at
     the epoch's end): the remaining batches are the uninterrupted run's, pixel for pixel."""

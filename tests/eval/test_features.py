@@ -76,6 +76,7 @@ def test_knn_agrees_with_scikit_learn(sample, name):
     assert (ours == theirs).mean() >= 0.995  # the same rule, up to float rounding of near-ties
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", ["token", "pixels"])
 def test_logistic_regression_agrees_with_scikit_learn_at_the_chosen_c(sample, name):
     train, test = sample

@@ -130,6 +130,7 @@ def test_a_large_pgd_budget_warns_with_the_usual_ones():
         RobustnessEvaluator(pgd_eps=[0.2])
 
 
+@pytest.mark.long
 def test_floors_are_scored_like_the_model_without_changing_its_numbers(probe, tmp_path):
     data = BundledSampleDataModule(img_size=32, channels=1, batch_size=64, num_workers=0)  # the probe's batch_size
     settings = dict(
