@@ -324,5 +324,5 @@ def run_pilot(name, work: Path, data: EvalData, data_args: list[str], out: Path,
             (out / f"study_{name}_pilot.md").write_text(pilot_markdown(name, spec, records))
         shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k in CANDIDATES)
         print(f"[pilot {name}] {encoder} seed {seed}: {shown}, {record['minutes']:.1f} min", flush=True)
-    if not budget.allows():
+    if jobs and not budget.allows():  # stopped by the budget, not by running out of jobs
         print(f"[pilot {name}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")

@@ -140,6 +140,6 @@ def run_jobs(label: str, jobs: list[tuple[int, str]], work: Path, results: Path,
             release(claims, claimed)
             report(records)
         print(f"[{label}] {arm} seed {seed}: {headline(record)}, {minutes:.1f} min, {verdict}", flush=True)
-    if not budget.allows():
+    if jobs and not budget.allows():  # stopped by the budget, not by running out of jobs
         print(f"[{label}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
     print(f"[{label}] results: {results.with_suffix('.md')}")
