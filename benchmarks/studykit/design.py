@@ -86,7 +86,7 @@ class Preset:
 MAE_ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+AEMIM same", "MAE+sign", "MAE compute-matched")
 # the smoke presets' sizes: seconds per arm on a CPU
 SMOKE_SIZES = dict(
-    robust_images=20,
+    robust_images=8,
     mnist_folds=2,
     eval_batch=100,
     limit_train=300,
