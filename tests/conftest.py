@@ -22,9 +22,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The notebooks, then the tests marked ``long``, then the rest, each group in collection order: started
-    first, the long runs share the two ``-n 2`` workers instead of ending the run alone in one of them."""
-    items.sort(key=lambda item: 0 if item.path.suffix == ".ipynb" else 1 if item.get_closest_marker("long") else 2)
+    """The notebooks, then the tests of the ``pretrained`` encoders, then the tests marked ``long``, then the rest,
+    each group in collection order. Started first, the long runs share the two ``-n 2`` workers instead of ending
+    the run alone in one of them; and the encoders are trained by the worker that does not run the notebooks,
+    before the other one asks for them (asked by both at once, one worker waited ~45 s on the file lock)."""
+
+    def group(item) -> int:
+        if item.path.suffix == ".ipynb":
+            return 0
+        return 1 if "pretrained" in item.fixturenames else 2 if item.get_closest_marker("long") else 3
+
+    items.sort(key=group)
 
 
 @pytest.fixture

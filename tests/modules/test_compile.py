@@ -54,6 +54,7 @@ def fit(method: str, compile: bool) -> Record:
     return record
 
 
+@pytest.mark.long  # Inductor compiles C++ kernels: ~95 s for the first method on a machine without a kernel cache
 @pytest.mark.parametrize("method", ["mae", "simmim"])
 def test_compiled_step_agrees_with_eager_and_does_not_recompile(method):
     eager, compiled = fit(method, False), fit(method, True)
