@@ -311,7 +311,7 @@ def test_the_gpu_configs_run_at_smoke_size_within_a_time_budget(tmp_path):
     assert "jobs left for a later run" in log
     results = tmp_path / "out" / "study_smoke-gpu.json"
     assert [r["arm"] for r in json.loads(results.read_text())] == [design.PIXELS]
-    run_study(tmp_path, preset="smoke-gpu")  # the rest: SimMIM arms, the compute-matched MAE and a screen arm
+    run_study(tmp_path, preset="smoke-gpu")  # the rest: SimMIM+AEMIM, the compute-matched MAE and a screen arm
     records = {r["arm"]: r for r in json.loads(results.read_text())}
     assert list(records) == [design.PIXELS, *design.PRESETS["smoke-gpu"].arms, "MAE+AEMIM eps 8"]
     ratio = records["MAE+AEMIM"]["minutes"]["pretrain"] / records["MAE"]["minutes"]["pretrain"]
