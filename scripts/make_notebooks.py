@@ -130,11 +130,9 @@ EVALUATE = [
     new_code_cell(
         "if CHECKPOINT is None:\n"
         "    pretrain = run(['fit', '-c', 'quickstart_adv.yaml', '--trainer.max_epochs', '1',\n"
-        "                    '--trainer.limit_train_batches', '10', *QUIET])  # short: the tools, not the method\n"
+        "                    '--trainer.limit_train_batches', '10',  # short: the tools, not the method\n"
+        "                    '--trainer.limit_val_batches', '0', *QUIET])  # step 1 scores it below\n"
         "    CHECKPOINT = pretrain.trainer.checkpoint_callback.last_model_path\n"
-        "    logged = pretrain.trainer.callback_metrics  # the online kNN monitor of the quickstart configs\n"
-        "    print(f\"online kNN top-1 after 10 steps: {100 * float(logged['val/knn_top1']):.1f}% (clean branch), \"\n"
-        "          f\"{100 * float(logged['val/knn_top1_aux']):.1f}% (auxiliary branch)\")\n"
         "features = run(['test', '-c', 'eval/quickstart_features.yaml', '--model.init_args.init_from', CHECKPOINT,\n"
         "                '--model.init_args.logreg_c', '[0.01, 1, 100]', '--model.init_args.pixel_size', '16',\n"
         "                '--data.init_args.label_fraction', '0.25', *QUIET])  # 1,000 training images\n"
