@@ -10,7 +10,6 @@ logistic-regression probe, kNN, and fine-tuning with 1% and 10% of the labels). 
 """
 
 import hashlib
-import json
 import math
 import statistics
 import time
@@ -26,7 +25,7 @@ from advmim_pl.report import ReportTable
 from .commands import limit_arguments, pretrain
 from .design import QUIET, SMOKE_GPU_SIZES, SMOKE_SIZES, Preset
 from .evaluate import EvalData, accuracy, checkpoint_encoder, encoder_features, evaluate
-from .jobs import claim, locked, read_records, release, replace_record
+from .jobs import claim, read_records, save, say_what_is_left
 from .report import pct
 
 FLOOR = "random encoder"
@@ -307,6 +306,7 @@ def run_pilot(name, work: Path, data: EvalData, data_args: list[str], out: Path,
     spec = CONTINUE_PRESETS[name]
     results, lock, claims = out / f"study_{name}_pilot.json", work / "records.lock", work / "claims.json"
     jobs = [j for j in pilot_jobs(spec) if (j[0], j[1]) not in {(r["seed"], r["arm"]) for r in read_records(results)}]
+    report = lambda records: (out / f"study_{name}_pilot.md").write_text(pilot_markdown(name, spec, records))
     while budget.allows() and (job := claim(claims, lock, results, jobs)) is not None:  # budget first, as run_jobs
         jobs.remove(job)
         seed, encoder = job
@@ -316,13 +316,7 @@ def run_pilot(name, work: Path, data: EvalData, data_args: list[str], out: Path,
         record |= {"minutes": (time.perf_counter() - start) / 60, **provenance}
         budget.took(record["minutes"])
         record["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with locked(lock):
-            records = read_records(results)
-            replace_record(records, record)
-            results.write_text(json.dumps(records, indent=1) + "\n")
-            release(claims, job)
-            (out / f"study_{name}_pilot.md").write_text(pilot_markdown(name, spec, records))
+        save(results, lock, claims, job, record, report)
         shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k in CANDIDATES)
         print(f"[pilot {name}] {encoder} seed {seed}: {shown}, {record['minutes']:.1f} min", flush=True)
-    if jobs and not budget.allows():  # stopped by the budget, not by running out of jobs
-        print(f"[pilot {name}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
+    say_what_is_left(f"pilot {name}", jobs, budget)

@@ -92,6 +92,18 @@ def release(claims: Path, job: tuple[int, str]) -> None:
     claims.write_text(json.dumps(held))
 
 
+def save(results: Path, lock: Path, claims: Path, job: tuple[int, str], record: dict, report) -> str:
+    """Under the lock: ``record`` written into ``results`` (replacing an earlier run of ``job``), the job's claim
+    dropped and ``report(records)`` rebuilt. Returns ``replace_record``'s verdict."""
+    with locked(lock):
+        records = read_records(results)
+        verdict = replace_record(records, record)
+        results.write_text(json.dumps(records, indent=1) + "\n")
+        release(claims, job)
+        report(records)
+    return verdict
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -116,6 +128,12 @@ class Budget:
         self.longest = max(self.longest, minutes)
 
 
+def say_what_is_left(label: str, jobs: list[tuple[int, str]], budget: Budget) -> None:
+    """The line that says how many ``jobs`` are left, when the ``budget`` stopped the run before they ran out."""
+    if jobs and not budget.allows():
+        print(f"[{label}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
+
+
 def run_jobs(label: str, jobs: list[tuple[int, str]], work: Path, results: Path, again: bool, budget: Budget, job,
              report, headline) -> None:  # fmt: skip
     """Run ``jobs`` ((seed, arm) pairs) one at a time while the ``budget`` allows, each claimed across processes
@@ -133,13 +151,7 @@ def run_jobs(label: str, jobs: list[tuple[int, str]], work: Path, results: Path,
         record = job(seed, arm, records)
         minutes = sum(record["minutes"].values())
         budget.took(minutes)
-        with locked(lock):
-            records = read_records(results)
-            verdict = replace_record(records, record)
-            results.write_text(json.dumps(records, indent=1) + "\n")
-            release(claims, claimed)
-            report(records)
+        verdict = save(results, lock, claims, claimed, record, report)
         print(f"[{label}] {arm} seed {seed}: {headline(record)}, {minutes:.1f} min, {verdict}", flush=True)
-    if jobs and not budget.allows():  # stopped by the budget, not by running out of jobs
-        print(f"[{label}] {budget.minutes} min budget: {len(jobs)} jobs left for a later run")
+    say_what_is_left(label, jobs, budget)
     print(f"[{label}] results: {results.with_suffix('.md')}")
