@@ -127,7 +127,7 @@ PRESETS = {
         epochs=1,
         time_ratio=None,
         seeds=1,
-        arms=("MAE", "MAE+AEMIM", "MAE compute-matched", "SimMIM+AEMIM"),  # every gpu config runs
+        arms=("MAE", "MAE+AEMIM", "MAE compute-matched", "SimMIM+AEMIM"),  # SimMIM+AEMIM runs the SimMIM config
         screen=("MAE+AEMIM eps 8",),
         **SMOKE_GPU_SIZES,
     ),
