@@ -16,7 +16,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from advmim_pl.checks import plain
 from advmim_pl.errors import EvaluationInputError
-from advmim_pl.reliability import CheckpointError, NonFiniteGuard, SafeCheckpointIO, read_checkpoint
+from advmim_pl.reliability import (
+    REFUSED_EXIT_CODE,
+    CheckpointError,
+    NonFiniteGuard,
+    NonFiniteStop,
+    SafeCheckpointIO,
+    UnsafeCheckpointError,
+    read_checkpoint,
+)
 
 CONFIG_FLAGS = ("--config", "-c")
 DESCRIPTION = "Masked image modeling (MAE, SimMIM) with the AEMIM adversarial plug-in."
@@ -215,8 +223,8 @@ class AdvMIMCLI(LightningCLI):
                 f"model.init_args.init_from {init_from} starts a new one from weights only: give one of them (to "
                 "resume a run that started from init_from, add --model.init_args.init_from null)"
             )
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
+        if ckpt_path and Path(ckpt_path).is_file() and config.get("weights_only") is not False:
+            read_checkpoint(ckpt_path)  # weights-only, as every read: a file whose unpickling runs code is refused
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -324,6 +332,8 @@ def export_main(argv: list[str]) -> None:
             print(f"wrote {path}")
     except FileExistsError as err:
         raise SystemExit(f"advmim export: {err}; pass --overwrite to write into it, or name an empty folder") from None
+    except UnsafeCheckpointError as err:
+        refuse("advmim export", err)
     except (OSError, CheckpointError, ValueError, KeyError) as err:
         raise SystemExit(f"advmim export: {err}") from None
     if args.push_to_hub:
@@ -356,8 +366,16 @@ def run(argv: list[str] | None = None) -> AdvMIMCLI | None:
             sys.argv[1:] = resolve_config_args(args)
             return AdvMIMCLI()
         return AdvMIMCLI(args=resolve_config_args(args))
-    except (CheckpointError, EvaluationInputError) as err:
+    except UnsafeCheckpointError as err:
+        refuse("advmim", err)
+    except (CheckpointError, EvaluationInputError, NonFiniteStop) as err:
         raise SystemExit(f"advmim: {err}") from None
+
+
+def refuse(prog: str, err: UnsafeCheckpointError) -> None:
+    """Print a refused file's one line and exit with ``REFUSED_EXIT_CODE``."""
+    sys.stderr.write(f"{prog}: {err}\n")
+    raise SystemExit(REFUSED_EXIT_CODE) from None
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ otherwise; a patch embedding made for another number of channels (RGB weights, g
 and shapes.
 """
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 
 from advmim_pl.models.branch_norm import clean_state_dict
 from advmim_pl.models.pos_embed import sincos_2d
-from advmim_pl.reliability import UNREADABLE, CheckpointError
+from advmim_pl.reliability import read_checkpoint
 
 ENCODER_PREFIX = "encoder.vit."
 FORMATS = (
@@ -102,24 +101,9 @@ class PretrainedWeights:
 
 # ---- reading --------------------------------------------------------------------------------------------------------
 def safe_load(path: Path) -> dict:
-    """``torch.load(path, weights_only=True)`` with ``argparse.Namespace`` allowed; a file the safe loader refuses
-    (an object that could run code when unpickled) or cannot read is a one-line error."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as err:
-        message = str(err)
-        if "Weights only load failed" in message or "Unsupported global" in message:
-            refused = next((line.strip() for line in message.splitlines() if "GLOBAL" in line), message.splitlines()[0])
-            raise ValueError(
-                f"init_from {str(path)!r} holds an object that only full unpickling could load ({refused}); "
-                "pickles from the internet can run code, so this project never unpickles them: convert the file to "
-                "a plain state dict or .safetensors where you trust it"
-            ) from None
-        raise CheckpointError(
-            f"init_from {str(path)!r} is truncated or not a checkpoint "
-            f"({type(err).__name__}: {message.splitlines()[0]})"
-        ) from None
+    """``read_checkpoint(path)``: weights-only, ``argparse.Namespace`` allowed; a file whose unpickling would run code
+    is a one-line UnsafeCheckpointError, an unreadable one CheckpointError."""
+    return read_checkpoint(path, what="init_from")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

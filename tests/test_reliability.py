@@ -1,5 +1,6 @@
 """Faults: non-finite steps, out-of-memory in the attack, unreadable checkpoints, atomic saves, resuming."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,11 +11,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from advmim_pl import adversarial
 from advmim_pl.adversarial import AEMIM
 from advmim_pl.cli import run
-from advmim_pl.reliability import CheckpointError, NonFiniteGuard, read_checkpoint
+from advmim_pl.reliability import CheckpointError, NonFiniteGuard, NonFiniteStop, SafeCheckpointIO, read_checkpoint
 from tests.helpers.micro import loader, micro_module, trainer
 
 
@@ -44,10 +46,23 @@ def test_nonfinite_steps_are_skipped_and_counted(fused):
     assert guard.state_dict() == {"consecutive": 0, "skipped": 2}
 
 
-def test_consecutive_nonfinite_steps_stop_the_run():
+def test_consecutive_nonfinite_steps_stop_in_one_line_naming_the_checkpoint_before_them(tmp_path):
     module = micro_module()
-    with pytest.raises(RuntimeError, match="last 3 optimizer steps all had non-finite gradients"):
-        trainer(6, [PoisonSteps({0, 1, 2, 3, 4, 5}), NonFiniteGuard(max_consecutive=3)]).fit(module, loader(n=48))
+    saved = ModelCheckpoint(tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
+    fit = trainer(
+        9, [PoisonSteps({1, 3, 4, 5, 6}), NonFiniteGuard(max_consecutive=4), saved],
+        enable_checkpointing=True, log_every_n_steps=50,  # checked at every step, not only at logging steps
+    )  # fmt: skip
+    with pytest.raises(NonFiniteStop) as err:
+        fit.fit(module, loader(n=80))
+    kept = tmp_path / "before-nonfinite-step3.ckpt"
+    message = str(err.value)
+    assert "\n" not in message and "4 optimizer steps in a row (from step 3)" in message, message
+    assert "fp16" in message and "learning rate" in message and f"resume from {kept}" in message
+    assert fit.global_step == 6  # stopped at the 4th bad step in a row, steps 3-6
+    assert read_checkpoint(kept)["global_step"] == 3  # saved after step 2, the last finite one
+    assert not (tmp_path / "before-nonfinite-step1.ckpt").exists()  # the one-step streak's copy is released
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 6  # the rotation went on without the kept file
 
 
 def test_out_of_memory_in_the_attack_says_what_to_change(monkeypatch):
@@ -92,6 +107,29 @@ def test_a_kill_during_a_save_never_leaves_a_half_written_checkpoint(tmp_path):
         process.wait()
         checkpoint = read_checkpoint(target)  # intact: one whole version
         assert torch.equal(checkpoint["w"], torch.full((12_000_000,), float(checkpoint["step"])))
+
+
+def test_a_write_that_fails_keeps_the_previous_checkpoint_and_stops_in_one_line(tmp_path, monkeypatch):
+    module = micro_module()
+    saved = ModelCheckpoint(tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
+    fit = trainer(3, [saved], enable_checkpointing=True, plugins=[SafeCheckpointIO()])
+    real_save, saves = torch.save, []
+
+    def disk_fills_up(obj, file, *args, **kwargs):  # the third save: half the bytes, then ENOSPC
+        saves.append(1)
+        if len(saves) < 3:
+            return real_save(obj, file, *args, **kwargs)
+        file.write(b"PK\x03\x04" + bytes(4096))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    with pytest.raises(CheckpointError) as err:
+        fit.fit(module, loader(n=32))
+    monkeypatch.undo()
+    assert "\n" not in str(err.value)
+    assert f"could not write checkpoint {str(tmp_path / 'last.ckpt')!r}: No space left on device" in str(err.value)
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2  # the previous save, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file for a resume to pick up
 
 
 def test_ckpt_path_last_resumes_the_newest_run(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from advmim_pl.mim import MAE
 from advmim_pl.models.branch_norm import clean_state_dict
 from advmim_pl.models.pos_embed import sincos_2d
 from advmim_pl.modules import FinetuneModule, LinearProbeModule, PretrainModule
-from advmim_pl.reliability import CheckpointError
+from advmim_pl.reliability import CheckpointError, UnsafeCheckpointError
 from advmim_pl.weights import encoder_state_dict, read_weights
 from tests.helpers.micro import ENCODER, MICRO_FLAGS, MICRO_VIT, SAMPLE, bundled_sample, loader, micro_module, trainer
 
@@ -203,7 +203,8 @@ class RunsCode:
 def test_a_pickle_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path):
     marker, path = tmp_path / "code_ran", tmp_path / "evil.pth"
     torch.save({"model": {"pos_embed": torch.zeros(1)}, "payload": RunsCode(marker)}, path)
-    with pytest.raises(ValueError, match=r"only full unpickling could load .*never unpickles them") as err:
+    refused = r"'.*evil.pth' holds getattr, which only full unpickling could load.*refused"
+    with pytest.raises(UnsafeCheckpointError, match=refused) as err:
         read_weights(path)
     assert "\n" not in str(err.value) and not marker.exists()
     torch.load(path, weights_only=False)  # what full unpickling would have done
