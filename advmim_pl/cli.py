@@ -210,9 +210,10 @@ class AdvMIMCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", plain, apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads ``--ckpt_path``'s hyperparameters with a bare ``torch.load``; check the file first so
-        that a truncated checkpoint is a one-line error. Pre-training refuses ``--ckpt_path`` together with
-        ``init_from``: one resumes a run, the other starts a new one from weights only."""
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters with ``torch.load``; read the file first, weights-only
+        as every read here, so that a truncated checkpoint or one whose unpickling would run code is a one-line error.
+        Pre-training refuses ``--ckpt_path`` together with ``init_from``: one resumes a run, the other starts a new
+        one from weights only."""
         config = self.config.get(str(self.config.get("subcommand")), self.config)
         ckpt_path = config.get("ckpt_path") if isinstance(config, Namespace) else None
         model = config.get("model") if isinstance(config, Namespace) else None
@@ -223,7 +224,7 @@ class AdvMIMCLI(LightningCLI):
                 f"model.init_args.init_from {init_from} starts a new one from weights only: give one of them (to "
                 "resume a run that started from init_from, add --model.init_args.init_from null)"
             )
-        if ckpt_path and Path(ckpt_path).is_file() and config.get("weights_only") is not False:
+        if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)  # weights-only, as every read: a file whose unpickling runs code is refused
         super()._parse_ckpt_path()
 
@@ -251,6 +252,8 @@ class AdvMIMCLI(LightningCLI):
             cause = err
             while cause.__cause__ is not None:  # the constructor's own error, below one union error per nesting level
                 cause = cause.__cause__
+            if isinstance(cause, UnsafeCheckpointError):
+                refuse("advmim", cause)
             raise SystemExit(f"advmim: invalid configuration: {type(cause).__name__}: {cause}") from None
         self._drop_unaccepted_num_classes()
 

@@ -3,9 +3,8 @@
 import math
 from pathlib import Path
 
-import torch
-
 from advmim_pl.cli import run
+from advmim_pl.reliability import read_checkpoint
 
 from .design import ARMS, QUIET, Preset
 
@@ -100,7 +99,7 @@ def kept_checkpoint(folder: Path, record: dict, preset: Preset) -> Path:
     kept = sorted(folder.glob("pretrain/version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3][8:]))
     if not kept:
         raise FileNotFoundError(f"{folder}: no pre-training checkpoint is kept; run the job again with --rerun")
-    steps = torch.load(kept[-1], map_location="cpu", weights_only=False)["global_step"]
+    steps = read_checkpoint(kept[-1])["global_step"]
     expected = round(record["epochs"] * steps_per_epoch(preset))
     if steps != expected:
         raise ValueError(

@@ -16,6 +16,7 @@ from advmim_pl.eval.probes import FeatureSet, cross_validate, knn_predict
 from advmim_pl.eval.robust import pgd_key, robust_accuracy
 from advmim_pl.models.normalize import Normalize
 from advmim_pl.models.vit import MaskedViT
+from advmim_pl.reliability import read_checkpoint
 from advmim_pl.weights import load_encoder, read_weights
 
 from .design import PGD_EPS, PROBES, Preset
@@ -114,7 +115,7 @@ def encoder_features(encoder: MaskedViT) -> nn.Module:
 def checkpoint_encoder(path: Path, device: torch.device) -> MaskedViT:
     """The clean encoder of a pre-training checkpoint, built from its hyperparameters and loaded by the library's
     ``init_from`` reader (the plug-in's auxiliary norms dropped), on ``device``."""
-    settings = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    settings = read_checkpoint(path)["hyper_parameters"]
     encoder = MaskedViT.from_settings(settings)
     load_encoder(encoder.vit, read_weights(path), str(path))
     return encoder.to(device)
