@@ -4,6 +4,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from advmim_pl.models.checkpointing import run_blocks
 from advmim_pl.models.pos_embed import sincos_2d
 
 
@@ -40,6 +41,11 @@ class MAEDecoder(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the decoder blocks' activations (recomputed in the backward), as timm's models do."""
+        self.grad_checkpointing = enable
 
     def forward(self, latent: Tensor, keep: Tensor) -> Tensor:
         x = self.embed(latent)
@@ -49,7 +55,7 @@ class MAEDecoder(nn.Module):
         index = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         full = full.scatter(1, index, visible)
         x = torch.cat([prefix, full], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
         return self.pred(x[:, self.num_prefix_tokens :])
 
 

@@ -8,6 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from advmim_pl.models.checkpointing import run_blocks
 from advmim_pl.models.normalize import Normalize
 from advmim_pl.models.pos_embed import sincos_2d
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
@@ -164,7 +165,8 @@ class MaskedViT(nn.Module):
     def _transform(self, prefix: Tensor, patches: Tensor, final_norm: bool = True) -> Tensor:
         """Transformer blocks, and the final norm unless ``final_norm`` is false, over (B, P + N', D) tokens."""
         vit = self.vit
-        x = vit.blocks(vit.norm_pre(vit.pos_drop(torch.cat([prefix, patches], dim=1))))
+        x = vit.norm_pre(vit.pos_drop(torch.cat([prefix, patches], dim=1)))
+        x = run_blocks(vit.blocks, x, vit.grad_checkpointing)  # timm's flag: vit.set_grad_checkpointing()
         return vit.norm(x) if final_norm else x
 
     def forward_tokens(self, x: Tensor, final_norm: bool = True) -> Tensor:

@@ -60,6 +60,10 @@ class PretrainModule(BaseModule):
         plugin: the AEMIM plug-in (``advmim_pl.adversarial.AEMIM``) with all its options, or its
             ``{"class_path", "init_args"}`` dict that checkpoints store; None for the plain host method.
         compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
+        activation_checkpointing: keep only each transformer block's input for the backward and recompute its
+            internals there, in the encoder and the MAE decoders (timm's ``set_grad_checkpointing``): activation memory
+            falls to about one tensor per block for about one extra forward of compute. Covers every pass with a
+            backward (clean, auxiliary, the attack's input gradient); the recompute keeps the pass's branch norms.
         init_from: start from these weights (weights only: the optimiser, step and schedule start fresh, unlike
             ``--ckpt_path``, which resumes a run): a ``.ckpt`` of this project, an ``advmim export`` file or folder,
             a facebookresearch/mae ``.pth``, a timm state dict or ``local-dir:`` folder, or ``timm:<model.tag>``
@@ -90,6 +94,7 @@ class PretrainModule(BaseModule):
         min_lr: NonNegativeFloat = 0.0,
         plugin: AEMIM | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         init_from: str | None = None,
     ) -> None:
         super().__init__(optimizer)
@@ -114,6 +119,9 @@ class PretrainModule(BaseModule):
         if plugin is not None:
             self.aux_decoder = plugin.build(method, self.encoder, self.decoder, copy_decoder=init_from is not None)
             self.attack_callback = AdversarialTargetCallback(plugin.attacker, plugin.log_images_every_n_steps)
+        for part in (self.encoder.vit, self.decoder, self.aux_decoder):
+            if hasattr(part, "set_grad_checkpointing"):  # SimMIM's and MaskFeat's linear decoders have no blocks
+                part.set_grad_checkpointing(activation_checkpointing)
         self.mask_stream = SeededStream()
 
     def load_weights(self, source: str) -> None:
