@@ -2,22 +2,29 @@
 
 Every configuration trains through the real PretrainModule, AEMIM plug-in and Lightning
 Trainer on one synthetic batch already in device memory (yielded again for every step: no loading,
-no collation, no host-device copy). Per configuration it reports images/s, ms/step, peak device memory,
-the FLOPs of one training step (forward + attack + backward, counted with FlopCounterMode on a separate
-one-step fit) and the achieved TFLOP/s, plus AEMIM / host-method ratios of time, memory and FLOPs.
+no collation, no host-device copy). Per configuration it reports images/s, ms/step, peak memory
+(``peak_memory.py``: the allocator's peak on CUDA, the peak resident set above the idle process on the CPU, where
+each configuration runs in a fresh process), the largest batch that fits a memory budget (a line through the peaks
+at the batch and at half of it), the FLOPs of one training step (forward + attack + backward, counted with
+FlopCounterMode on a separate one-step fit) and the achieved TFLOP/s, plus AEMIM / host-method ratios of time,
+memory and FLOPs. A configuration name followed by `` +ckpt`` runs it with activation checkpointing
+(``PretrainModule(activation_checkpointing=True)``) and adds its time and memory ratios to the same configuration
+without.
 Results go to benchmarks/results/throughput_<device>_<model>_<img>px_bs<batch>[_compile][_<precision>].{json,md}.
 
     python benchmarks/throughput.py --model vit_base_patch16_224 --img-size 224 --patch-size 16 \\
         --batch-size 256 [--compile] [--precision bf16-mixed] [--steps 20] [--warmup 5]
     python benchmarks/throughput.py --model vit_tiny_patch16_224 --img-size 32 --patch-size 4 \\
         --batch-size 64 --steps 5 --warmup 2   # CPU smoke run, a few minutes on 2 cores
+    python benchmarks/throughput.py ... --configs "MAE,MAE +ckpt,MAE+AEMIM PGD-1,MAE+AEMIM PGD-1 +ckpt"
 """
 
 import argparse
 import gc
+import json
 import os
-import resource
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
+from peak_memory import PeakMeter, default_budget_mib, in_fresh_process, largest_batch, peak_resident_mib
 from provenance import device_info, git_commit
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -47,8 +55,15 @@ CONFIGS = {
     "SimMIM+AEMIM PGD-1 complement": ("simmim", 1, "complement", "SimMIM"),
     "SimMIM+AEMIM PGD-1 same": ("simmim", 1, "same", "SimMIM"),
 }
-MIB = 2**20
+CHECKPOINTED = " +ckpt"  # suffix of a configuration name: the same with activation checkpointing
 RATIOS = {"time_ratio": "ms_per_step", "mem_ratio": "peak_mem_mib", "flop_ratio": "gflop_per_step"}
+CKPT_RATIOS = {"ckpt_time_ratio": "ms_per_step", "ckpt_mem_ratio": "peak_mem_mib"}
+
+
+def base_config(name: str) -> str:
+    """The ``CONFIGS`` entry behind a configuration name (without the activation-checkpointing suffix)."""
+    return name.removesuffix(CHECKPOINTED)
+
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one timm's attention runs on.
 CPU_ATTENTION_FLOPS = {
@@ -100,7 +115,12 @@ def decoder_choice(args: argparse.Namespace) -> dict:
     """MAE decoder size: the reference 512-d, 8 blocks, 16 heads for ViT-B and wider encoders, else 128/2/4."""
     with torch.device("meta"):
         vit = timm.create_model(
-            args.model, pretrained=False, num_classes=0, img_size=args.img_size, patch_size=args.patch_size
+            args.model,
+            pretrained=False,
+            num_classes=0,
+            img_size=args.img_size,
+            patch_size=args.patch_size,
+            **encoder_kwargs(args),
         )
     reference = vit.embed_dim >= 768
     dim, depth, heads = (512, 8, 16) if reference else (128, 2, 4)
@@ -117,6 +137,11 @@ def decoder_choice(args: argparse.Namespace) -> dict:
         else "set on the command line"
     )
     return choice
+
+
+def encoder_kwargs(args: argparse.Namespace) -> dict:
+    """timm create-model overrides of the encoder: ``--depth``."""
+    return {"depth": args.depth} if args.depth else {}
 
 
 def make_method(kind: str, args: argparse.Namespace, decoder: dict):
@@ -148,26 +173,38 @@ def make_trainer(args: argparse.Namespace, max_steps: int, callbacks: list[L.Cal
     )
 
 
-def run_fit(name: str, args: argparse.Namespace, decoder: dict, max_steps: int, compile: bool, clock=None):
-    """Fit a fresh, identically initialised module of configuration ``name`` for ``max_steps`` steps."""
-    kind, attack_steps, attack_mask, _ = CONFIGS[name]
+def run_fit(
+    name: str,
+    args: argparse.Namespace,
+    decoder: dict,
+    max_steps: int,
+    compile: bool,
+    clock=None,
+    batch_size: int | None = None,
+) -> None:
+    """Fit a fresh, identically initialised module of configuration ``name`` for ``max_steps`` steps, on batches of
+    ``batch_size`` images (default ``args.batch_size``)."""
+    kind, attack_steps, attack_mask, _ = CONFIGS[base_config(name)]
+    batch_size = batch_size or args.batch_size
     torch.manual_seed(0)
     module = PretrainModule(
         method=make_method(kind, args, decoder),
         encoder=args.model,
+        encoder_kwargs=encoder_kwargs(args),
         img_size=args.img_size,
         patch_size=args.patch_size,
         in_chans=3,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         warmup_epochs=0,
         plugin=None if attack_steps is None else AEMIM(steps=attack_steps, attack_mask=attack_mask),
         compile=compile,
+        activation_checkpointing=name.endswith(CHECKPOINTED),
     )
     trainer = make_trainer(args, max_steps, [clock] if clock is not None else [])
     device = trainer.strategy.root_device
     g = torch.Generator(device=device).manual_seed(0)
-    images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g, device=device)
-    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    images = torch.rand(batch_size, 3, args.img_size, args.img_size, generator=g, device=device)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
     trainer.fit(module, RepeatedBatch(images, labels, max_steps))
 
 
@@ -204,10 +241,18 @@ def release(device: torch.device) -> None:
 
 
 def measure(name: str, args: argparse.Namespace, decoder: dict, device: torch.device) -> dict:
+    meter, half = PeakMeter(device), max(1, args.batch_size // 2)
+    half_peak = None
+    if not args.compile:  # a compiled half batch would recompile: its line would mix two graphs
+        meter.start()
+        run_fit(name, args, decoder, 2, compile=False, batch_size=half)  # smaller first: a CPU peak only grows
+        half_peak = meter.read()
     flops = count_flops(name, args, decoder)
     release(device)
+    meter.start()
     clock = StepClock(device)
     run_fit(name, args, decoder, args.warmup + args.steps + 1, args.compile, clock)
+    peak = meter.read()
     intervals = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
     seconds = statistics.median(intervals)
     result = {
@@ -218,21 +263,36 @@ def measure(name: str, args: argparse.Namespace, decoder: dict, device: torch.de
         "gflop_per_step": flops / 1e9,
         "gflop_per_image": flops / 1e9 / args.batch_size,
         "tflop_per_s": flops / seconds / 1e12,
-        "peak_mem_mib": torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None,
-        "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB,
+        # on the CPU a peak is only per configuration in a process of its own (main() starts one per configuration)
+        "peak_mem_mib": peak if device.type == "cuda" or args.child else None,
+        "half_batch_peak_mib": half_peak if device.type == "cuda" or args.child else None,
+        "process_peak_rss_mib": peak_resident_mib(),  # the whole process, since the meter was made
         "load_avg_1min": os.getloadavg()[0],  # other processes on the machine distort timings
     }
+    budget = args.memory_budget_mib or default_budget_mib(device)
+    result["memory_budget_mib"] = budget
+    result["max_batch_in_budget"] = largest_batch(
+        (half, args.batch_size), (result["half_batch_peak_mib"], result["peak_mem_mib"]), budget
+    )
     release(device)
     return result
 
 
+def ratio(result: dict, base: dict | None, field: str) -> float | None:
+    """``result[field] / base[field]``; None where either is missing."""
+    return result[field] / base[field] if base is not None and result[field] is not None and base[field] else None
+
+
 def add_ratios(results: dict) -> None:
-    """time / memory / FLOP ratios of each AEMIM configuration to its host method."""
+    """time / memory / FLOP ratios of each AEMIM configuration to its host method (both with or both without
+    activation checkpointing), and of each checkpointed configuration to the same one without."""
     for name, result in results.items():
-        base = results.get(CONFIGS[name][3] or "")
+        suffix = CHECKPOINTED if name.endswith(CHECKPOINTED) else ""
+        host = CONFIGS[base_config(name)][3]
         for key, field in RATIOS.items():
-            ok = base is not None and result[field] is not None and base[field]
-            result[key] = result[field] / base[field] if ok else None
+            result[key] = ratio(result, results.get(f"{host}{suffix}") if host else None, field)
+        for key, field in CKPT_RATIOS.items():
+            result[key] = ratio(result, results.get(base_config(name)) if suffix else None, field)
 
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -244,8 +304,9 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
     setup, decoder = report["setup"], report["setup"]["mae_decoder"]
     loads = [r["load_avg_1min"] for r in report["results"].values()]
     load = (min(loads), max(loads))
+    blocks = f" ({setup['depth']} blocks)" if setup["depth"] else ""
     heading = (
-        f"Training-step throughput: {setup['model']}, {setup['img_size']} px, patch {setup['patch_size']}, "
+        f"Training-step throughput: {setup['model']}{blocks}, {setup['img_size']} px, patch {setup['patch_size']}, "
         f"batch {setup['batch_size']}"
     )
     lines = [
@@ -262,7 +323,7 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
         "(above the number of cores, other processes distort the timings)",
     ]
     columns = ["configuration", "images/s", "ms/step", "peak mem (MiB)", "GFLOP/img", "TFLOP/s", "time x", "mem x"]
-    columns += ["FLOP x", "time x / FLOP x"]
+    columns += ["FLOP x", "time x / FLOP x", "max batch in budget", "ckpt time x", "ckpt mem x"]
     rows = [
         [
             name,
@@ -275,6 +336,9 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
             fmt(r["mem_ratio"], ".2f"),
             fmt(r["flop_ratio"], ".2f"),
             fmt(r["time_ratio"] / r["flop_ratio"] if r["flop_ratio"] else None, ".2f"),
+            fmt(r["max_batch_in_budget"], ","),
+            fmt(r["ckpt_time_ratio"], ".2f"),
+            fmt(r["ckpt_mem_ratio"], ".2f"),
         ]
         for name, r in report["results"].items()
     ]
@@ -291,6 +355,11 @@ NOTES = [
     "not element-wise ops or the optimizer.",
     "time x, mem x, FLOP x: ratio to the host method (MAE, or SimMIM); FLOP x is the arithmetic floor of "
     "the time ratio, and time x / FLOP x the overhead above it.",
+    "peak mem: torch.cuda.max_memory_allocated over the timed fit on CUDA; on the CPU the peak resident set of a "
+    "fresh process per configuration above its size before the first fit (interpreter, torch, libraries).",
+    "max batch in budget: the largest batch whose peak stays within the budget, on a straight line through the "
+    "peaks at half the batch (a 2-step eager fit) and at the batch; n/a with --compile or a missing figure.",
+    "ckpt time x, ckpt mem x: a configuration with activation checkpointing (' +ckpt') over the same without.",
     "log_every_n_steps is past the last step, so the module's logging-step extras (objective of clean and "
     "adversarial images and a random-sign example, 3 no-grad encoder passes every log_every_n_steps steps) "
     "are not timed.",
@@ -300,6 +369,7 @@ NOTES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
+    parser.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the model's)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -313,12 +383,19 @@ def main() -> None:
     parser.add_argument("--decoder-dim", type=int, default=None, help="MAE decoder width (default: by encoder)")
     parser.add_argument("--decoder-depth", type=int, default=None)
     parser.add_argument("--decoder-heads", type=int, default=None)
+    parser.add_argument(
+        "--memory-budget-mib", type=float, default=None, help="for the max-batch column (default: the device's memory)"
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON out
     args = parser.parse_args()
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
+    unknown = [name for name in names if base_config(name) not in CONFIGS]
     if unknown:
-        parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+        parser.error(
+            f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}, each optionally followed by "
+            f"{CHECKPOINTED!r} (activation checkpointing)"
+        )
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -329,15 +406,23 @@ def main() -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     decoder = decoder_choice(args)
+    if args.child:
+        print(json.dumps(measure(names[0], args, decoder, device)))
+        return
     results = {}
     for name in names:
-        results[name] = measure(name, args, decoder, device)
+        if device.type == "cpu":  # a process's peak resident set only grows: one process per configuration
+            results[name] = in_fresh_process(Path(__file__), [*sys.argv[1:], "--configs", name, "--child"])
+        else:
+            results[name] = measure(name, args, decoder, device)
         print(f"{name}: {results[name]['ms_per_step']:.1f} ms/step", flush=True)
     add_ratios(results)
 
     description, slug = device_info(device)
     commit, dirty = git_commit()
-    setup = {k: v for k, v in vars(args).items() if k not in ("out", "configs", "decoder_dim", "decoder_depth")}
+    setup = {
+        k: v for k, v in vars(args).items() if k not in ("out", "configs", "decoder_dim", "decoder_depth", "child")
+    }
     setup.pop("decoder_heads")
     setup.update(mae_decoder=decoder, simmim_mask_patch=simmim_mask_patch(args))
     report = {
@@ -350,12 +435,13 @@ def main() -> None:
         "setup": setup,
         "memory": "torch.cuda.max_memory_allocated per timed fit (reset between configurations)"
         if device.type == "cuda"
-        else "n/a: no allocator peak on this device; process_maxrss_mib is the process-wide high-water mark",
+        else "peak resident set of a fresh process per configuration, above its size before the first fit",
         "results": results,
         "notes": NOTES,
     }
     suffix = ("_compile" if args.compile else "") + ("" if args.precision == "bf16-mixed" else f"_{args.precision}")
-    stem = f"throughput_{slug}_{args.model}_{args.img_size}px_bs{args.batch_size}{suffix}"
+    depth = f"_depth{args.depth}" if args.depth else ""
+    stem = f"throughput_{slug}_{args.model}{depth}_{args.img_size}px_bs{args.batch_size}{suffix}"
     write_markdown(args.out, stem, report)
 
 
