@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from lightning.pytorch.utilities import rank_zero_warn
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -35,11 +35,13 @@ def has_drop_path(module: nn.Module) -> bool:
 
 @dataclass
 class AuxStep:
-    """One auxiliary step: its loss () fp32, the attack's result, and the objective the attack maximised."""
+    """One auxiliary step: its loss () fp32, the attack's result, the objective the attack maximised, and the images
+    it attacked, x (k, C, H, W): the whole batch, or the plug-in's ``batch_fraction`` of it."""
 
     loss: Tensor
     attack: AttackResult
     objective: Callable[[Tensor], Tensor]
+    x: Tensor
 
 
 class AEMIM:
@@ -68,6 +70,12 @@ class AEMIM:
             masked patches get zero input gradient, so the scored patches carry only the random start.
             ``independent``: a fresh random mask per PGD step.
         on_validation: also craft targets for validation batches (``val/loss_aux``).
+        epochs: the training epochs in which the plug-in runs, as ``[start, end)`` windows of 0-based epochs (e.g.
+            ``[[640, 800]]``: the last 20% of an 800-epoch run); None: every epoch. Outside them a step is the host
+            method's step alone: no attack, no auxiliary pass.
+        batch_fraction: the share of each batch the plug-in attacks and reconstructs: ``round(batch_fraction x
+            batch)`` images (at least one), drawn afresh each step from the attack's own seeded generator (saved in
+            checkpoints). The auxiliary loss is their mean, so its scale does not depend on the fraction.
         log_images_every_n_steps: TensorBoard image-grid period in optimizer steps (0 = never).
         attack: the attack's settings (eps, steps, step_size, random_start, perturbation, warmup_epochs, seed),
             passed to ``Attacker``, which documents and checks them; LightningCLI reads their types from there.
@@ -86,9 +94,20 @@ class AEMIM:
         attack_mask: AttackMask = "none",
         on_validation: bool = False,
         log_images_every_n_steps: NonNegativeInt = 500,
+        epochs: list[tuple[NonNegativeInt, NonNegativeInt]] | None = None,
+        batch_fraction: PositiveFloat = 1.0,
         **attack,
     ) -> None:
         owner = type(self).__name__
+        require(0 < batch_fraction <= 1, "batch_fraction", batch_fraction, "in (0, 1]", owner)
+        for window in epochs or ():
+            require(
+                len(window) == 2 and 0 <= window[0] < window[1],
+                "epochs",
+                epochs,
+                "[start, end) windows of 0-based epochs with start < end, e.g. [[640, 800]]",
+                owner,
+            )
         for name, value in (("aux_weight", aux_weight), ("aux_norm_floor", aux_norm_floor)):
             require(value >= 0, name, value, "non-negative", owner)
         require(log_images_every_n_steps >= 0, "log_images_every_n_steps", log_images_every_n_steps, ">= 0", owner)
@@ -119,12 +138,26 @@ class AEMIM:
         self.branch_params, self.aux_decoder, self.aux_target_norm = branch_params, aux_decoder, aux_target_norm
         self.aux_norm_floor, self.distance, self.attack_mask = aux_norm_floor, distance, attack_mask
         self.on_validation, self.log_images_every_n_steps = on_validation, log_images_every_n_steps
+        self.epochs = None if epochs is None else [tuple(window) for window in epochs]
+        self.batch_fraction = batch_fraction
 
     def config(self) -> dict:
         """``{"class_path", "init_args"}`` that rebuilds this plug-in, its attack's settings included."""
         config = constructor_config(self)
         config["init_args"].update(self.attacker.settings())
         return config
+
+    def active(self, epoch: int) -> bool:
+        """Whether the plug-in runs in the 0-based training epoch ``epoch`` (inside one of ``epochs``' windows)."""
+        return self.epochs is None or any(start <= epoch < end for start, end in self.epochs)
+
+    def subset(self, batch: int, generator: torch.Generator) -> Tensor | None:
+        """The sorted indices (k,) of the images the plug-in attacks, k = round(batch_fraction x batch) >= 1, drawn
+        from ``generator``; None for the whole batch (no draw)."""
+        k = max(1, round(self.batch_fraction * batch))
+        if k >= batch:
+            return None
+        return torch.randperm(batch, generator=generator, device=generator.device)[:k].sort().values
 
     def weight(self, epoch: float | None) -> float:
         """The auxiliary loss's weight at the fractional epoch ``epoch``: ``aux_weight`` times the warm-up ramp."""
@@ -211,8 +244,13 @@ class AEMIM:
 
         ``model`` holds ``encoder`` and the auxiliary ``decoder`` (its modes are frozen during the attack); x
         (B, C, H, W) in [0, 1]; clean_latent (B, T, D); ``epoch`` the fractional training epoch (warm-up), ``rank``
-        the process's global rank (the attack's seed offset). Returns the unweighted L_aux and the attack.
+        the process's global rank (the attack's seed offset). With a ``batch_fraction`` below 1 the step runs on the
+        drawn share of the images only. Returns the unweighted L_aux and the attack.
         """
+        index = self.subset(x.shape[0], self.attacker.ensure_generator(x.device, rank))
+        if index is not None:
+            index = index.to(x.device)
+            x, mask, clean_latent = x[index], mask.select(index), clean_latent[index]
         objective = self.objective(model, method, encoder, x, mask, clean_latent)
         result = self.attacker.generate(model, x, objective, epoch, rank)
         x_in = result.x_adv if self.aux_input == "adversarial" else x
@@ -222,13 +260,14 @@ class AEMIM:
         pred = method.decode(decoder, latent, mask)
         floor = 0.0 if self.aux_target_norm == "patch" else self.aux_norm_floor * self.attacker.current_eps(epoch)
         norm = TargetNorm(floor**2, x if self.aux_target_norm == "clean" else None)
-        return AuxStep(method.loss(pred, x_tgt, mask, encoder, norm), result, objective)
+        return AuxStep(method.loss(pred, x_tgt, mask, encoder, norm), result, objective, x)
 
-    def objectives(self, model: nn.Module, x: Tensor, aux: AuxStep, epoch: float | None) -> dict[str, Tensor]:
-        """The attack's objective at x, at x_a and at an energy-matched random sign pattern of the same eps (three
-        no-grad passes), and the gap that shows what the attack gains over chance. The random draws leave the
-        attacker's generator as it was, so the training stream does not depend on how often this runs."""
-        generator = self.attacker.generator
+    def objectives(self, model: nn.Module, aux: AuxStep, epoch: float | None) -> dict[str, Tensor]:
+        """The attack's objective at the attacked images x (``aux.x``), at x_a and at an energy-matched random sign
+        pattern of the same eps (three no-grad passes), and the gap that shows what the attack gains over chance.
+        The random draws leave the attacker's generator as it was, so the training stream does not depend on how
+        often this runs."""
+        generator, x = self.attacker.generator, aux.x
         with torch.no_grad(), frozen_eval(model), preserved(generator):
             adv = aux.objective(aux.attack.x_adv).mean()
             random = aux.objective(random_sign(x, self.attacker.current_eps(epoch), generator)).mean()

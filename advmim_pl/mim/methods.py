@@ -25,6 +25,10 @@ class Mask:
     patches: Tensor
     keep: Tensor | None = None
 
+    def select(self, index: Tensor) -> "Mask":
+        """The mask of the images ``index`` (k,) picks."""
+        return Mask(self.patches[index], None if self.keep is None else self.keep[index])
+
 
 def _check_ratio(mask_ratio: float) -> None:
     if not 0 < mask_ratio < 1:

@@ -7,6 +7,7 @@ import torch
 from jsonargparse import lazy_instance
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable, instantiate_class
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -198,18 +199,37 @@ class PretrainModule(BaseModule):
         x = batch[0]
         mask, latent, pred, loss_clean = self.host_step(x, self._mask_rng())
         self.log("train/loss_clean", loss_clean)
-        loss, x_adv = loss_clean, None
-        if self.plugin is not None:
+        loss, aux = loss_clean, None
+        if self.plugin_active():
             aux = self.plugin_step(x, mask, latent)
-            x_adv = aux.attack.x_adv
             loss = loss_clean + self.plugin.weight(self.attack_epoch(self.plugin.attacker)) * aux.loss
-            self._log_plugin(x, aux)
+            self._log_plugin(aux)
+        elif self.plugin is not None and isinstance(self.trainer.strategy, DDPStrategy):
+            # DDP without find_unused_parameters needs a gradient for every parameter: zeros for the plug-in's own,
+            # which on_before_optimizer_step then drops, so that the optimizer leaves them as they are
+            loss = loss + 0.0 * sum(p.sum() for p in self.plugin_parameters())
         self.log("train/loss", loss, prog_bar=True)
         if self.attack_callback is not None and self.attack_callback.should_log_images(self.trainer):
-            return {"loss": loss, "visuals": self._visuals(x, mask, pred, x_adv)}
+            return {"loss": loss, "visuals": self._visuals(x, mask, pred, aux)}
         return {"loss": loss}
 
-    def _log_plugin(self, x: Tensor, aux: AuxStep) -> None:
+    def plugin_active(self) -> bool:
+        """Whether the plug-in runs in this training epoch (``AEMIM.epochs``)."""
+        return self.plugin is not None and self.plugin.active(self.current_epoch)
+
+    def plugin_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters only the plug-in trains: the auxiliary norms and the auxiliary decoder."""
+        aux_decoder = [] if self.aux_decoder is None else list(self.aux_decoder.parameters())
+        return [p for name, p in self.encoder.named_parameters() if ".aux." in name] + aux_decoder
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Outside the plug-in's epochs its parameters have no gradient (or DDP's zeros): the optimizer skips them,
+        so neither weight decay nor momentum moves them."""
+        if self.plugin is not None and not self.plugin_active():
+            for p in self.plugin_parameters():
+                p.grad = None
+
+    def _log_plugin(self, aux: AuxStep) -> None:
         """Training metrics of the plug-in; the attack's objectives (three no-grad passes) on the trainer's logging
         steps only."""
         self.plugin.attacker.record_finite(aux.attack.finite)
@@ -224,10 +244,11 @@ class PretrainModule(BaseModule):
             sync_dist=True,
         )
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict(self.plugin.objectives(self, x, aux, self.attack_epoch(self.plugin.attacker)))
+            self.log_dict(self.plugin.objectives(self, aux, self.attack_epoch(self.plugin.attacker)))
 
-    def _visuals(self, x: Tensor, mask: Mask, pred: Tensor, x_adv: Tensor | None) -> dict[str, Tensor]:
-        """Image grids for TensorBoard: clean, masked, reconstruction, adversarial, amplified perturbation."""
+    def _visuals(self, x: Tensor, mask: Mask, pred: Tensor, aux: AuxStep | None) -> dict[str, Tensor]:
+        """Image grids for TensorBoard: clean, masked, reconstruction, and with the plug-in its attacked images'
+        adversarial examples and amplified perturbations."""
         encoder = self.encoder
         pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
         visuals = {
@@ -235,8 +256,9 @@ class PretrainModule(BaseModule):
             "masked": x * (1 - pixel_mask),
             "reconstruction": self.method.to_image(pred.detach(), x, mask, encoder),
         }
-        if x_adv is not None:
-            delta = x_adv.float() - x.float()
+        if aux is not None:
+            x_adv = aux.attack.x_adv
+            delta = x_adv.float() - aux.x.float()
             scale = delta.abs().amax().clamp_min(1e-12)
             visuals["adversarial"] = x_adv
             visuals["perturbation"] = 0.5 + 0.5 * delta / scale
