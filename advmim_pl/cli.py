@@ -301,7 +301,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--push-to-hub",
         metavar="REPO_ID",
         help="also upload the encoder as a folder (model.safetensors, config.json, README.md) to this Hugging Face "
-        "Hub repo, with timm's push_to_hf_hub (needs the network and a token: hf auth login)",
+        "Hub repo (needs the network and a token: hf auth login). A new repo is private unless --public; an existing "
+        "one keeps its visibility",
+    )
+    parser.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
+    parser.add_argument(
+        "--revision",
+        metavar="BRANCH",
+        help="with --push-to-hub: push to this branch, created from the default branch when missing",
     )
     return parser
 
@@ -321,11 +328,15 @@ def writes_folder(output: str, folder: bool) -> bool:
 
 
 def export_main(argv: list[str]) -> None:
-    """``advmim export CKPT OUTPUT [--folder] [--overwrite] [--push-to-hub REPO_ID]``: the clean encoder as a timm
-    safetensors file or folder, then optionally on the Hugging Face Hub. Every error is one line."""
+    """``advmim export CKPT OUTPUT [--folder] [--overwrite] [--push-to-hub REPO_ID [--public] [--revision BRANCH]]``:
+    the clean encoder as a timm safetensors file or folder, then optionally on the Hugging Face Hub (a private repo
+    unless --public). Every error is one line."""
     from advmim_pl.export import export_encoder, export_folder, push_encoder
 
-    args = add_export_arguments(argparse.ArgumentParser(prog="advmim export", description=EXPORT_HELP)).parse_args(argv)
+    parser = add_export_arguments(argparse.ArgumentParser(prog="advmim export", description=EXPORT_HELP))
+    args = parser.parse_args(argv)
+    if not args.push_to_hub and (args.public or args.revision):
+        parser.error(f"{'--public' if args.public else '--revision'} applies to a push: add --push-to-hub REPO_ID")
     try:
         if writes_folder(args.output, args.folder):
             path = export_folder(args.ckpt_path, args.output, overwrite=args.overwrite)
@@ -341,7 +352,7 @@ def export_main(argv: list[str]) -> None:
         raise SystemExit(f"advmim export: {err}") from None
     if args.push_to_hub:
         try:
-            url = push_encoder(args.ckpt_path, args.push_to_hub)
+            pushed = push_encoder(args.ckpt_path, args.push_to_hub, public=args.public, revision=args.revision)
         except Exception as err:  # the Hub client's errors differ across its releases (requests, httpx, its own)
             lines = str(err).strip().splitlines()
             reason = type(err).__name__ + (f": {lines[0]}" if lines else "")
@@ -349,7 +360,14 @@ def export_main(argv: list[str]) -> None:
                 f"advmim export: wrote {path}, but the push to the Hugging Face Hub repo {args.push_to_hub!r} "
                 f"failed ({reason}); check the network and the token (hf auth login)"
             ) from None
-        print(f"pushed to {url}")
+        if pushed.private == args.public:  # only an existing repo can differ from what was asked
+            kept = "private" if pushed.private else "public"
+            print(
+                f"the Hub repo {args.push_to_hub!r} already exists and is {kept}: it stays {kept} (a push never "
+                "changes a repo's visibility; change it in the repo's settings)"
+            )
+        where = f"branch {pushed.revision!r} of " if pushed.revision else ""
+        print(f"pushed to {where}the {'private' if pushed.private else 'public'} repo: {pushed.url}")
 
 
 def run(argv: list[str] | None = None) -> AdvMIMCLI | None:

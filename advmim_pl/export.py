@@ -1,8 +1,9 @@
 """Export the pre-trained clean encoder for use outside this project: a plain timm ViT state dict (one safetensors
 file, ``export_encoder``), a timm folder (``export_folder``: weights, ``config.json`` and a model card, loadable with
 ``timm.create_model("local-dir:FOLDER", pretrained=True)``), or an upload of that folder to the Hugging Face Hub
-(``push_encoder``). ``load_exported`` rebuilds the timm model from the single file; reading weights back into this
-project's modules is ``advmim_pl.weights``.
+(``push_encoder``: a private repo unless asked otherwise). ``load_exported`` rebuilds the timm model from the single
+file; reading weights back into this project's modules is ``advmim_pl.weights``. The model card is this project's
+(``render_card``); only timm's and huggingface_hub's public functions are used.
 
 The clean encoder is psi_e and phi_c in the notation of docs/method.md: the weights both branches share and the
 clean branch's own normalisation layers. The auxiliary branch's copies (phi_a) and the decoders are dropped.
@@ -10,14 +11,15 @@ clean branch's own normalisation layers. The auxiliary branch's copies (phi_a) a
 
 import json
 from pathlib import Path
-from typing import Any
+from tempfile import TemporaryDirectory
+from typing import Any, NamedTuple
 
 import timm
 import torch
+from huggingface_hub import HfApi
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.models import push_to_hf_hub, save_for_hf
-from timm.models._hub import generate_readme  # the card push_to_hf_hub writes, so the folder's matches the Hub's
+from timm.models import save_for_hf
 
 from advmim_pl.models.vit import timm_kwargs
 from advmim_pl.reliability import read_checkpoint
@@ -101,9 +103,9 @@ def export_folder(ckpt_path: str | Path, folder: str | Path, overwrite: bool = F
 
     ``folder`` gets ``model.safetensors`` (the timm state dict), ``config.json`` (timm's: ``architecture``,
     ``model_args``, ``pretrained_cfg`` with mean, std and input size, plus ``advmim``: ``project_metadata``) and
-    ``README.md`` (``model_card``), so that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` alone rebuilds
-    the encoder. A folder that holds anything is FileExistsError unless ``overwrite``, which replaces these three files
-    and leaves the rest.
+    ``README.md`` (``model_card`` rendered by ``render_card``), so that ``timm.create_model("local-dir:FOLDER",
+    pretrained=True)`` alone rebuilds the encoder. A folder that holds anything is FileExistsError unless
+    ``overwrite``, which replaces these three files and leaves the rest.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -112,7 +114,13 @@ def export_folder(ckpt_path: str | Path, folder: str | Path, overwrite: bool = F
     if held and not overwrite:
         shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
         raise FileExistsError(f"output folder {str(folder)!r} is not empty (it holds {shown})")
-    checkpoint = read_pretraining(ckpt_path)
+    write_folder(read_pretraining(ckpt_path), Path(ckpt_path), folder, f"local-dir:{folder}", folder.name)
+    return folder
+
+
+def write_folder(checkpoint: dict[str, Any], ckpt_path: Path, folder: Path, load_name: str, title: str) -> None:
+    """``model.safetensors``, ``config.json`` and ``README.md`` of the checkpoint's clean encoder into ``folder``;
+    the card's loading snippet names ``load_name`` and its heading ``title``."""
     hparams = checkpoint["hyper_parameters"]
     model = clean_encoder(checkpoint)
     save_for_hf(
@@ -122,34 +130,49 @@ def export_folder(ckpt_path: str | Path, folder: str | Path, overwrite: bool = F
         model_args=model_args(hparams),
         safe_serialization=True,
     )
-    card = model_card(checkpoint, Path(ckpt_path), model, f"local-dir:{folder}")
-    (folder / "README.md").write_text(generate_readme(card, folder.name, task_name=TASK), encoding="utf-8")
-    return folder
+    card = render_card(model_card(checkpoint, ckpt_path, model, load_name), title)
+    (folder / "README.md").write_text(card, encoding="utf-8")
 
 
-def push_encoder(ckpt_path: str | Path, repo_id: str) -> str:
-    """Upload the clean encoder of a pre-training checkpoint to the Hugging Face Hub repo ``repo_id`` with timm's
-    ``push_to_hf_hub``: the files of ``export_folder`` (the model card only where the repo has no README.md yet).
-    Returns the commit's URL; the Hub client's errors (no network, no token) pass through."""
+class Pushed(NamedTuple):
+    """What ``push_encoder`` did: the commit's URL, whether the repo is private, and the branch it went to."""
+
+    url: str
+    private: bool
+    revision: str | None
+
+
+def push_encoder(ckpt_path: str | Path, repo_id: str, public: bool = False, revision: str | None = None) -> Pushed:
+    """Upload the clean encoder of a pre-training checkpoint to the Hugging Face Hub repo ``repo_id``: the files of
+    ``export_folder``, with huggingface_hub's ``HfApi``.
+
+    A missing repo is created private unless ``public``; an existing one keeps its visibility (``Pushed.private``
+    says which it has, from ``repo_info``). A ``revision`` branch that does not exist yet is created first (from the
+    default branch). The model card is uploaded only where the branch has no README.md yet, so an edited card stays.
+    The Hub client's errors (no network, no token) pass through."""
     checkpoint = read_pretraining(ckpt_path)
-    hparams = checkpoint["hyper_parameters"]
-    model = clean_encoder(checkpoint)
-    return str(
-        push_to_hf_hub(
-            model,
-            repo_id,
-            commit_message=f"Add the clean {method_name(hparams)} encoder of {Path(ckpt_path).name}",
-            model_config={"advmim": project_metadata(hparams)},
-            model_card=model_card(checkpoint, Path(ckpt_path), model, f"hf-hub:{repo_id}"),
-            model_args=model_args(hparams),
-            task_name=TASK,
-            safe_serialization=True,
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=not public, exist_ok=True).repo_id
+    private = bool(api.repo_info(repo_id).private)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)  # an upload to a missing branch fails
+    keep_card = api.file_exists(repo_id, "README.md", revision=revision)
+    load_name = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
+    with TemporaryDirectory() as tmp:
+        write_folder(checkpoint, Path(ckpt_path), Path(tmp), load_name, repo_id.rpartition("/")[2])
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            revision=revision,
+            commit_message=f"Add the clean {method_name(checkpoint['hyper_parameters'])} encoder of "
+            f"{Path(ckpt_path).name}",
+            ignore_patterns=["README.md"] if keep_card else None,
         )
-    )
+    return Pushed(str(getattr(commit, "commit_url", commit)), private, revision)
 
 
 def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Module, load_name: str) -> dict[str, Any]:
-    """The model card of an exported encoder, as timm's ``generate_readme`` takes it: the method (and the attack's
+    """The model card of an exported encoder, as ``render_card`` takes it: the method (and the attack's
     settings when the plug-in was on), the pre-training options, the data, how long it trained, and the
     feature-evaluation table when a ``features.md`` lies beside the checkpoint or in its version folder."""
     hparams = checkpoint["hyper_parameters"]
@@ -188,6 +211,30 @@ def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Modu
     if table:
         card["comparison"] = table
     return card
+
+
+def render_card(card: dict[str, Any], title: str) -> str:
+    """The README.md text of ``card`` (``model_card``'s keys: ``tags``, ``description``, ``details``, ``usage`` and
+    the optional ``comparison``) under the heading ``Model card for {title}``: a YAML header with the tags, the
+    Hub's ``pipeline_tag`` and ``library_name: timm`` (no licence: the owner of the weights chooses one), then one
+    section each. A details value that is a dict or list becomes a nested list."""
+    lines = ["---", "tags:", *(f"- {tag}" for tag in card.get("tags", [])), f"pipeline_tag: {TASK}"]
+    lines += ["library_name: timm", "---", f"# Model card for {title}"]
+    if "description" in card:
+        lines += ["", card["description"]]
+    if "details" in card:
+        lines += ["", "## Model Details"]
+        for key, value in card["details"].items():
+            if isinstance(value, dict):
+                lines += [f"- **{key}:**", *(f"  - {k}: {v}" for k, v in value.items())]
+            elif isinstance(value, (list, tuple)):
+                lines += [f"- **{key}:**", *(f"  - {v}" for v in value)]
+            else:
+                lines.append(f"- **{key}:** {value}")
+    for section, key in (("Model Usage", "usage"), ("Model Comparison", "comparison")):
+        if key in card:
+            lines += ["", f"## {section}", card[key]]
+    return "\n".join(lines) + "\n"
 
 
 def with_plugin(hparams: dict[str, Any]) -> bool:
