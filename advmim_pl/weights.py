@@ -9,9 +9,13 @@ Formats (``init_from``):
 - facebookresearch/mae checkpoints, ``{"model": state_dict}``: ``mae_pretrain_vit_*.pth`` (encoder only),
   ``mae_visualize_vit_*.pth`` and ``*_full.pth`` (encoder and decoder: ``decoder_embed``, ``mask_token``,
   ``decoder_pos_embed``, ``decoder_blocks.N.*``, ``decoder_norm``, ``decoder_pred``);
-- plain timm ViT state dicts (``.pth``, ``.bin``, ``.safetensors``) and timm ``local-dir:`` folders (``config.json``
-  beside ``model.safetensors`` or ``pytorch_model.bin``);
-- ``timm:<name.tag>`` (e.g. ``timm:vit_base_patch16_224.mae``), fetched through timm's own hub code.
+- plain timm ViT state dicts (``.pth``, ``.bin``, ``.safetensors``), also saved from a DDP-wrapped model (the
+  ``module.`` prefix of every key is stripped);
+- timm ``local-dir:`` folders (``config.json`` beside the weights) and Hub repos, ``hf-hub:org/repo[@revision]`` (what
+  ``advmim export --push-to-hub`` writes), both read by ``timm.create_model(name, pretrained=True)``;
+- ``timm:<name.tag>`` (e.g. ``timm:vit_base_patch16_224.mae``; ``timm:hf-hub:org/repo`` works too), fetched through
+  timm's own hub code. The Hub is asked once whether it answers; when it does not, or ``HF_HUB_OFFLINE`` is set, only
+  the local cache is read (``advmim_pl.hub``), so a missing network is one line within seconds.
 
 Pickled files are read with ``torch.load(weights_only=True)``, never with full unpickling; the one object type
 allowed besides tensors is ``argparse.Namespace`` (the ``args`` that reference-MAE training checkpoints carry).
@@ -19,32 +23,39 @@ allowed besides tensors is ``argparse.Namespace`` (the ``args`` that reference-M
 Loading adapts what has a standard adaptation, and says so in one log line each: position embeddings of another
 grid are regenerated when they are a fixed 2-D sin-cos table and resampled with timm's ``resample_abs_pos_embed``
 otherwise; a patch embedding made for another number of channels (RGB weights, grey data) is adapted with timm's
-``adapt_input_conv``; a classifier head is dropped. Any other mismatch is a one-line ``ValueError`` listing the keys
-and shapes.
+``adapt_input_conv``; a classifier head is dropped; a decoder whose output layer (``pred.*``) is made for another
+number of channels or patch size keeps every other layer and starts that one fresh. Any other mismatch of the encoder
+is a one-line ``ValueError`` listing the keys and shapes; a decoder that does not fit otherwise starts fresh.
 """
 
 import json
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import SafetensorError, safe_open
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
+from advmim_pl.hub import hub_reads
 from advmim_pl.models.branch_norm import clean_state_dict
 from advmim_pl.models.pos_embed import sincos_2d
-from advmim_pl.reliability import read_checkpoint
+from advmim_pl.reliability import load_error, read_checkpoint, refused_global
 
 ENCODER_PREFIX = "encoder.vit."
 FORMATS = (
     "a .ckpt of this project, an `advmim export` .safetensors file or folder, a facebookresearch/mae .pth, a timm "
-    "state dict (.pth, .bin, .safetensors), a timm local-dir: folder, or timm:<model.tag>"
+    "state dict (.pth, .bin, .safetensors), a timm local-dir: folder, hf-hub:org/repo or timm:<model.tag>"
 )
+DDP_PREFIX = "module."  # what DistributedDataParallel's own state_dict puts before every key
+OUTPUT_LAYER = "pred."  # the MAE decoder's pixel head: its shape follows the channels and the patch size
 # facebookresearch/mae's decoder names -> this project's MAEDecoder names
 REFERENCE_DECODER = {
     "decoder_embed.": "embed.",
@@ -115,18 +126,23 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise ValueError(f"init_from {str(path)!r} is not a readable safetensors file: {err}") from None
 
 
-def split_reference(state: dict[str, Tensor], made_by: str, **known) -> PretrainedWeights:
-    """A timm or facebookresearch/mae state dict -> encoder, and the decoder in this project's names when present."""
+def split_reference(state: dict[str, Tensor], made_by: str, source: str, **known) -> PretrainedWeights:
+    """A timm or facebookresearch/mae state dict -> encoder, and the decoder in this project's names when present.
+    A ``module.`` prefix on every key (a DDP-wrapped model's own state dict) is stripped, and logged."""
     encoder, decoder, consumed = {}, {}, {}
-    for key, value in state.items():
+    wrapped = bool(state) and all(key.startswith(DDP_PREFIX) for key in state)
+    if wrapped:
+        rank_zero_info(f"init_from {source!r}: every key starts with {DDP_PREFIX!r} (saved from a DDP model): stripped")
+    for original, value in state.items():
+        key = original.removeprefix(DDP_PREFIX) if wrapped else original
         prefix = next((p for p in REFERENCE_DECODER if key == p or (p.endswith(".") and key.startswith(p))), None)
         if prefix is None:
             encoder[key] = value
-            consumed[key] = f"encoder.{key}"
+            consumed[original] = f"encoder.{key}"
         else:
             name = REFERENCE_DECODER[prefix] + key[len(prefix) :]
             decoder[name] = value
-            consumed[key] = f"decoder.{name}"
+            consumed[original] = f"decoder.{name}"
     return PretrainedWeights(encoder, made_by, decoder=decoder or None, consumed=consumed, **known)
 
 
@@ -155,56 +171,77 @@ def split_lightning(checkpoint: dict) -> PretrainedWeights:
     return weights
 
 
-def from_timm_hub(name: str) -> PretrainedWeights:
-    """``timm:<model.tag>`` through timm's own hub code (needs network access or timm's cache)."""
+def from_timm(name: str, source: str) -> PretrainedWeights:
+    """The weights of ``timm.create_model(name, pretrained=True, num_classes=0)`` (a classifier head dropped) for
+    ``name`` = ``local-dir:FOLDER``, ``hf-hub:org/repo[@revision]`` or a timm ``model.tag``; the pixel mean/std from
+    the model's ``pretrained_cfg``, the pre-training method from the ``advmim`` block of an exported config.json.
+    Hub names go through ``hub_reads``: one check, then the cache only when the Hub does not answer."""
     import timm
 
-    try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
-    except Exception as err:  # hub, network and unknown-name errors of several libraries
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(
-            f"init_from 'timm:{name}' could not be fetched through timm's hub ({type(err).__name__}: {first}); without "
-            "network access, download the weights where there is and pass the local file or local-dir: folder"
-        ) from None
+    with nullcontext() if name.startswith("local-dir:") else hub_reads() as unreachable:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+            config = timm_config(name)
+        except Exception as err:  # timm's, huggingface_hub's, the network's and torch's errors
+            cause = err  # timm re-raises torch's refusal of a pickled global as a RuntimeError of its own
+            while cause.__cause__ is not None and not refused_global(str(cause)):
+                cause = cause.__cause__
+            if refused_global(str(cause)):
+                raise load_error(source, cause, "init_from") from None
+            lines = str(err).strip().splitlines()
+            why = type(err).__name__ + (f": {lines[0]}" if lines else "")
+            if name.startswith("local-dir:"):
+                raise ValueError(f"init_from {source!r}: timm could not load the folder ({why})") from None
+            if unreachable and isinstance(err, LocalEntryNotFoundError):  # the one check failed, the cache lacks it
+                why = f"{unreachable}, and the local cache {constants.HF_HUB_CACHE} does not hold it"
+            raise ValueError(
+                f"init_from {source!r} could not be fetched through timm's hub ({why}); without network access, "
+                "download the weights where there is and pass the local file or local-dir: folder"
+            ) from None
     cfg = model.pretrained_cfg
-    return split_reference(model.state_dict(), f"timm {name}", mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    made_by = f"timm {name}"
+    if config:
+        made_by = f"architecture={config.get('architecture')!r}, model_args={config.get('model_args', {})}"
+    method = config.get("advmim", {}).get("method")
+    return split_reference(
+        model.state_dict(), made_by, source, method=method, mean=tuple(cfg["mean"]), std=tuple(cfg["std"])
+    )
 
 
-def from_folder(folder: Path) -> PretrainedWeights:
-    """A timm ``local-dir:`` / Hugging Face folder: ``config.json`` beside ``model.safetensors`` or
-    ``pytorch_model.bin`` (what ``advmim export`` writes for a folder)."""
-    config_path = folder / "config.json"
-    files = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
-    if not config_path.is_file() or not files:
-        raise FileNotFoundError(
-            f"init_from {str(folder)!r} is a folder without config.json and model.safetensors (or pytorch_model.bin): "
-            "not a timm local-dir: folder"
-        )
-    config = json.loads(config_path.read_text())
-    state = read_safetensors(files[0])[0] if files[0].suffix == ".safetensors" else safe_load(files[0])
-    cfg = config.get("pretrained_cfg", {})
-    stats = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
-    made_by = f"architecture={config.get('architecture')!r}, model_args={config.get('model_args', {})}"
-    return split_reference(state, made_by, method=config.get("advmim", {}).get("method"), **stats)
+def timm_config(name: str) -> dict:
+    """The config.json of a ``local-dir:`` folder or an ``hf-hub:`` repo (from the cache timm just filled), {} for a
+    timm tag."""
+    kind, _, ident = name.partition(":")
+    if kind == "local-dir":
+        return json.loads(Path(ident, "config.json").read_text())
+    if kind == "hf-hub":
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = ident.partition("@")
+        return json.loads(Path(hf_hub_download(repo, "config.json", revision=revision or None)).read_text())
+    return {}
 
 
 def read_weights(source: str | Path) -> PretrainedWeights:
     """The weights ``source`` holds (any of the module docstring's formats). A missing path is FileNotFoundError;
     an unreadable file CheckpointError or ValueError, each in one line."""
     text = str(source)
-    if text.startswith("timm:"):
-        return from_timm_hub(text.removeprefix("timm:"))
+    if text.startswith(("timm:", "hf-hub:")):
+        return from_timm(text.removeprefix("timm:"), text)
     path = Path(text.removeprefix("local-dir:"))
     if path.is_dir():
-        return from_folder(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"init_from {text!r} is a folder without config.json: not a timm local-dir: folder (expected {FORMATS})"
+            )
+        return from_timm(f"local-dir:{path}", text)
     if not path.is_file():
         raise FileNotFoundError(f"init_from {text!r} does not exist (expected {FORMATS})")
     if path.suffix == ".safetensors":
         state, meta = read_safetensors(path)
         stats = {k: tuple(json.loads(meta[k])) for k in ("mean", "std") if k in meta}
         made_by = f"timm_kwargs={meta['timm_kwargs']}" if "timm_kwargs" in meta else "a safetensors state dict"
-        return split_reference(state, made_by, method=meta.get("method") or None, **stats)
+        return split_reference(state, made_by, text, method=meta.get("method") or None, **stats)
     checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(
@@ -218,7 +255,8 @@ def read_weights(source: str | Path) -> PretrainedWeights:
         raise ValueError(
             f"init_from {text!r} holds neither a Lightning checkpoint nor a state dict (expected {FORMATS})"
         )
-    weights = split_reference(tensors, "facebookresearch/mae" if "model" in checkpoint else "a plain state dict")
+    made_by = "facebookresearch/mae" if "model" in checkpoint else "a plain state dict"
+    weights = split_reference(tensors, made_by, text)
     weights.consumed |= {f"{k} (outside 'model')": "dropped: training state" for k in checkpoint if k != "model"}
     return weights
 
@@ -320,8 +358,9 @@ def load_encoder(vit: nn.Module, weights: PretrainedWeights, source: str) -> Non
 
 def load_decoder(decoder: nn.Module, weights: PretrainedWeights, source: str, prefix_tokens: int) -> bool:
     """Load ``weights.decoder`` into ``decoder`` when every key and shape fits (a fixed sin-cos position table of
-    another grid is regenerated); otherwise keep the fresh decoder and log one line naming the keys that stayed fresh.
-    Returns whether the decoder was loaded."""
+    another grid is regenerated). When only the output layer ``pred.*`` misfits (another number of channels or patch
+    size: RGB weights on grey data), every other layer is loaded and that one starts fresh; otherwise the whole decoder
+    stays fresh. Either way one line names the keys that start fresh. Returns whether any layer was loaded."""
     target = decoder.state_dict()
     if not weights.decoder:
         rank_zero_info(f"init_from {source!r} has no decoder: the decoder starts fresh")
@@ -341,6 +380,14 @@ def load_decoder(decoder: nn.Module, weights: PretrainedWeights, source: str, pr
         if k not in state or state[k].shape != v.shape
     ]
     misfit += [f"{k} {tuple(state[k].shape)} (not in this decoder)" for k in state if k not in target]
+    fits = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    if misfit and fits and all(line.startswith(OUTPUT_LAYER) for line in misfit):
+        decoder.load_state_dict(fits, strict=False)
+        rank_zero_info(
+            f"init_from {source!r}: its decoder's output layer does not fit this one (another number of channels or "
+            f"patch size), so it starts fresh: {_listing(misfit)}; the other {len(fits)} tensors are loaded"
+        )
+        return True
     if misfit:
         rank_zero_info(
             f"init_from {source!r}: its decoder does not fit this one, so the decoder starts fresh: {_listing(misfit)}"

@@ -1,23 +1,33 @@
 """The Hugging Face Hub, without a network: ``advmim export --push-to-hub`` makes a private repo unless --public,
-pushes to a --revision branch it creates first, leaves an existing repo's visibility as it is and says so; and the
-project imports no private name of timm or huggingface_hub.
+pushes to a --revision branch it creates first, leaves an existing repo's visibility as it is and says so; the name
+the pushed model card gives loads as ``init_from``; a timm tag without network fails within seconds in one line; and
+the project imports no private name of timm or huggingface_hub.
 
 ``FakeHub`` stands in for ``huggingface_hub.HfApi``: repos with their visibility, branches and files, where an upload
 to a branch that does not exist fails, as on the Hub."""
 
 import ast
 import fnmatch
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from huggingface_hub import constants
 
 import advmim_pl.export
 from advmim_pl.cli import run
-from tests.helpers.micro import micro_module, save
+from advmim_pl.modules import LinearProbeModule
+from advmim_pl.reliability import UnsafeCheckpointError
+from advmim_pl.weights import read_weights
+from tests.helpers.micro import ENCODER, micro_module, save
 
 REPO = "someone/advmim-micro"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit the fake Hub reports
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit hash the fake cache files its snapshot under
 
 
 class FakeHub:
@@ -143,6 +153,75 @@ def test_public_or_revision_without_a_push_is_refused(hub, ckpt, tmp_path, capsy
     assert hub.calls == [] and not (tmp_path / "encoder").exists()
 
 
+# ---- reading from the Hub -------------------------------------------------------------------------------------------
+def fill_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Put ``files`` into a Hugging Face cache at ``cache`` as a download of ``repo_id``'s main branch leaves them."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_the_name_the_pushed_card_gives_loads_as_init_from(hub, ckpt, tmp_path, capsys, monkeypatch):
+    push(ckpt, tmp_path / "encoder", capsys)
+    files = hub.repos[REPO]["branches"]["main"]
+    name = re.search(r'timm\.create_model\("([^"]+)", pretrained=True\)', files["README.md"].decode()).group(1)
+    assert name == f"hf-hub:{REPO}"
+    fill_cache(tmp_path / "hub", REPO, files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after huggingface_hub's import, and still respected
+
+    weights = read_weights(name)
+    assert weights.method == "MAE" and weights.mean == ENCODER["mean"] and weights.std == ENCODER["std"]
+    assert set(read_weights(f"timm:{name}").encoder) == set(weights.encoder)
+    from_hub, from_ckpt = (LinearProbeModule(10, **ENCODER, init_from=s) for s in (name, ckpt))
+    reference = from_ckpt.encoder.vit.state_dict()
+    for key, value in from_hub.encoder.vit.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    torch.manual_seed(1)
+    fresh = LinearProbeModule(10, **ENCODER).encoder.vit.state_dict()  # what the weights replaced
+    assert not torch.equal(fresh["blocks.0.attn.qkv.weight"], reference["blocks.0.attn.qkv.weight"])
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TAG = "timm:vit_tiny_patch16_224.augreg_in21k"
+FETCH = f"""
+import time
+from advmim_pl.weights import read_weights
+start = time.monotonic()
+try:
+    read_weights({TAG!r})
+except ValueError as err:
+    print(f"{{time.monotonic() - start:.2f}}")
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "closed-endpoint"])
+def test_a_timm_tag_without_network_fails_within_seconds_in_one_line(tmp_path, offline):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env |= {"HF_HUB_OFFLINE": "1"} if offline else {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    done = subprocess.run([sys.executable, "-c", FETCH], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elapsed, *message = done.stdout.strip().splitlines()
+    assert len(message) == 1, done.stdout  # one line
+    assert float(elapsed) < 15, elapsed  # measured: about 0.1 s offline, 0.2 s against the closed port
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hub at http://127.0.0.1:"
+    assert message[0].startswith(f"init_from '{TAG}' could not be fetched through timm's hub ({why}")
+    assert f"and the local cache {tmp_path / 'hf' / 'hub'} does not hold it); " in message[0]
+    assert message[0].endswith("pass the local file or local-dir: folder")
+    assert "Retrying" not in done.stderr  # huggingface_hub's backoff never started
+
+
 # ---- public functions only ----------------------------------------------------------------------------------------
 def test_the_project_imports_no_private_name_of_timm_or_huggingface_hub():
     private = []
@@ -155,3 +234,27 @@ def test_the_project_imports_no_private_name_of_timm_or_huggingface_hub():
                 private += [f"{path.name}: import {a.name}" for a in node.names if "._" in a.name and "timm" in a.name]
     assert private == []
     assert "generate_readme" not in Path(advmim_pl.export.__file__).read_text()
+
+
+class RunsCode:
+    """Unpickling this object creates ``marker``: what a malicious pickle would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_local_dir_folder_is_read_by_timm_weights_only(ckpt, tmp_path):
+    folder = tmp_path / "encoder"
+    run(["export", ckpt, str(folder)])
+    weights = read_weights(f"local-dir:{folder}")
+    assert weights.made_by.startswith("architecture='vit_base_patch16_224', model_args={")
+    state = weights.encoder
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "code_ran"
+    torch.save({**state, "payload": RunsCode(marker)}, folder / "pytorch_model.bin")  # timm's other weights name
+    with pytest.raises(UnsafeCheckpointError, match=r"init_from '.*encoder' holds .*refused") as err:
+        read_weights(str(folder))
+    assert "\n" not in str(err.value) and not marker.exists()

@@ -189,6 +189,50 @@ def test_rgb_weights_on_grey_data_sum_the_patch_embedding_over_the_channels(tmp_
     torch.testing.assert_close(module.encoder.vit.patch_embed.proj.weight.detach(), expected)
 
 
+def test_a_ddp_saved_state_dict_loads_with_its_module_prefix_stripped(tmp_path, caplog):
+    state = reference_mae_state()
+    path = tmp_path / "ddp.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)  # DDP-wrapped model's state_dict()
+    assert set(read_weights(path).consumed) == {f"module.{k}" for k in state}  # every key of the file accounted for
+    with caplog.at_level(logging.INFO):
+        module = micro_module(init_from=str(path))
+    assert "every key starts with 'module.' (saved from a DDP model): stripped" in caplog.text
+    encoder, decoder = clean_state_dict(module.encoder.vit.state_dict()), module.decoder.state_dict()
+    for key, value in state.items():
+        loaded = decoder[ours(key)] if key.startswith("decoder") or key == "mask_token" else encoder[key]
+        assert torch.equal(loaded, value), key
+
+
+def test_rgb_weights_on_grey_data_keep_every_decoder_layer_but_the_pixel_head(tmp_path, caplog):
+    state = reference_mae_state()
+    g = torch.Generator().manual_seed(5)
+    rgb = 4 * 4 * 3  # the pixel head of an RGB model: patch 4, three channels
+    state |= {
+        "decoder_pred.weight": torch.randn(rgb, DECODER["dim"], generator=g),
+        "decoder_pred.bias": torch.zeros(rgb),
+    }
+    state["patch_embed.proj.weight"] = torch.randn(64, 3, 4, 4, generator=g)
+    path = save_reference(state, tmp_path / "mae_rgb_full.pth")
+    with caplog.at_level(logging.INFO):
+        module = micro_module(seed=3, init_from=path)
+    fresh = micro_module(seed=3).decoder.state_dict()
+    decoder = module.decoder.state_dict()
+    for key, value in decoder.items():
+        if key.startswith("pred."):  # made for 48 outputs, this decoder predicts 16: it starts fresh
+            assert torch.equal(value, fresh[key]) and value.shape[0] == 16, key
+        else:
+            assert torch.equal(value, state[theirs(key)]), key
+            assert not torch.equal(value, fresh[key]) or key == "pos_embed", key  # the load changed it
+    assert (
+        "its decoder's output layer does not fit this one (another number of channels or patch size), so it starts "
+        f"fresh: pred.weight ({rgb}, 32) vs (16, 32); pred.bias ({rgb},) vs (16,); the other {len(decoder) - 2} "
+        "tensors are loaded" in caplog.text
+    )
+    assert "loaded the encoder, the decoder; a new run starts" in caplog.text
+    expected = state["patch_embed.proj.weight"].sum(dim=1, keepdim=True)  # and the encoder's stem was adapted
+    torch.testing.assert_close(module.encoder.vit.patch_embed.proj.weight.detach(), expected)
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 class RunsCode:
     """Unpickling this object creates ``marker``: what a malicious pickle would do."""
