@@ -46,6 +46,7 @@ from advmim_pl.data.resumable import global_seed, mix
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 
 REMOTE = ("s3://", "gs://")
+STORE_PACKAGES = {"s3": "boto3", "gs": "google-cloud-storage"}  # the client each object store's reader imports
 
 
 def open_shards(data_dir: str, arg: str, **options: Any) -> tuple[StreamingDataset, dict]:
@@ -60,6 +61,12 @@ def open_shards(data_dir: str, arg: str, **options: Any) -> tuple[StreamingDatas
     if data_dir.startswith(REMOTE):
         try:  # litdata's own client retries a failed request 1,000 times: a wrong URL would hang, not fail
             probe_index(data_dir, options.get("storage_options") or {})
+        except ImportError as err:  # not a network or credentials problem: say what to install
+            package = STORE_PACKAGES[data_dir.split("://", 1)[0]]
+            raise ModuleNotFoundError(
+                f"{arg} {data_dir!r}: streaming from {data_dir.split('://', 1)[0]}:// needs the {package} package, "
+                f"which is not installed ({err}): pip install {package}"
+            ) from None
         except Exception as err:  # boto3 and google-cloud-storage raise their own errors for network and credentials
             lines = str(err).strip().splitlines()
             reason = type(err).__name__ + (f": {lines[0]}" if lines else "")

@@ -7,12 +7,15 @@ Every image is one flat colour whose red level names it (8 + 6 x index) and whos
 a batch says which samples it holds whatever the crop.
 """
 
+import io
 import json
 import shutil
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import boto3
 import lightning as L
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from litdata.utilities import env
 from PIL import Image
 
+import advmim_pl.data.prepare
 from advmim_pl.cli import run
 from advmim_pl.data.base import machine_cores
 from advmim_pl.data.prepare import VERSION, prepare
@@ -210,6 +214,56 @@ def test_unreachable_or_unauthorised_url_is_one_line(monkeypatch, tmp_path):
             assert "\n" not in str(caught.value)
     finally:
         server.shutdown()
+
+
+def test_gs_without_google_cloud_storage_names_the_package_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "google.cloud", None)  # as if google-cloud-storage were not installed
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
+    with pytest.raises(ModuleNotFoundError) as caught:
+        StreamingImageDataModule("gs://bucket/train", cache_dir=str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith("train_dir 'gs://bucket/train': streaming from gs:// needs the google-cloud-storage ")
+    assert message.endswith(": pip install google-cloud-storage") and "\n" not in message
+    assert "credentials" not in message and "network" not in message  # not blamed on the network or credentials
+    config = ["-c", "quickstart.yaml", "-c", "data/streaming.yaml", "--data.init_args.train_dir", "gs://bucket/train"]
+    with pytest.raises(SystemExit, match=r"invalid configuration: ModuleNotFoundError: .* pip install google-cloud"):
+        run(["fit", *config, "--data.init_args.cache_dir", str(tmp_path)])
+
+
+class FakeS3:
+    """The two calls ``advmim prepare`` makes to an s3 client, on objects held in memory."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], bytes] = {}
+
+    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 (boto3's names)
+        return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes) -> None:  # noqa: N803
+        self.objects[(Bucket, Key)] = Body
+
+
+def test_prepare_writes_to_s3_through_litdata_and_tags_the_uploaded_index(folders, monkeypatch, capsys):
+    root, shards = folders
+    s3, seen = FakeS3(), {}
+    litdata_index = {"chunks": [{"filename": "chunk-0-0.bin", "chunk_size": 36}], "config": {"data_format": []}}
+
+    def optimize(fn, inputs, output_dir, **options):  # litdata's optimize, which uploads the chunks and index.json
+        seen["output_dir"], seen["labels"] = output_dir, [fn(sample)["label"] for sample in inputs]
+        s3.objects[("bucket", "imagenet/train/index.json")] = json.dumps(litdata_index).encode()
+
+    monkeypatch.setattr(advmim_pl.data.prepare, "optimize", optimize)
+    monkeypatch.setattr(boto3, "client", lambda service, **kwargs: s3 if service == "s3" else None)
+    run(["prepare", str(root), "s3://bucket/imagenet/train/"])
+
+    assert seen["output_dir"] == "s3://bucket/imagenet/train/"  # the URL as given, not made a local path
+    assert seen["labels"] == [i // PER_CLASS for i in range(CLASSES * PER_CLASS)]
+    index = json.loads(s3.objects[("bucket", "imagenet/train/index.json")])
+    assert index["advmim"] == json.loads((shards / "index.json").read_text())["advmim"]  # as a local prepare tags it
+    assert {k: v for k, v in index.items() if k != "advmim"} == litdata_index  # litdata's own fields kept
+    assert capsys.readouterr().out.strip() == f"wrote {CLASSES * PER_CLASS} images to s3://bucket/imagenet/train/"
+    with pytest.raises(SystemExit, match=r"output_dir 'gs://bucket/x': prepare writes to a local folder or an s3://"):
+        run(["prepare", str(root), "gs://bucket/x"])
 
 
 def test_the_streaming_config_builds_the_module(folders):
