@@ -2,7 +2,8 @@
 download code, from the local cache only when it does not.
 
 huggingface_hub retries a refused or timed-out request five times per file with growing pauses, and timm asks for
-two files per model, so an unreachable Hub costs about 45 s and 22 lines of retries before the error. ``hub_reads``
+two files per model, so an unreachable Hub costs about 50 s (53 s against a closed port here) and a retry message per
+attempt before the error. ``hub_reads``
 asks once (``HUB_TIMEOUT_S``) and, when the Hub does not answer or ``HF_HUB_OFFLINE`` is set, switches
 huggingface_hub to its offline mode (its ``constants.HF_HUB_OFFLINE``, which it otherwise reads once at import) for
 the duration, so that files already in the cache still load and missing ones fail at once.
