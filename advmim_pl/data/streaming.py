@@ -171,6 +171,9 @@ class ProgressLoader(StreamingDataLoader):
     the restored one's end (no batches)."""
 
     def __init__(self, dataset: ShardStream, batches_done: Any, **kwargs: Any) -> None:
+        # a plain int: litdata keeps the batch size in the saved state, and the CLI's jsonargparse PositiveInt there
+        # would make the checkpoint one that weights-only reads refuse, so that --ckpt_path could not resume it
+        kwargs["batch_size"] = int(kwargs["batch_size"])
         super().__init__(dataset, **kwargs)
         self.batches_done = batches_done
         self._restored = False  # a loaded mid-epoch position that the next iteration starts from
