@@ -18,8 +18,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from advmim_pl.checks import require_non_negative, require_positive
+from advmim_pl.checks import constructor_config, require_non_negative, require_positive
 from advmim_pl.data.device import GREY_WEIGHTS, DeviceBatches
+from advmim_pl.data.resolution import ResolutionSchedule
 from advmim_pl.data.resumable import ResumableSampler, SeededSamples, TrainingOrder, global_seed
 
 
@@ -87,6 +88,10 @@ class ImageDataModule(LightningDataModule):
     ``channels``, linked to the model's normalisation); their ``setup`` sets ``train_set``, ``val_set`` and
     ``test_set``. ``normalize_mean``/``normalize_std`` replace the dataset's statistics, e.g. to evaluate an encoder
     on another dataset with the normalisation it was pre-trained with.
+
+    ``resolution`` (``advmim_pl.data.resolution``): progressive resolution. The training crops of epoch ``e`` are
+    ``resolution.size(e)`` pixels wide on every data path (drawn per sample from the epoch, so persistent workers,
+    resumed runs and every rank agree); validation and test stay at ``img_size``, where the schedule must end.
     """
 
     num_classes: int
@@ -105,16 +110,24 @@ class ImageDataModule(LightningDataModule):
         normalize_mean: tuple[float, ...] | None = None,
         normalize_std: tuple[float, ...] | None = None,
         eval_crop_ratio: float = 1.0,
+        resolution: ResolutionSchedule | None = None,
     ) -> None:
         super().__init__()
         require_positive(batch_size=batch_size, img_size=img_size)
+        if resolution is not None and resolution.final != img_size:
+            raise ValueError(
+                f"the resolution schedule ends at {resolution.final} px but img_size is {img_size}: img_size is the "
+                "final resolution (the model's, and its export's), so make the schedule end there"
+            )
         require_non_negative(num_workers=num_workers)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["resolution"])
+        self.hparams["resolution"] = None if resolution is None else constructor_config(resolution)
+        self.resolution = resolution
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.img_size = img_size
@@ -257,7 +270,7 @@ class MapStyleDataModule(ImageDataModule):
                 "with drop_last=True no batch would be produced"
             )
         self.check_workers()
-        sampler = ResumableSampler(self._training_order(len(dataset)))
+        sampler = ResumableSampler(self._training_order(len(dataset)), self.resolution)
         return DataLoader(
             SeededSamples(dataset),
             sampler=sampler,
@@ -366,4 +379,5 @@ class InMemoryDataModule(MapStyleDataModule):
             channels=self.channels,
             scale=self.crop_scale,
             hflip=self.hflip,
+            resolution=self.resolution,
         )

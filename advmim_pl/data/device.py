@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from advmim_pl.data.resolution import ResolutionSchedule, announce
 from advmim_pl.data.resumable import TrainingOrder, mix
 from advmim_pl.rng import generator_for, rand
 
@@ -149,6 +150,7 @@ class DeviceBatches:
         channels: output channels (grey is replicated to 3, RGB converted to grey).
         scale: crop-area range as a fraction of the image.
         hflip: random horizontal flip with p=0.5.
+        resolution: progressive resolution: epoch ``e``'s batches are ``resolution.size(e)`` wide, not ``out_size``.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class DeviceBatches:
         channels: int,
         scale: tuple[float, float],
         hflip: bool = True,
+        resolution: ResolutionSchedule | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -167,18 +170,23 @@ class DeviceBatches:
             raise ValueError(f"the training order covers {order.size} samples, but there are {len(images)} images")
         self.images, self.labels, self.order = images, labels, order
         self.out_size, self.channels, self.scale, self.hflip = out_size, channels, scale, hflip
+        self.resolution = resolution
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, first = self.order.start()
+        size = self.out_size
+        if self.resolution is not None:
+            announce(self.resolution, epoch)
+            size = self.resolution.size(epoch)
         device = self.images.device
         batches = self.order.batches(epoch)[first:].to(device)
         augment = generator_for(device)
         for b, index in enumerate(batches, start=first):
             augment.manual_seed(mix(self.order.seed, epoch, self.order.rank, b))
             images = random_resized_crop_flip(
-                self.images.index_select(0, index), self.out_size, self.scale, RATIO, augment, self.hflip
+                self.images.index_select(0, index), size, self.scale, RATIO, augment, self.hflip
             )
             yield to_channels(images, self.channels), self.labels.index_select(0, index)

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from advmim_pl.data.resolution import ResolutionSchedule, announce, set_output_size
+
 MASK63 = (1 << 63) - 1
 
 
@@ -97,24 +99,31 @@ class ResumableSampler(DistributedSampler):
     shards the order itself, and a wrapper would shard the resumed remainder of an epoch a second time.
     """
 
-    def __init__(self, order: TrainingOrder) -> None:
+    def __init__(self, order: TrainingOrder, resolution: ResolutionSchedule | None = None) -> None:
         super().__init__(
             range(order.size), num_replicas=order.world_size, rank=order.rank, shuffle=False, drop_last=True
         )
-        self.order = order
+        self.order, self.resolution = order, resolution
 
     def __len__(self) -> int:
         return len(self.order) * self.order.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, first = self.order.start()
+        if self.resolution is None:
+            for index in self.order.batches(epoch)[first:].flatten().tolist():
+                yield mix(self.order.seed, epoch, index), index
+            return
+        announce(self.resolution, epoch)
+        size = self.resolution.size(epoch)
         for index in self.order.batches(epoch)[first:].flatten().tolist():
-            yield mix(self.order.seed, epoch, index), index
+            yield mix(self.order.seed, epoch, index), index, size
 
 
 class SeededSamples(Dataset):
     """Wraps a dataset so that item (sample_seed, index) is ``dataset[index]`` with its random augmentation drawn
-    from ``sample_seed`` (the process's own RNG state is restored afterwards)."""
+    from ``sample_seed`` (the process's own RNG state is restored afterwards); item (sample_seed, index, size) crops
+    it to ``size`` pixels (progressive resolution)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -122,8 +131,10 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        sample_seed, index = key
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, int]):
+        sample_seed, index, *size = key
+        if size:
+            set_output_size(self.dataset.transform, size[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             return self.dataset[index]

@@ -42,6 +42,7 @@ from advmim_pl.data.base import ImageDataModule
 from advmim_pl.data.image_folder import first_readable
 from advmim_pl.data.jpeg import JpegCropFlip
 from advmim_pl.data.prepare import FORMAT, VERSION
+from advmim_pl.data.resolution import ResolutionSchedule, announce
 from advmim_pl.data.resumable import global_seed, mix
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 
@@ -146,12 +147,21 @@ class ShardStream(StreamingDataset):
     from ``crop``, class index), with the crop and flip drawn from the seed (``seed``, epoch, record index).
     Unreadable records are replaced by the next readable one and counted in ``corrupt``."""
 
-    def __init__(self, data_dir: str, crop: JpegCropFlip, corrupt: Tensor, **options: Any) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        crop: JpegCropFlip,
+        corrupt: Tensor,
+        resolution: ResolutionSchedule | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(data_dir, **options)
-        self.crop, self.corrupt = crop, corrupt
+        self.crop, self.corrupt, self.resolution = crop, corrupt, resolution
 
     def __getitem__(self, index: ChunkedIndex | int) -> tuple[Tensor, int]:
         first = index.index if isinstance(index, ChunkedIndex) else index
+        if self.resolution is not None:  # litdata counts epochs from 1
+            self.crop.out_size = self.resolution.size(self.current_epoch - 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix(self.seed, self.current_epoch, first))
             load = lambda i: self._load(index if i == first else i)  # the scheduled read, or a replacement's
@@ -184,7 +194,17 @@ class ProgressLoader(StreamingDataLoader):
 
     def __iter__(self) -> Any:
         self.restore, self._restored = self._restored, False
-        return super().__iter__()
+        batches = super().__iter__()
+        if self.dataset.resolution is None:
+            return batches
+        return self._announced(batches)
+
+    def _announced(self, batches: Any) -> Any:
+        """``batches``, with the resolution schedule's switch line once litdata has started the epoch."""
+        for i, batch in enumerate(batches):
+            if i == 0:
+                announce(self.dataset.resolution, self.current_epoch - 1)
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -264,7 +284,14 @@ class StreamingImageDataModule(ImageDataModule):
         self.check_workers()
         crop = JpegCropFlip(self.img_size, self.crop_scale, self.hflip, self.channels)
         stream = ShardStream(
-            self.train_dir, crop, self.corrupt, shuffle=True, drop_last=True, seed=global_seed(), **self.options
+            self.train_dir,
+            crop,
+            self.corrupt,
+            self.resolution,
+            shuffle=True,
+            drop_last=True,
+            seed=global_seed(),
+            **self.options,
         )
         if self.meta["num_samples"] // stream.distributed_env.world_size < self.batch_size:
             raise ValueError(

@@ -33,6 +33,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         table = sincos_2d(decoder_dim, grid_size, num_prefix_tokens).unsqueeze(0)
         self.pos_embed = nn.Parameter(table, requires_grad=False)
+        self.base_grid = self.grid_size = tuple(grid_size)
         self.blocks = nn.Sequential(*[Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.pred = nn.Linear(decoder_dim, patch_size**2 * in_chans)
@@ -47,14 +48,26 @@ class MAEDecoder(nn.Module):
         """Checkpoint the decoder blocks' activations (recomputed in the backward), as timm's models do."""
         self.grad_checkpointing = enable
 
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        """Decode a patch grid of ``grid_size`` from now on (progressive resolution): fixed sin-cos positions of it."""
+        self.grid_size = tuple(grid_size)
+
+    def position_table(self) -> Tensor:
+        """Fixed 2-D sin-cos positions (1, P + N, D) of the current grid."""
+        if self.grid_size == self.base_grid:
+            return self.pos_embed
+        table = sincos_2d(self.pos_embed.shape[-1], self.grid_size, self.num_prefix_tokens)
+        return table.unsqueeze(0).to(self.pos_embed)
+
     def forward(self, latent: Tensor, keep: Tensor) -> Tensor:
         x = self.embed(latent)
         prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        batch, num_patches = keep.shape[0], self.pos_embed.shape[1] - self.num_prefix_tokens
+        pos = self.position_table()
+        batch, num_patches = keep.shape[0], pos.shape[1] - self.num_prefix_tokens
         full = self.mask_token.to(x.dtype).expand(batch, num_patches, -1)
         index = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         full = full.scatter(1, index, visible)
-        x = torch.cat([prefix, full], dim=1) + self.pos_embed
+        x = torch.cat([prefix, full], dim=1) + pos
         x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
         return self.pred(x[:, self.num_prefix_tokens :])
 
@@ -74,10 +87,14 @@ class SimMIMDecoder(nn.Module):
         num_prefix_tokens: int,
     ) -> None:
         super().__init__()
-        self.grid_size = grid_size
+        self.grid_size = tuple(grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.proj = nn.Conv2d(embed_dim, patch_size**2 * in_chans, kernel_size=1)
         self.shuffle = nn.PixelShuffle(patch_size)
+
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        """Decode a patch grid of ``grid_size`` from now on (progressive resolution)."""
+        self.grid_size = tuple(grid_size)
 
     def forward(self, latent: Tensor) -> Tensor:
         tokens = latent[:, self.num_prefix_tokens :]

@@ -5,6 +5,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -80,6 +81,7 @@ class MaskedViT(nn.Module):
         if not isinstance(self.vit, VisionTransformer) or self.vit.pos_embed is None:
             raise ValueError(f"{name!r} is not a timm VisionTransformer with absolute position embeddings")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token else None
+        self.sincos_pos_embed, self.base_grid = sincos_pos_embed, self.grid_size
         self._init_weights(sincos_pos_embed)
 
     @classmethod
@@ -143,6 +145,34 @@ class MaskedViT(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.vit.num_prefix_tokens
 
+    @property
+    def img_size(self) -> int:
+        """The side of the images the encoder takes now (``set_img_size``)."""
+        return self.vit.patch_embed.img_size[0]
+
+    def set_img_size(self, img_size: int) -> None:
+        """Take images of ``img_size`` x ``img_size`` from now on (progressive resolution): the patch grid, and with
+        it every mask and the position embeddings, follow. Parameters keep their shapes: learned positions stay at the
+        grid the encoder was built for and are resampled per forward (timm's ``resample_abs_pos_embed``); fixed
+        sin-cos ones are regenerated for the grid."""
+        if img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by patch_size {self.patch_size}: choose a multiple of "
+                f"{self.patch_size}"
+            )
+        self.vit.patch_embed.set_input_size(img_size=img_size)
+
+    def position_table(self) -> Tensor:
+        """The position embeddings (1, P' + N, D) of the current grid (P' prefix positions, 0 with
+        ``no_embed_class``)."""
+        vit, grid = self.vit, self.grid_size
+        if grid == self.base_grid:
+            return vit.pos_embed
+        prefix = 0 if vit.no_embed_class else self.num_prefix_tokens
+        if self.sincos_pos_embed:
+            return sincos_2d(self.embed_dim, grid, prefix).unsqueeze(0).to(vit.pos_embed)
+        return resample_abs_pos_embed(vit.pos_embed, list(grid), list(self.base_grid), prefix)
+
     def _embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) in [0, 1] -> patch embeddings (B, N, D), no positions yet."""
         return self.vit.patch_embed(self.normalize(x))
@@ -150,7 +180,7 @@ class MaskedViT(nn.Module):
     def _add_positions(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         """Patch embeddings (B, N, D) -> prefix tokens (B, P, D), patch tokens (B, N, D) with positions."""
         vit = self.vit
-        pos = vit.pos_embed
+        pos = self.position_table()
         if vit.no_embed_class:
             prefix_pos, patch_pos = pos[:, :0], pos
         else:

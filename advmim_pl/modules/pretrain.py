@@ -167,10 +167,34 @@ class PretrainModule(BaseModule):
         """The host method's step on x (B, C, H, W) under a mask drawn from ``generator``: (mask, clean latent
         (B, T, D), prediction, loss)."""
         method, encoder = self.method, self.encoder
+        self.follow_input_size(x.shape[-1])
         mask = method.sample_mask(encoder, x.shape[0], x.device, generator)
         latent = method.encode(encoder, x, mask)
         pred = method.decode(self.decoder, latent, mask)
         return mask, latent, pred, method.loss(pred, x, mask, encoder)
+
+    def on_fit_start(self) -> None:
+        """A progressive-resolution schedule of the data (``advmim_pl.data.resolution``) is checked against the patch
+        size (and SimMIM's mask squares) before the first step, not at the switch."""
+        schedule = getattr(self.trainer.datamodule, "resolution", None)
+        if schedule is None:
+            return
+        unit = getattr(self.method, "mask_patch_size", None) or self.encoder.patch_size
+        bad = sorted({size for size in schedule.sizes(schedule.horizon + 1) if size % unit})
+        if bad:
+            raise ValueError(
+                f"progressive resolution: img_size {bad} not divisible by {unit} (the patch size, or SimMIM's "
+                "mask_patch_size): make every size of the schedule a multiple of it"
+            )
+
+    def follow_input_size(self, img_size: int) -> None:
+        """Progressive resolution: the encoder, its masks and positions, and the decoders follow a batch whose side
+        ``img_size`` differs from the encoder's (training epochs at a lower resolution, validation at the final one)."""
+        if img_size != self.encoder.img_size:
+            self.encoder.set_img_size(img_size)
+            for decoder in (self.decoder, self.aux_decoder):
+                if hasattr(decoder, "set_grid"):  # MaskFeat's head reads tokens only
+                    decoder.set_grid(self.encoder.grid_size)
 
     def feature_objective(
         self, x: Tensor, mask: Mask, latent: Tensor, generator: torch.Generator | None = None
