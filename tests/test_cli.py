@@ -33,7 +33,7 @@ def test_job_configs_parse_with_their_values(config, capsys):
     printed = printed_config(capsys, "-c", config.name)
     assert_contains(printed, yaml.safe_load(config.read_text()))
     has_plugin = printed["model"]["init_args"].get("plugin") is not None
-    assert has_plugin == config.name.endswith(("_adv.yaml", "_adv_continue.yaml"))
+    assert has_plugin == config.name.endswith(("_adv.yaml", "_adv_continue.yaml", "_adv_progressive.yaml"))
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda p: p.name)

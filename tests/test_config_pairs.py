@@ -50,6 +50,9 @@ PAIRS = [(relative(base), relative(job)) for job in JOBS if (base := sibling(job
 CONTINUATIONS = [
     (relative(job), relative(cont)) for cont in JOBS if (job := sibling(cont, "_adv_continue.yaml", "_adv.yaml"))
 ]
+PROGRESSIVE = [
+    (relative(job), relative(prog)) for prog in JOBS if (job := sibling(prog, "_adv_progressive.yaml", "_adv.yaml"))
+]
 
 
 def is_plugin_key(key: tuple) -> bool:
@@ -65,10 +68,12 @@ def overlay(capsys, base: str, plugin: str) -> dict[tuple, object]:
 
 def test_every_plugin_job_has_its_baseline_or_continues_one():
     paired = {plugin for _, plugin in PAIRS} | {continuation for _, continuation in CONTINUATIONS}
+    paired |= {progressive for _, progressive in PROGRESSIVE}
     assert paired == {relative(job) for job in JOBS}
     # at least the shipped MAE, SimMIM and both quickstarts, and the reference of the shared overlay
     assert {"mae_adv.yaml", "simmim_adv.yaml", "quickstart_adv.yaml", "quickstart_simmim_adv.yaml"} <= paired
     assert {"mae_adv_continue.yaml", "quickstart_adv_continue.yaml"} <= {c for _, c in CONTINUATIONS}
+    assert {"mae_adv_progressive.yaml", "quickstart_adv_progressive.yaml"} <= {p for _, p in PROGRESSIVE}
 
 
 @pytest.mark.parametrize("base, plugin", PAIRS, ids=[p for _, p in PAIRS])
@@ -110,3 +115,17 @@ def test_a_continuation_job_is_its_plugin_job_with_a_continuation_schedule(plugi
     assert changes[("model", "init_args", "base_lr")] <= before[("model", "init_args", "base_lr")] / 4
     # a few epochs, not the schedule again: 20 of 800 on ImageNet; 1 of the 2-epoch quickstart, its shortest
     assert changes[("trainer", "max_epochs")] <= max(1, before[("trainer", "max_epochs")] / 4)
+
+
+# what a progressive job may change in its plug-in job: the resolution schedule, and the plug-in's window and share
+PROGRESSIVE_KEYS = {
+    ("data", "init_args", "resolution"),
+    *((*PLUGIN, "init_args", key) for key in ("epochs", "batch_fraction")),
+}
+
+
+@pytest.mark.parametrize("plugin, progressive", PROGRESSIVE, ids=[p for _, p in PROGRESSIVE])
+def test_a_progressive_job_is_its_plugin_job_with_a_resolution_schedule(plugin, progressive, capsys):
+    changes = overlay(capsys, plugin, progressive)
+    assert {k[:5] if k[:3] == PLUGIN else k[:3] for k in changes} <= PROGRESSIVE_KEYS
+    assert ("data", "init_args", "resolution", "class_path") in changes

@@ -7,15 +7,17 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.layers import resample_abs_pos_embed
 
 from advmim_pl.adversarial import AEMIM
+from advmim_pl.cli import run
 from advmim_pl.data import BundledSampleDataModule, ImageFolderDataModule, StreamingImageDataModule
 from advmim_pl.data.prepare import prepare
 from advmim_pl.data.resolution import LinearResolution, StepResolution
 from advmim_pl.models.pos_embed import sincos_2d
 from tests.data.test_jpeg import jpeg_folder
-from tests.helpers.micro import micro_module, trainer
+from tests.helpers.micro import MICRO_FLAGS, micro_module, trainer
 
 SCHEDULE = [[0, 16], [1, 24], [2, 32]]  # epochs 0, 1 and 2 at 16, 24 and 32 px
 
@@ -145,3 +147,40 @@ def test_a_run_resumes_exactly_before_at_and_after_a_switch(tmp_path):
         resumed = fit(tmp_path / f"step={step}.ckpt")
         for name, value in straight.state_dict().items():
             assert torch.equal(value, resumed.state_dict()[name]), (step, name)
+
+
+QUICKSTART = [  # quickstart_adv_progressive.yaml with the micro ViT, 6 steps per epoch, a checkpoint after every step
+    "fit", "-c", "quickstart_adv_progressive.yaml", *MICRO_FLAGS,
+    "--model.init_args.method.init_args.decoder_dim", "32",
+    "--model.init_args.method.init_args.decoder_depth", "1",
+    "--model.init_args.method.init_args.decoder_heads", "4",
+    "--data.init_args.num_workers", "0",
+    "--trainer.limit_train_batches", "6",
+    "--trainer.limit_val_batches", "0",
+    "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--checkpoint.monitor", "null",
+    "--checkpoint.save_top_k", "-1",
+    "--checkpoint.every_n_train_steps", "1",
+]  # fmt: skip
+
+
+@pytest.mark.long
+def test_the_progressive_quickstart_switches_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        straight = run(QUICKSTART)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("img_size")] == [
+        "img_size 24 -> 32 at epoch 1"
+    ]
+    events = EventAccumulator(str(tmp_path / "runs" / "advmim" / "version_0"))
+    events.Reload()
+    loss = [e.value for e in events.Scalars("train/loss")]
+    assert len(loss) == 12 and sum(loss[-3:]) < 0.75 * sum(loss[:3]), loss
+    checkpoints = tmp_path / "runs" / "advmim" / "version_0" / "checkpoints"
+    final = straight.model.state_dict()
+    for step in (4, 7):  # mid-epoch at 24 px; the first step after the switch to 32 px
+        (ckpt,) = checkpoints.glob(f"*-{step}.ckpt")
+        resumed = run([*QUICKSTART, "--ckpt_path", str(ckpt)]).model.state_dict()
+        for name, value in final.items():
+            assert torch.equal(value, resumed[name]), (step, name)
