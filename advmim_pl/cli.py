@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from advmim_pl.checks import plain
 from advmim_pl.errors import EvaluationInputError
+from advmim_pl.preemption import Preemption, resolve_last
 from advmim_pl.reliability import (
     REFUSED_EXIT_CODE,
     CheckpointError,
@@ -190,6 +191,7 @@ class AdvMIMCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(Preemption, "preemption")  # SIGTERM: checkpoint at a step boundary, exit 143
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
@@ -229,19 +231,8 @@ class AdvMIMCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last`` resumes the newest run under the logger's folder, logging into that run."""
-        config = self.config.get(str(self.subcommand), self.config)
-        if config.get("ckpt_path") != "last":
-            return
-        logger = config.trainer.logger
-        if not (isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")):
-            return  # Lightning's own "last" lookup (in the checkpoint callback's folder)
-        runs = Path(logger.init_args.save_dir) / logger.init_args.name
-        found = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
-        if not found:
-            raise SystemExit(f"advmim: --ckpt_path last: no {runs}/version_*/checkpoints/last.ckpt to resume from")
-        config.ckpt_path = str(found[-1])
-        logger.init_args.version = int(found[-1].parts[-3].split("_")[1])
+        """``--ckpt_path last``: the newest checkpoint, or a new run when ``fit`` has none yet (``resolve_last``)."""
+        resolve_last(self.config.get(str(self.subcommand), self.config), str(self.subcommand))
 
     def instantiate_classes(self) -> None:
         """Constructor checks (sizes, paths, options, devices the machine lacks) become one-line configuration
