@@ -19,6 +19,7 @@ RULE = (("MAE+AEMIM", "MAE"), ("MAE+AEMIM", "MAE+sign"))  # "helps" needs both i
 PAIRS = (*RULE, ("MAE+sign", "MAE"), ("MAE", FLOOR))  # the paired differences printed
 GATE = 0.03  # MAE - random encoder on the probe, mean over complete seeds, at least 3 points
 CONVERGED = 0.005  # |ft - ft_half| at most 0.5 points, for MAE and the random encoder of seed 0
+ROUNDING = 1e-6  # accuracies are float32 fractions: a difference of exactly 3 points may read 0.0299999
 CHECKED = ("MAE", FLOOR)  # the encoders whose fine-tune runs at half length too (seed 0)
 
 
@@ -41,7 +42,7 @@ def gate(records: list[dict]) -> tuple[bool, str]:
     c = comparison(of_complete_seeds(records), PRIMARY, "MAE", FLOOR)
     if c is None:
         return False, "no complete seed: MAE - random encoder is unknown"
-    passed = c["mean"] >= GATE
+    passed = c["mean"] >= GATE - ROUNDING
     return passed, (
         f"MAE - random encoder on the probe = {100 * c['mean']:+.2f} points over {c['n']} seed(s) "
         f"({'at least' if passed else 'under'} {100 * GATE:.0f})"
@@ -57,7 +58,7 @@ def fine_tune_converged(records: list[dict]) -> tuple[bool | None, str]:
             moves[r["arm"]] = r["metrics"]["ft"] - r["metrics"]["ft_half"]
     if set(moves) != set(CHECKED):
         return None, "the half-length fine-tunes of seed 0 have not run"
-    converged = all(abs(m) <= CONVERGED for m in moves.values())
+    converged = all(abs(m) <= CONVERGED + ROUNDING for m in moves.values())
     said = ", ".join(f"{arm} {100 * m:+.2f}" for arm, m in moves.items())
     return converged, (
         f"full - half length, seed 0: {said} points ({'each within' if converged else 'not each within'} "
