@@ -289,7 +289,16 @@ def count_ops(args) -> dict[str, int]:
     argv = finetune_command(ft, exported, 0, 1, exported.parent, data_args)
     cli = run([*argv, "--trainer.callbacks+=device_study.OpCount"])
     counts["fine-tune"] = next(c.kernels for c in cli.trainer.callbacks if type(c).__name__ == "OpCount")
-    (args.out / "device_study_ops.json").write_text(json.dumps(counts, indent=1) + "\n")
+    commit, dirty = git_commit()
+    saved = {
+        "kernels_per_step": counts,
+        "what": "leaf aten operators of one training step, views and allocations excepted (OpCount)",
+        "command": "python benchmarks/device_study.py --count-ops --out benchmarks/results",
+        "device": device_info(torch.device("cpu"))[0],
+        "commit": commit + ("+local-changes" if dirty else ""),
+        "torch": torch.__version__,
+    }
+    (args.out / "device_study_ops.json").write_text(json.dumps(saved, indent=1) + "\n")
     print(json.dumps(counts))
     return counts
 
