@@ -49,6 +49,10 @@ done
 # ends it at the budget whatever happens
 MARGIN=20
 LEFT=$(awk -v b="$BUDGET" -v e="$(elapsed)" 'BEGIN { printf "%d", b - e }')
+if ((LEFT < MARGIN + 30)); then
+  echo "[device study] $LEFT s left of the $BUDGET s budget after the install: too little for one seed"
+  exit 124
+fi
 MINUTES=$(awk -v l="$LEFT" -v m="$MARGIN" 'BEGIN { printf "%.2f", (l - m) / 60 }')
 echo "[device study] $LEFT s left of $BUDGET: seeds start while they fit in $MINUTES min"
 timeout -k 5 "$LEFT" "$PY" benchmarks/device_study.py "${SMOKE[@]}" --fashion-mnist-root "$WORK/fashion-mnist" \
