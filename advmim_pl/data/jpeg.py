@@ -2,11 +2,11 @@
 
 ``RandomResizedCrop`` decodes the whole image at full resolution, crops a random box and resizes it to the
 output side. Here the box is drawn first, from the file's header size alone (the same draws as torchvision's
-``RandomResizedCrop.get_params``), then the JPEG is decoded, scaled down by 2 in the DCT where the box spans at
-least 4 x ``out_size`` pixels each way (``decode_factor``), and the box, mapped to that scale, is resized to the
-output by torchvision's antialiased bicubic on the uint8 channels-last decode (torch's vectorised uint8 kernel,
-PIL's filter). The image stays uint8 (C, S, S) through collation and pinned memory; the data
-module converts batches to float32 [0, 1] on the device (``ImageFolderDataModule.on_after_batch_transfer``).
+``RandomResizedCrop.get_params``), then the JPEG is decoded, scaled down by 2, 4 or 8 in the DCT where the box
+still spans at least 2 x ``out_size`` pixels each way after it (``decode_factor``), and the box, mapped to that
+scale, is resized to the output by torchvision's antialiased bicubic on the uint8 channels-last decode (torch's
+vectorised uint8 kernel, PIL's filter). The image stays uint8 (C, S, S) through collation and pinned memory; the
+data module converts batches to float32 [0, 1] on the device (``ImageFolderDataModule.on_after_batch_transfer``).
 
 Decoders: ``simplejpeg`` (libjpeg-turbo, from bytes; the default: the faster of the two in
 ``benchmarks/input_pipeline.py``) or PIL's ``draft`` (libjpeg-turbo through Pillow). A file that is not a JPEG,
@@ -75,20 +75,24 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
 
 
 def decode_factor(box_h: int, box_w: int, out_size: int) -> int:
-    """The DCT scale-down factor of the decode: 2 where the (box_h, box_w) box still spans at least 2 x ``out_size``
-    pixels each way after it (a crop side of 4 x ``out_size``, 896 px for 224), else 1.
+    """The DCT scale-down factor of the decode: the largest of 8, 4 and 2 after which the (box_h, box_w) box still
+    spans at least 2 x ``out_size`` pixels each way (a crop side of 2 x factor x ``out_size``: 2 from 448 px and 4
+    from 896 px at 112, 2 from 896 px at 224), else 1.
 
-    Measured (``tests/data/test_jpeg.py`` and ``benchmarks/input_pipeline.py``): a reduced decode saves no entropy
-    decoding (at 1/2 it takes as long as the full one), only resize work; libjpeg-turbo's n/8 scales other than
-    1/2, 1/4, 1/8 cost more than the full decode; 1/2 with less than a 2x margin, and 1/4 at any margin, blur the
-    crop by 2.5 to 4 levels (mean absolute, of 255) against a full decode; 1/2 with the 2x margin stays within
-    about 2 levels. So the reduction is 1/2 with that margin, or none.
+    Measured (``tests/data/test_jpeg.py``; ``benchmarks/input_pipeline.py``'s decode-scale table): against a full
+    decode of the same box, mean absolute error 1-2.5 levels (of 255) at each factor with that 2x margin, 3.5-12
+    with less (the DCT's reduction is a coarser filter than the antialiased bicubic it replaces). Each halving
+    saves part of the decode (not the entropy decoding) and of the resize: about 0.1-0.4 ms of 1.5 per
+    ImageNet-sized image, 25% / 38% / 47% of the decode of a 2,400 x 1,600 photograph at 2 / 4 / 8. At ImageNet's
+    sizes (sides of 300-500 px) the margin rules the reduction out almost always, even at 112 px; it pays on larger
+    photographs. libjpeg-turbo's n/8 scales other than 1/2, 1/4, 1/8 cost more than the full decode: not used.
     """
-    return 2 if min(box_h, box_w) >= 4 * out_size else 1
+    side = min(box_h, box_w)
+    return next((factor for factor in (8, 4, 2) if side >= 2 * factor * out_size), 1)
 
 
 def decode_reduced(data: bytes, factor: int, channels: int, decoder: Decoder) -> Tensor:
-    """Decode JPEG bytes scaled down by ``factor`` (1, 2, 4 or 8) in the DCT (``decode_factor`` chooses 1 or 2).
+    """Decode JPEG bytes scaled down by ``factor`` (1, 2, 4 or 8) in the DCT (``decode_factor`` chooses it).
 
     Returns uint8 (channels, H', W'), H' = ceil(H / factor), a channels-last view of the decoder's (H', W', channels)
     array (no copy); RGB for 3 channels, luma for 1. Raises ValueError where the decoder cannot (simplejpeg: CMYK,
