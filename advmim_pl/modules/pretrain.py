@@ -21,6 +21,7 @@ from advmim_pl.modules.base import BaseModule
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
 from advmim_pl.rng import SeededStream, generator_for, preserved, rank_states
 from advmim_pl.schedule import weight_decay_groups
+from advmim_pl.sharding import data_parallel_mesh, is_sharded_module, mixed_precision, shard_parts
 from advmim_pl.weights import load_decoder, load_encoder, read_weights
 
 
@@ -139,6 +140,14 @@ class PretrainModule(BaseModule):
 
     # ---- fit-time wiring ----------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Under a strategy with a device mesh (``advmim_pl.sharding.FSDP2Strategy``): FSDP2 units per transformer
+        block, then each part as a root (``shard_parts``), once; the branch norms exist since the constructor, so
+        they are sharded with their blocks. Then ``compile``."""
+        if self.device_mesh is not None and not is_sharded_module(self):
+            strategy = self.trainer.strategy
+            dtype = getattr(strategy, "param_dtype", "bf16")
+            policy = mixed_precision(strategy.root_device, self.trainer.precision, dtype)
+            shard_parts((self.encoder, self.decoder, self.aux_decoder), data_parallel_mesh(self.device_mesh), policy)
         if self.hparams.compile:
             for part in (self.encoder.vit.blocks, self.decoder, self.aux_decoder):
                 if part is not None:
