@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
 from advmim_pl.models.vit import timm_kwargs
-from advmim_pl.reliability import read_checkpoint
+from advmim_pl.sharding import read_any
 from advmim_pl.weights import encoder_state_dict, method_name
 
 TASK = "image-feature-extraction"  # the Hub's pipeline tag for an encoder without a classifier head
@@ -47,8 +47,8 @@ def project_metadata(hparams: dict[str, Any]) -> dict[str, Any]:
 def read_pretraining(ckpt_path: str | Path) -> dict[str, Any]:
     """The checkpoint at ``ckpt_path``, checked to be a pre-training one (a ``PretrainModule``'s weights and
     hyperparameters). A missing file is FileNotFoundError, an unreadable one CheckpointError, another kind
-    ValueError."""
-    checkpoint = read_checkpoint(ckpt_path)
+    ValueError. A sharded checkpoint folder is read under the trust rule of ``advmim_pl.sharding``."""
+    checkpoint = read_any(ckpt_path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "encoder" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(

@@ -48,6 +48,7 @@ from advmim_pl.hub import hub_reads
 from advmim_pl.models.branch_norm import clean_state_dict
 from advmim_pl.models.pos_embed import sincos_2d
 from advmim_pl.reliability import load_error, read_checkpoint, refused_global
+from advmim_pl.sharding import is_sharded, read_sharded
 
 ENCODER_PREFIX = "encoder.vit."
 FORMATS = (
@@ -229,6 +230,8 @@ def read_weights(source: str | Path) -> PretrainedWeights:
     if text.startswith(("timm:", "hf-hub:")):
         return from_timm(text.removeprefix("timm:"), text)
     path = Path(text.removeprefix("local-dir:"))
+    if is_sharded(path):  # a sharded checkpoint folder (FSDP2Strategy), read under the trust rule
+        return split_lightning(read_sharded(path, what="init_from"))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
