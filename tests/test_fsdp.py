@@ -46,6 +46,7 @@ from advmim_pl.sharding import (
 )
 from advmim_pl.weights import encoder_state_dict, read_weights
 from tests.helpers.micro import MICRO_VIT, micro_module, trainer
+from tests.helpers.ranks import deadline
 
 pytestmark = pytest.mark.long
 
@@ -55,6 +56,7 @@ BLOCK_WEIGHT = "encoder.vit.blocks.0.attn.qkv.weight"
 AUX_NORM = "encoder.vit.blocks.0.norm1.aux.weight"  # a BranchNorm's auxiliary copy, inside a sharded block
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32: DDP all-reduces, FSDP2 reduce-scatters; summation orders may differ
 HOSTS = ("mae", "simmim")
+LAUNCH_DEADLINE = 300  # the launch takes ~35 s alone on 2 cores; slower beside the other -n 2 worker
 
 
 def data() -> SyntheticDataModule:
@@ -220,7 +222,8 @@ def fsdp_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("fsdp")
     public = public_weights(root / "public.pth")
     os.environ.pop(TRUST_VARIABLE, None)
-    multiprocessing.spawn(worker, args=(root, find_free_network_port(), public), nprocs=WORLD)
+    with deadline(LAUNCH_DEADLINE, "2 ranks of FSDP2 and DDP runs"):
+        multiprocessing.spawn(worker, args=(root, find_free_network_port(), public), nprocs=WORLD)
     return root, [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
