@@ -277,13 +277,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         except Exception as err:  # DCP raises on every rank; meta.pt (rank 0 only) may fail alone
             error = err
         failed = self.reduce(torch.tensor(float(error is not None), device=self.root_device), reduce_op="sum")
-        if failed.item() == 0 and self.is_global_zero:
-            replace_folder(partial, path)
-        elif self.is_global_zero:
+        renamed = None  # rank 0's error in the rename, which every rank learns from the broadcast
+        if self.is_global_zero:
+            try:
+                if failed.item() == 0:
+                    replace_folder(partial, path)
+            except OSError as err:
+                renamed = reason(err)
             shutil.rmtree(partial, ignore_errors=True)
-        self.barrier()
-        if failed.item():
-            cause = reason(error) if error is not None else "another rank failed"
+        renamed = self.broadcast(renamed)
+        if failed.item() or renamed:
+            cause = renamed or (reason(error) if error is not None else "another rank failed")
             raise CheckpointError(
                 f"could not write sharded checkpoint {str(path)!r} ({cause}); the previous checkpoint at that path, "
                 "if any, is unchanged. Free space or fix the folder, then resume with --ckpt_path"
