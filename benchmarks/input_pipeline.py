@@ -209,7 +209,7 @@ def tables(report: dict) -> list[ReportTable]:
     anchors = list(report["gpu_rates"])
     rates = [[size, str(tokens(int(size))), *(f"{report['gpu_rates'][a][size]['images_per_s']:,.0f}" for a in anchors)]
              for size in sizes]  # fmt: skip
-    title = "GPU training rates used, images/s on one H100 (sources in the notes)"
+    title = "GPU training rates used, images/s on one H100 (sources above, assumptions in the notes)"
     out.append(ReportTable(["side (px)", "tokens", *anchors], rates, title, "rr" + "r" * len(anchors)))
     cores = []
     for size in sizes:
@@ -249,6 +249,8 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
     ]
     for label, study in report["decode_scale"].items():
         lines.append(f"- decode-scale {label} images: {describe(study['images'])}")
+    for anchor, by_size in report["gpu_rates"].items():
+        lines.append(f"- GPU rate {anchor}: " + "; ".join(f"{s} px: {r['source']}" for s, r in by_size.items()))
     heading = "Input-pipeline throughput: training images per second per worker process"
     path = write_report(folder, stem, tables(report), report, heading=heading, lines=lines, notes=report["notes"])
     print(f"wrote {path} and .json")
