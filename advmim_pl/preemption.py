@@ -10,13 +10,20 @@ What Lightning 2.6 does by itself, and what this module adds:
   the survivors of a failed rank); status 0 tells torchrun and restart loops that the run finished; and a stop
   between the batches of a gradient accumulation cannot resume exactly. ``Preemption`` replaces that handler while
   a stage runs: the handler only records the signal; the ranks agree at each optimizer-step boundary (one
-  all-reduce of a flag, in the training loop, where every rank is), write the checkpoint there and exit with 143.
+  all-reduce of the signal number, in the training loop, where every rank is), write the checkpoint there and exit
+  with 143.
 - **SIGUSR1.** Under SLURM with auto-requeue, Lightning's handler writes ``hpc_ckpt_N.ckpt`` in
   ``default_root_dir``, runs ``scontrol requeue`` and keeps training; ``Preemption`` leaves it alone
   (``resume_point`` finds that checkpoint). Elsewhere SIGUSR1 would kill the process with nothing saved, and
   ``Preemption`` treats it as SIGTERM.
+- **Exit.** Lightning destroys an NCCL process group at exit, but not a gloo one. Its worker threads then go at
+  the interpreter's finalization, and now and then one of them holds a tensor whose release needs the interpreter:
+  the process aborts ("terminate called without an active exception", status -6) after a finished run. torchrun
+  counts that as a failure, and the other nodes' agents wait 300 s for it at their exit barrier.
+  ``Preemption.setup`` registers ``destroy_process_group_at_exit``.
 """
 
+import atexit
 import os
 import re
 import signal
@@ -25,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -47,8 +55,8 @@ class Preemption(L.Callback):
     The checkpoint is the checkpoint callback's ``last.ckpt`` (``trainer.default_root_dir/last.ckpt`` without
     one), where ``--ckpt_path last`` finds it; a resume from it ends as the uninterrupted run. The handler only
     records the signal, so it never waits on another rank; under DDP the ranks agree on the stop with one
-    all-reduce per optimizer step. In ``validate``, ``test`` and ``predict`` the stop comes after the current batch,
-    with nothing saved.
+    all-reduce per optimizer step (a signal to one rank stops them all). In ``validate``, ``test`` and ``predict``
+    the stop comes after the current batch, with nothing saved.
 
     Args:
         exit_code: the process's exit status after a preemption (1-255; default 143, 128 + SIGTERM).
@@ -79,6 +87,9 @@ class Preemption(L.Callback):
             if signal.getsignal(signum) != self._on_signal:
                 signal.signal(signum, self._on_signal)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        destroy_process_group_at_exit()
+
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
 
@@ -100,18 +111,18 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # inside a gradient accumulation: the optimizer has not stepped
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if signum := self._agreed_signal(trainer):
             path = last_checkpoint_path(trainer)
             if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # saved with the checkpoint: the resumed
                 trainer.checkpoint_callback.last_model_path = path  # run replaces the file instead of adding last-v1
             trainer.save_checkpoint(path, weights_only=False)  # the whole training state
-            self._stop(f"saved {path} at step {trainer.global_step}")
+            self._stop(signum, f"saved {path} at step {trainer.global_step}")
 
     def _on_eval_batch_end(self, trainer: L.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             return  # validation inside fit: the stop waits for the next optimizer step
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            self._stop(f"{trainer.state.fn.value} stopped, nothing saved")
+        if signum := self._agreed_signal(trainer):
+            self._stop(signum, f"{trainer.state.fn.value} stopped, nothing saved")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._on_eval_batch_end(trainer)
@@ -122,11 +133,16 @@ class Preemption(L.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._on_eval_batch_end(trainer)
 
-    def _stop(self, what: str) -> None:
-        name = signal.Signals(self.received).name if self.received is not None else "a preemption signal (another rank)"
+    def _agreed_signal(self, trainer: L.Trainer) -> int:
+        """The signal any rank received (the highest number if several), 0 if none: every rank learns it from one
+        all-reduce, in the loop, where all of them are."""
+        received = torch.tensor(self.received or 0, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(received, reduce_op="max"))
+
+    def _stop(self, signum: int, what: str) -> None:
         rank_zero_info(
-            f"advmim: {name} received: {what}; exiting with status {self.exit_code} (the same command with "
-            "--ckpt_path last resumes)"
+            f"advmim: {signal.Signals(signum).name} received: {what}; exiting with status {self.exit_code} (the "
+            "same command with --ckpt_path last resumes)"
         )
         raise Preempted(self.exit_code)
 
@@ -135,6 +151,23 @@ class Preemption(L.Callback):
         with status 0; give it the exit code, so that it does not read as a finished run."""
         if isinstance(exception, SIGTERMException) and exception.code in (None, 0):
             exception.code = self.exit_code
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group, if one exists then, when the interpreter exits, while it can still
+    release what the backend's threads hold (see the module docstring); registered once per process."""
+    global _exit_registered
+    if not _exit_registered and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group)
+        _exit_registered = True
+
+
+_exit_registered = False
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> str:

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
+from torch import multiprocessing
 
 from advmim_pl.cli import run
-from advmim_pl.preemption import PREEMPTED_EXIT_CODE, Preemption, resume_point
+from advmim_pl.preemption import PREEMPTED_EXIT_CODE, Preemption, destroy_process_group_at_exit, resume_point
 from advmim_pl.reliability import read_checkpoint
 from tests.helpers.killer import SignalAtBatch
 from tests.helpers.micro import MICRO_VIT_FLAG, loader, micro_module, trainer
-from tests.helpers.ranks import computed_once, run_processes
+from tests.helpers.ranks import computed_once, deadline, run_processes
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, ACCUMULATE, EVERY = 6, 2, 3  # 12 batches; periodic checkpoints at steps 3 and 6
@@ -199,3 +202,31 @@ def test_sigusr1_outside_slurm_stops_at_the_step_boundary_as_sigterm_does(tmp_pa
 def test_an_exit_code_a_launcher_cannot_read_is_refused_in_one_line():
     with pytest.raises(ValueError, match="exit_code 256 is not an exit status a launcher can read: give 1 to 255"):
         Preemption(exit_code=256)
+
+
+def gloo_rank_exits(rank: int, world: int, port: int) -> None:
+    """A rank that leaves gloo work in flight when it returns, as a finished training run may, after registering
+    the process group's destruction at exit."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    destroy_process_group_at_exit()
+    for parameter in torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(16)]).parameters():
+        dist.all_reduce(parameter.data, async_op=True)
+
+
+@pytest.mark.long
+def test_ranks_that_end_with_gloo_work_in_flight_exit_with_status_0():
+    """Without the destruction at exit, 5 of 6 such runs of 3 ranks had a rank abort at the interpreter's
+    finalization ("terminate called without an active exception", -6), the cause of the two-node test's occasional
+    hang; with it, none of 6. Three runs here: a regression passes unseen about once in 200 times."""
+    spawn = multiprocessing.get_context("spawn")
+    for _ in range(3):
+        port = find_free_network_port()
+        ranks = [spawn.Process(target=gloo_rank_exits, args=(rank, 3, port)) for rank in range(3)]
+        with deadline(120, "3 gloo ranks"):
+            for process in ranks:
+                process.start()
+            for process in ranks:
+                process.join()
+        assert [process.exitcode for process in ranks] == [0] * 3
