@@ -41,16 +41,17 @@ class KillRankOnFirstAttempt(L.Callback):
 
 class SignalAtBatch(L.Callback):
     """Sends ``signum`` (a name: SIGTERM, SIGUSR1) to its own process when training batch ``batch`` (counted from
-    the start of training) is about to start, in a run that started from step 0 only: the same command line, run
-    again with ``--ckpt_path last``, resumes and is not signalled again."""
+    the start of training) is about to start, on global rank ``rank`` only (None: every rank), in a run that started
+    from step 0 only: the same command line, run again with ``--ckpt_path last``, resumes and is not signalled
+    again."""
 
-    def __init__(self, batch: int, signum: str = "SIGTERM") -> None:
-        self.batch, self.signum = batch, signum
+    def __init__(self, batch: int, signum: str = "SIGTERM", rank: int | None = None) -> None:
+        self.batch, self.signum, self.rank = batch, signum, rank
         self.fresh = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.fresh = trainer.global_step == 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.fresh and trainer.fit_loop.total_batch_idx == self.batch:
+        if self.fresh and self.rank in (None, trainer.global_rank) and trainer.fit_loop.total_batch_idx == self.batch:
             os.kill(os.getpid(), getattr(signal, self.signum))
