@@ -79,13 +79,15 @@ def decode_factor(box_h: int, box_w: int, out_size: int) -> int:
     spans at least 2 x ``out_size`` pixels each way (a crop side of 2 x factor x ``out_size``: 2 from 448 px and 4
     from 896 px at 112, 2 from 896 px at 224), else 1.
 
-    Measured (``tests/data/test_jpeg.py``; ``benchmarks/input_pipeline.py``'s decode-scale table): against a full
-    decode of the same box, mean absolute error 1-2.5 levels (of 255) at each factor with that 2x margin, 3.5-12
-    with less (the DCT's reduction is a coarser filter than the antialiased bicubic it replaces). Each halving
-    saves part of the decode (not the entropy decoding) and of the resize: about 0.1-0.4 ms of 1.5 per
-    ImageNet-sized image, 25% / 38% / 47% of the decode of a 2,400 x 1,600 photograph at 2 / 4 / 8. At ImageNet's
-    sizes (sides of 300-500 px) the margin rules the reduction out almost always, even at 112 px; it pays on larger
-    photographs. libjpeg-turbo's n/8 scales other than 1/2, 1/4, 1/8 cost more than the full decode: not used.
+    Measured (``tests/data/test_jpeg.py``; ``benchmarks/results/input_pipeline_cpu-2core_lowres.md``, decode and
+    resize of a crop against the same box from a full decode): with that margin the mean absolute error is 1.0-1.5
+    levels (of 255) where only 1/2 is taken and 1.2-2.0 with 1/4 and 1/8 too (95th percentile 2.2-4.4); with half
+    the margin it is 3.4-4.1 (95th percentile 6-9.5), the reduced DCT being a coarser filter than the antialiased
+    bicubic it replaces. A reduction saves IDCT, colour conversion and resize work, not the entropy decoding: on
+    2,000 px JPEGs at 112-128 px the decode and resize run 1.23x faster than from a full decode with 1/2 alone and
+    1.33-1.38x with 1/4 and 1/8 as well. ImageNet's images (sides of 300-500 px) almost never have crops that
+    large, even at 112 px (1% of crops), so there nothing changes. libjpeg-turbo's n/8 scales other than 1/2, 1/4
+    and 1/8 cost more than the full decode: not used.
     """
     side = min(box_h, box_w)
     return next((factor for factor in (8, 4, 2) if side >= 2 * factor * out_size), 1)

@@ -118,7 +118,7 @@ def test_decode_factor_is_the_largest_that_keeps_a_2x_margin():
 # Mean absolute error (levels of 255) of the fast path against a full-resolution decode of the same box, per decode
 # factor. Measured on the cases below: under 0.05 at factor 1 (the decoders' rounding), 0.8-1.9 at factor 2, 1.2-1.9
 # at factor 4 and 1.1 at factor 8 (the reduced DCT's blur and the box rounded to the reduced grid), each with its 2x
-# margin; without the margin (a reduced side of 1-2 x out_size) 3.5-12 (benchmarks/input_pipeline.py).
+# margin; with half the margin a mean of 3.4-4.1 (benchmarks/results/input_pipeline_cpu-2core_lowres.md).
 MAE_TOLERANCE = {1: 0.5, 2: 2.5, 4: 2.5, 8: 2.5}
 
 
