@@ -21,6 +21,7 @@ from advmim_pl.adversarial import AEMIM
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.data.resumable import TrainingOrder
 from tests.helpers.micro import loader, micro_module, trainer
+from tests.helpers.ranks import deadline
 from tests.helpers.recording import recording_plugin
 
 WORLD = 2
@@ -28,6 +29,8 @@ N, BATCH = 32, 4  # 32 images, 4 per rank and step: 4 steps per rank in one epoc
 EPS = 8 / 255
 MARK = 64  # image i carries i / MARK in its top-left pixel, so a batch names its images by itself
 DDP_CONFIG = Path(__file__).parents[1] / "configs" / "trainer" / "ddp.yaml"
+# past these, the spawned ranks are killed and the test fails instead of hanging (alone on 2 cores: 6 s and 10 s)
+DDP_DEADLINE, RESUME_DEADLINE = 120, 300
 
 
 def ddp_from_config(start_method: str = "spawn") -> DDPStrategy:
@@ -86,7 +89,8 @@ def test_ddp_ranks_craft_targets_for_their_own_shards_and_stay_in_sync(tmp_path,
         -1, [ShardRecorder(str(tmp_path))], devices=WORLD, strategy=ddp_from_config(), max_epochs=1,
         default_root_dir=tmp_path,
     )  # fmt: skip
-    ddp_trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=True))
+    with deadline(DDP_DEADLINE, "2 ranks with ddp_spawn"):
+        ddp_trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=True))
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == WORLD for r in ranks)
@@ -226,7 +230,8 @@ def resume_worker(rank: int, root: Path, port: int) -> None:
 def ddp_resumes(tmp_path_factory) -> list[dict]:
     """Per rank: {(module, device_resident, "straight" or the checkpoint resumed from): fit_ddp's result}."""
     root = tmp_path_factory.mktemp("ddp_resume")
-    multiprocessing.spawn(resume_worker, args=(root, find_free_network_port()), nprocs=WORLD)
+    with deadline(RESUME_DEADLINE, "2 ranks resuming runs"):
+        multiprocessing.spawn(resume_worker, args=(root, find_free_network_port()), nprocs=WORLD)
     return [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

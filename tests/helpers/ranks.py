@@ -82,6 +82,11 @@ def signal_all(pids: list[int], signum: int) -> None:
             pass  # it ended
 
 
+class DeadlinePassed(BaseException):
+    """Raised by ``deadline`` from its SIGALRM handler; a BaseException, so that no ``except Exception`` on the way
+    (a launcher's join loop, Lightning's) takes it for an error of its own."""
+
+
 @contextmanager
 def deadline(seconds: int, what: str) -> Iterator[None]:
     """Fail the test after ``seconds`` instead of hanging on processes the test process spawned (``ddp_spawn``,
@@ -89,13 +94,13 @@ def deadline(seconds: int, what: str) -> Iterator[None]:
     ranks' output (inherited file descriptors) is in the test's captured output. Main thread only."""
 
     def expire(signum, frame):
-        raise TimeoutError
+        raise DeadlinePassed  # not a TimeoutError: that is an OSError, which multiprocessing's join swallows
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
         yield
-    except TimeoutError:
+    except DeadlinePassed:
         for child in multiprocessing.active_children():
             child.kill()
         pytest.fail(f"{what}: no result after {seconds} s; the ranks were killed (their output: captured stderr)")
