@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -197,6 +198,27 @@ def test_sigusr1_outside_slurm_stops_at_the_step_boundary_as_sigterm_does(tmp_pa
     assert handlers.seen == {(preemption._on_signal, preemption._on_signal)}  # in place of Lightning's, while training
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before  # given back afterwards
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == STOP_STEP  # no checkpoint callback: the root
+
+
+class TermAtValidationBatch(L.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_validate_stops_after_the_batch_with_the_exit_code(tmp_path):
+    seen = []
+
+    class Count(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            seen.append(batch_idx)
+
+    run_ = trainer(callbacks=[TermAtValidationBatch(), Preemption(), Count()], default_root_dir=tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_.validate(micro_module(), loader(n=48))  # 6 batches
+    assert stop.value.code == PREEMPTED_EXIT_CODE
+    assert seen == [0]  # the signalled batch 1 ended in the stop, before the later callbacks saw it
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_an_exit_code_a_launcher_cannot_read_is_refused_in_one_line():
