@@ -25,7 +25,7 @@ from advmim_pl.cli import run
 from advmim_pl.preemption import PREEMPTED_EXIT_CODE, Preemption, destroy_process_group_at_exit, resume_point
 from advmim_pl.reliability import read_checkpoint
 from tests.helpers.killer import SignalAtBatch
-from tests.helpers.micro import MICRO_VIT_FLAG, loader, micro_module, trainer
+from tests.helpers.micro import MICRO_MAE_FLAGS, loader, micro_module, trainer
 from tests.helpers.ranks import computed_once, deadline, run_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +35,7 @@ STOP_STEP = SIGNAL_BATCH // ACCUMULATE + 1
 DEADLINE = 180  # s for one `advmim fit` (about 15 s alone)
 JOB_ARGS = [  # the plug-in quickstart with the micro ViT, 2 batches per optimizer step
     "fit", "-c", "quickstart_adv.yaml",
-    "--model.init_args.encoder", "vit_base_patch16_224",
-    "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG,
-    "--model.init_args.method.init_args.decoder_dim", "32",
-    "--model.init_args.method.init_args.decoder_depth", "1",
-    "--model.init_args.method.init_args.decoder_heads", "4",
+    *MICRO_MAE_FLAGS,
     "--model.init_args.warmup_epochs", "0.01",            # the lr schedule moves every step
     "--model.init_args.plugin.init_args.warmup_epochs", "0.01",  # so does the eps ramp
     "--data.init_args.batch_size", "16",

@@ -15,16 +15,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.reliability import read_checkpoint
-from tests.helpers.micro import MICRO_VIT_FLAG, micro_module, trainer
+from tests.helpers.micro import MICRO_MAE_FLAGS, micro_module, trainer
 
 STEPS = 8
 JOB_ARGS = [  # the plug-in quickstart with the micro ViT, a checkpoint after every step
     "-c", "quickstart_adv.yaml",
-    "--model.init_args.encoder", "vit_base_patch16_224",
-    "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG,
-    "--model.init_args.method.init_args.decoder_dim", "32",
-    "--model.init_args.method.init_args.decoder_depth", "1",
-    "--model.init_args.method.init_args.decoder_heads", "4",
+    *MICRO_MAE_FLAGS,
     "--model.init_args.warmup_epochs", "0.01",            # the lr schedule moves every step
     "--model.init_args.plugin.init_args.warmup_epochs", "0.01",  # so does the eps ramp
     "--data.init_args.batch_size", "16",                  # 250 batches per epoch: the kill is mid-epoch

@@ -17,7 +17,7 @@ from advmim_pl.data.prepare import prepare
 from advmim_pl.data.resolution import LinearResolution, StepResolution
 from advmim_pl.models.pos_embed import sincos_2d
 from tests.data.test_jpeg import jpeg_folder
-from tests.helpers.micro import MICRO_FLAGS, micro_module, trainer
+from tests.helpers.micro import MICRO_MAE_FLAGS, micro_module, trainer
 
 SCHEDULE = [[0, 16], [1, 24], [2, 32]]  # epochs 0, 1 and 2 at 16, 24 and 32 px
 
@@ -150,10 +150,7 @@ def test_a_run_resumes_exactly_before_at_and_after_a_switch(tmp_path):
 
 
 QUICKSTART = [  # quickstart_adv_progressive.yaml with the micro ViT, 6 steps per epoch, a checkpoint after every step
-    "fit", "-c", "quickstart_adv_progressive.yaml", *MICRO_FLAGS,
-    "--model.init_args.method.init_args.decoder_dim", "32",
-    "--model.init_args.method.init_args.decoder_depth", "1",
-    "--model.init_args.method.init_args.decoder_heads", "4",
+    "fit", "-c", "quickstart_adv_progressive.yaml", *MICRO_MAE_FLAGS,
     "--data.init_args.num_workers", "0",
     "--trainer.limit_train_batches", "6",
     "--trainer.limit_val_batches", "0",

@@ -11,6 +11,12 @@ from advmim_pl.modules import PretrainModule
 MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)  # timm kwargs of the micro ViT body
 MICRO_VIT_FLAG = "{depth: 2, embed_dim: 64, num_heads: 4}"  # the same, as an --model.init_args.encoder_kwargs value
 MICRO_FLAGS = ["--model.init_args.encoder", "vit_base_patch16_224", "--model.init_args.encoder_kwargs", MICRO_VIT_FLAG]
+MICRO_MAE_FLAGS = [  # the micro ViT with the micro MAE decoder, as --model.init_args flags of a pre-training job
+    *MICRO_FLAGS,
+    "--model.init_args.method.init_args.decoder_dim", "32",
+    "--model.init_args.method.init_args.decoder_depth", "1",
+    "--model.init_args.method.init_args.decoder_heads", "4",
+]  # fmt: skip
 MICRO_ENCODER = dict(
     name="vit_base_patch16_224", img_size=32, patch_size=4, in_chans=1, mean=(0.5,), std=(0.25,), mask_token=True
 )
