@@ -9,7 +9,7 @@ for MAE and the random encoder also ``ft_half``, the same fine-tune at half the 
 import math
 import statistics
 
-from studykit.stats import comparison
+from studykit.stats import comparison, difference_text
 
 ARMS = ("random encoder", "MAE", "MAE+AEMIM", "MAE+sign")  # every seed's jobs, in this order
 FLOOR = "random encoder"
@@ -88,12 +88,8 @@ def decision(records: list[dict]) -> tuple[str, list[str]]:
 
 
 def interval(c: dict | None) -> str:
-    """A paired difference in points: mean [95% t-interval] (n seeds)."""
-    if c is None:
-        return "-"
-    if c["n"] < 2:
-        return f"{100 * c['mean']:+.2f} (n=1)"
-    return f"{100 * c['mean']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+    """A paired difference in points: mean [95% t-interval] (n seeds); "-" where there is none."""
+    return difference_text(c, missing="-")
 
 
 def difference_rows(records: list[dict]) -> list[list[str]]:

@@ -12,8 +12,8 @@ from advmim_pl.report import ReportTable, report_markdown
 from .continuation import ARMS, CANDIDATES, COMPARISONS, CONTINUE_PRESETS, FLOOR, RULE
 from .design import PGD_EPS, PIXELS
 from .jobs import read_records
-from .report import difference_cell, pct, plot, runs_of, summary
-from .stats import comparison, decide
+from .report import pct, plot, runs_of, summary
+from .stats import comparison, decide, difference_text
 
 SECONDARY = {
     "probe": "probe",
@@ -82,7 +82,7 @@ def markdown(preset: str, records: list[dict], floors: list[dict]) -> str:
         cells = [comparison(everything, m, arm, reference) for m in columns]
         if any(cells):
             n = str(max(c["n"] for c in cells if c))
-            diffs.append([f"{arm} − {reference}", n, *(difference_cell(c) for c in cells)])
+            diffs.append([f"{arm} − {reference}", n, *(difference_text(c) for c in cells)])
             mdes.append([f"{arm} − {reference}", n, *(pct(c["mde"]) if c else "" for c in cells)])
     summary_rows = [
         [arm, ", ".join(str(r["seed"]) for r in runs_of(everything, arm))]

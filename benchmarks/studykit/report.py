@@ -12,7 +12,7 @@ from advmim_pl.report import ReportTable, report_markdown
 
 from .design import ARMS, COMPARISONS, FLOORS, METRICS, PGD_EPS, PIXELS, PRESETS
 from .evaluate import CORRUPTION_SEEDING
-from .stats import comparison, decide
+from .stats import comparison, decide, difference_text
 
 
 def arm_order(records: list[dict]) -> list[str]:
@@ -40,14 +40,6 @@ def epochs_cell(record: dict) -> str:
     return "-" if record.get("epochs") is None else f"{record['epochs']:g}"
 
 
-def difference_cell(c: dict | None) -> str:
-    if c is None:
-        return ""
-    if c["n"] < 2:
-        return f"{100 * c['mean']:+.2f} (n=1)"
-    return f"{100 * c['mean']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
-
-
 def difference_rows(records: list[dict]) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of paired differences (mean [95% t-interval]) and of detectable effects, one per comparison present."""
     diffs, mdes = [], []
@@ -56,7 +48,7 @@ def difference_rows(records: list[dict]) -> tuple[list[list[str]], list[list[str
         if not any(cells):
             continue
         n = max(c["n"] for c in cells if c)
-        diffs.append([f"{arm} − {reference}", str(n), *(difference_cell(c) for c in cells)])
+        diffs.append([f"{arm} − {reference}", str(n), *(difference_text(c) for c in cells)])
         mdes.append([f"{arm} − {reference}", str(n), *(pct(c["mde"]) if c else "" for c in cells)])
     return diffs, mdes
 

@@ -73,3 +73,13 @@ def decide(records: list[dict], metric: str = PRIMARY, rule=RULE) -> tuple[bool,
             f"({'above zero' if above else 'not above zero'})"
         )
     return helps, "; ".join(reasons)
+
+
+def difference_text(c: dict | None, missing: str = "") -> str:
+    """A paired difference (``comparison``'s dict) in points: mean [95% t-interval], or "mean (n=1)"; ``missing``
+    where there is none."""
+    if c is None:
+        return missing
+    if c["n"] < 2:
+        return f"{100 * c['mean']:+.2f} (n=1)"
+    return f"{100 * c['mean']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
