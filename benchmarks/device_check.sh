@@ -19,14 +19,8 @@
 #   OUT=/tmp/out bash benchmarks/device_check.sh --smoke   # every part at toy size on a CPU, about a minute
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SMOKE=()
-case "${1:-}" in
-  "") ;;
-  --smoke) SMOKE=(--smoke) ;;
-  *) echo "device_check.sh: unknown argument '$1'; the one option is --smoke (toy sizes on a CPU)"; exit 2 ;;
-esac
 source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
+device_smoke device_check.sh "$@"
 OUT=${OUT:-benchmarks/results/device_check}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")}
 BUDGET=${DEVICE_CHECK_SECONDS:-$([[ ${#SMOKE[@]} -gt 0 ]] && echo 600 || echo 240)}

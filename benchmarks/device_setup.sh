@@ -4,7 +4,18 @@
 #            typeshed-client, litdata, boto3, botocore, s3transfer, jmespath, simplejpeg: benchmarks/README.md)
 # device_install installs those wheels, then this project (pip --no-deps --no-build-isolation -e .) when it is not
 # importable yet, and checks that what the advmim command imports is there. It prints one line saying what it did.
+# device_smoke NAME [ARG] sets SMOKE to (--smoke) or () from the script's one optional argument, or stops with a line.
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+device_smoke() {
+  SMOKE=()
+  case "${2:-}" in
+    "") ;;
+    --smoke) SMOKE=(--smoke) ;;
+    *) echo "$1: unknown argument '$2'; the one option is --smoke (toy sizes on a CPU)"; exit 2 ;;
+  esac
+}
 
 device_install() {
   local said=()

@@ -14,14 +14,8 @@
 # device_study.{json,md,log} and the encoders, OUT/device_study_encoders_<k>.tar (two per file of at most 15 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SMOKE=()
-case "${1:-}" in
-  "") ;;
-  --smoke) SMOKE=(--smoke) ;;
-  *) echo "device_study.sh: unknown argument '$1'; the one option is --smoke (toy size on a CPU)"; exit 2 ;;
-esac
 source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
+device_smoke device_study.sh "$@"
 OUT=${OUT:-benchmarks/results/device_study}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/device_study.XXXXXX")}
 BUDGET=${DEVICE_STUDY_SECONDS:-$([[ ${#SMOKE[@]} -gt 0 ]] && echo 600 || echo 420)}
