@@ -7,9 +7,11 @@ no collation, no host-device copy). Per configuration it reports images/s, ms/st
 each configuration runs in a fresh process), the largest batch that fits a memory budget (a line through the peaks
 at the batch and at half of it), the FLOPs of one training step (forward + attack + backward, counted with
 FlopCounterMode on a separate one-step fit) and the achieved TFLOP/s, plus AEMIM / host-method ratios of time,
-memory and FLOPs. A configuration name followed by `` +ckpt`` runs it with activation checkpointing
-(``PretrainModule(activation_checkpointing=True)``) and adds its time and memory ratios to the same configuration
-without.
+memory and FLOPs. Suffixes on a configuration name add variants, each with its time and memory ratios to the same
+configuration without it: `` +ckpt`` runs activation checkpointing (``PretrainModule(activation_checkpointing=
+True)``), `` +fsdp2`` runs FSDP2 on the one device (``FSDP2Strategy``, world size 1: every block a ``fully_shard``
+unit; on CUDA a bf16 ``--precision`` runs as FSDP2's bf16 policy with the trainer at 32-true). Both can be
+combined (``MAE+AEMIM PGD-1 +fsdp2 +ckpt``).
 Results go to benchmarks/results/throughput_<device>_<model>_<img>px_bs<batch>[_compile][_<precision>].{json,md}.
 
     python benchmarks/throughput.py --model vit_base_patch16_224 --img-size 224 --patch-size 16 \\
@@ -17,6 +19,7 @@ Results go to benchmarks/results/throughput_<device>_<model>_<img>px_bs<batch>[_
     python benchmarks/throughput.py --model vit_tiny_patch16_224 --img-size 32 --patch-size 4 \\
         --batch-size 64 --steps 5 --warmup 2   # CPU smoke run, a few minutes on 2 cores
     python benchmarks/throughput.py ... --configs "MAE,MAE +ckpt,MAE+AEMIM PGD-1,MAE+AEMIM PGD-1 +ckpt"
+    python benchmarks/throughput.py ... --configs "MAE+AEMIM PGD-1,MAE+AEMIM PGD-1 +fsdp2,MAE+AEMIM PGD-1 +fsdp2 +ckpt"
 """
 
 import argparse
@@ -40,6 +43,7 @@ from advmim_pl.adversarial import AEMIM
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
 from advmim_pl.report import ReportTable, write_report
+from advmim_pl.sharding import FSDP2Strategy
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (host method, PGD steps of the AEMIM plug-in or None, attack_mask, baseline for the ratios)
@@ -56,13 +60,33 @@ CONFIGS = {
     "SimMIM+AEMIM PGD-1 same": ("simmim", 1, "same", "SimMIM"),
 }
 CHECKPOINTED = " +ckpt"  # suffix of a configuration name: the same with activation checkpointing
+SHARDED = " +fsdp2"  # suffix of a configuration name: the same under FSDP2 on the one device
+VARIANTS = (SHARDED, CHECKPOINTED)  # in the order they are written after the configuration
 RATIOS = {"time_ratio": "ms_per_step", "mem_ratio": "peak_mem_mib", "flop_ratio": "gflop_per_step"}
-CKPT_RATIOS = {"ckpt_time_ratio": "ms_per_step", "ckpt_mem_ratio": "peak_mem_mib"}
+VARIANT_RATIOS = {  # ratio field: (variant, measured field); the configuration over the same without the variant
+    "ckpt_time_ratio": (CHECKPOINTED, "ms_per_step"),
+    "ckpt_mem_ratio": (CHECKPOINTED, "peak_mem_mib"),
+    "fsdp2_time_ratio": (SHARDED, "ms_per_step"),
+    "fsdp2_mem_ratio": (SHARDED, "peak_mem_mib"),
+}
 
 
 def base_config(name: str) -> str:
-    """The ``CONFIGS`` entry behind a configuration name (without the activation-checkpointing suffix)."""
-    return name.removesuffix(CHECKPOINTED)
+    """The ``CONFIGS`` entry behind a configuration name (without its variant suffixes)."""
+    for suffix in reversed(VARIANTS):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def has_variant(name: str, suffix: str) -> bool:
+    """Whether configuration ``name`` carries the variant ``suffix`` (``CHECKPOINTED`` or ``SHARDED``)."""
+    return suffix in name[len(base_config(name)) :]
+
+
+def without_variant(name: str, suffix: str) -> str:
+    """Configuration ``name`` without the variant ``suffix``."""
+    base = base_config(name)
+    return base + name[len(base) :].replace(suffix, "")
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one timm's attention runs on.
@@ -155,11 +179,23 @@ def simmim_mask_patch(args: argparse.Namespace) -> int:
     return 2 * args.patch_size if args.img_size % (2 * args.patch_size) == 0 else args.patch_size
 
 
-def make_trainer(args: argparse.Namespace, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
+def make_trainer(
+    args: argparse.Namespace, max_steps: int, callbacks: list[L.Callback], sharded: bool = False
+) -> L.Trainer:
+    """A one-device trainer; ``sharded``: under ``FSDP2Strategy``. On CUDA a bf16 ``--precision`` becomes FSDP2's
+    policy (bf16 parameters and compute, fp32 reduction) with the trainer at 32-true, as configs/trainer/fsdp.yaml
+    has it; elsewhere the policy does not apply and the trainer keeps ``--precision``."""
+    precision, strategy = args.precision, "auto"
+    if sharded:
+        on_cuda = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        if on_cuda and args.precision.startswith("bf16"):
+            precision = "32-true"
+        strategy = FSDP2Strategy(param_dtype="bf16", save_distributed_checkpoint=False)
     return L.Trainer(
         accelerator=args.accelerator,
         devices=1,
-        precision=args.precision,
+        strategy=strategy,
+        precision=precision,
         max_steps=max_steps,
         max_epochs=-1,
         callbacks=callbacks,
@@ -198,9 +234,9 @@ def run_fit(
         warmup_epochs=0,
         plugin=None if attack_steps is None else AEMIM(steps=attack_steps, attack_mask=attack_mask),
         compile=compile,
-        activation_checkpointing=name.endswith(CHECKPOINTED),
+        activation_checkpointing=has_variant(name, CHECKPOINTED),
     )
-    trainer = make_trainer(args, max_steps, [clock] if clock is not None else [])
+    trainer = make_trainer(args, max_steps, [clock] if clock is not None else [], has_variant(name, SHARDED))
     device = trainer.strategy.root_device
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(batch_size, 3, args.img_size, args.img_size, generator=g, device=device)
@@ -284,15 +320,16 @@ def ratio(result: dict, base: dict | None, field: str) -> float | None:
 
 
 def add_ratios(results: dict) -> None:
-    """time / memory / FLOP ratios of each AEMIM configuration to its host method (both with or both without
-    activation checkpointing), and of each checkpointed configuration to the same one without."""
+    """time / memory / FLOP ratios of each AEMIM configuration to its host method (with the same variants), and of
+    each configuration with a variant (checkpointing, FSDP2) to the same one without that variant."""
     for name, result in results.items():
-        suffix = CHECKPOINTED if name.endswith(CHECKPOINTED) else ""
+        suffixes = name[len(base_config(name)) :]
         host = CONFIGS[base_config(name)][3]
         for key, field in RATIOS.items():
-            result[key] = ratio(result, results.get(f"{host}{suffix}") if host else None, field)
-        for key, field in CKPT_RATIOS.items():
-            result[key] = ratio(result, results.get(base_config(name)) if suffix else None, field)
+            result[key] = ratio(result, results.get(f"{host}{suffixes}") if host else None, field)
+        for key, (suffix, field) in VARIANT_RATIOS.items():
+            plain = results.get(without_variant(name, suffix)) if has_variant(name, suffix) else None
+            result[key] = ratio(result, plain, field)
 
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -324,6 +361,7 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
     ]
     columns = ["configuration", "images/s", "ms/step", "peak mem (MiB)", "GFLOP/img", "TFLOP/s", "time x", "mem x"]
     columns += ["FLOP x", "time x / FLOP x", "max batch in budget", "ckpt time x", "ckpt mem x"]
+    columns += ["fsdp2 time x", "fsdp2 mem x"]
     rows = [
         [
             name,
@@ -339,6 +377,8 @@ def write_markdown(folder: str, stem: str, report: dict) -> None:
             fmt(r["max_batch_in_budget"], ","),
             fmt(r["ckpt_time_ratio"], ".2f"),
             fmt(r["ckpt_mem_ratio"], ".2f"),
+            fmt(r["fsdp2_time_ratio"], ".2f"),
+            fmt(r["fsdp2_mem_ratio"], ".2f"),
         ]
         for name, r in report["results"].items()
     ]
@@ -360,6 +400,10 @@ NOTES = [
     "max batch in budget: the largest batch whose peak stays within the budget, on a straight line through the "
     "peaks at half the batch (a 2-step eager fit) and at the batch; n/a with --compile or a missing figure.",
     "ckpt time x, ckpt mem x: a configuration with activation checkpointing (' +ckpt') over the same without.",
+    "fsdp2 time x, fsdp2 mem x: a configuration under FSDP2 on the one device (' +fsdp2': FSDP2Strategy, world size "
+    "1, one fully_shard unit per block; on CUDA a bf16 --precision runs as FSDP2's bf16 policy at 32-true, the CPU "
+    "keeps --precision) over the same without: the cost of the per-block all-gather and reshard machinery with "
+    "nothing to shard.",
     "log_every_n_steps is past the last step, so the module's logging-step extras (objective of clean and "
     "adversarial images and a random-sign example, 3 no-grad encoder passes every log_every_n_steps steps) "
     "are not timed.",
@@ -394,7 +438,7 @@ def main() -> None:
     if unknown:
         parser.error(
             f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}, each optionally followed by "
-            f"{CHECKPOINTED!r} (activation checkpointing)"
+            f"{SHARDED!r} (FSDP2 on the one device) and/or {CHECKPOINTED!r} (activation checkpointing), in that order"
         )
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
