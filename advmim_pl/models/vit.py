@@ -1,7 +1,7 @@
 """Masked-encoding wrapper around any timm VisionTransformer."""
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -208,21 +208,98 @@ class MaskedViT(nn.Module):
         """All tokens after the final norm, no masking: (B, C, H, W) -> (B, P + N, D)."""
         return self.forward_tokens(x)
 
+    def _inputs(self, x: Tensor, keep: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The block stack's input: prefix tokens (B, P, D) and patch tokens with positions, all N of them (neither
+        ``keep`` nor ``mask``), the K kept ones (``keep`` (B, K)) or all N with the masked ones (``mask`` (B, N), 1 =
+        masked) replaced by the mask token."""
+        if keep is not None and mask is not None:
+            raise ValueError("give keep (visible-only encoding) or mask (mask-token encoding), not both")
+        patches = self._embed(x)
+        if mask is not None:
+            if self.mask_token is None:
+                raise RuntimeError("a mask-token encoding needs MaskedViT(mask_token=True)")
+            w = mask.unsqueeze(-1).to(patches.dtype)
+            patches = patches * (1 - w) + self.mask_token.to(patches.dtype) * w
+        prefix, patches = self._add_positions(patches)
+        if keep is not None:
+            patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return prefix, patches
+
     def forward_visible(self, x: Tensor, keep: Tensor) -> Tensor:
         """Encode only kept patches: x (B, C, H, W), keep (B, K) patch indices -> (B, P + K, D)."""
-        prefix, patches = self._add_positions(self._embed(x))
-        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return self._transform(prefix, visible)
+        return self._transform(*self._inputs(x, keep=keep))
 
     def forward_masked(self, x: Tensor, mask: Tensor) -> Tensor:
         """Encode all patches with masked ones replaced: mask (B, N), 1 = masked -> (B, P + N, D)."""
         if self.mask_token is None:
             raise RuntimeError("forward_masked needs MaskedViT(mask_token=True)")
-        patches = self._embed(x)
-        w = mask.unsqueeze(-1).to(patches.dtype)
-        patches = patches * (1 - w) + self.mask_token.to(patches.dtype) * w
-        prefix, patches = self._add_positions(patches)
-        return self._transform(prefix, patches)
+        return self._transform(*self._inputs(x, mask=mask))
+
+    def block_indices(self, indices: int | Sequence[int]) -> list[int]:
+        """Block numbers, ascending, from timm's ``forward_intermediates`` convention: an int n is the last n blocks,
+        a sequence names blocks (negative counts from the end, as in Python)."""
+        depth = len(self.vit.blocks)
+        if isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices {indices}: the number of last blocks must be in [1, {depth}]")
+            return list(range(depth - indices, depth))
+        chosen = set()
+        for i in indices:
+            if not -depth <= i < depth:
+                raise ValueError(f"block index {i} is out of range for {depth} blocks: use [{-depth}, {depth - 1}]")
+            chosen.add(i % depth)
+        if not chosen:
+            raise ValueError("indices is empty: name at least one block")
+        return sorted(chosen)
+
+    def forward_blocks(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int],
+        keep: Tensor | None = None,
+        mask: Tensor | None = None,
+        tensor: Literal["block", "ffn"] = "block",
+    ) -> list[Tensor]:
+        """The outputs of chosen transformer blocks: images (B, C, H, W) in [0, 1] -> a list of (B, P + T, D), P
+        prefix tokens first, one per block of ``indices`` (``block_indices``) in ascending block order.
+
+        T is N for the whole unmasked image (no ``keep``, no ``mask``), K with ``keep`` (B, K) (the visible-only
+        encoding of ``forward_visible``) and N with ``mask`` (B, N) (the mask-token encoding of ``forward_masked``).
+        ``tensor`` picks which tensor of a block:
+
+        - ``"block"``: the block's output, after its last residual connection and before any final norm; the tensor
+          timm's ``forward_intermediates`` returns (with ``norm=False``) and the next block's input.
+        - ``"ffn"``: the output of the block's feed-forward branch before that residual connection,
+          ``ls2(mlp(norm2(h)))`` of a timm ``Block`` (``h`` the stream after the attention residual; layer scale
+          included, stochastic depth not). This is the target tensor of data2vec (``end_of_block_targets: false`` in
+          the released data2vec 2.0 image config). Read by a forward hook on ``ls2``, so it needs blocks that have
+          ``mlp`` and ``ls2`` (timm's ``Block``).
+
+        Blocks after the last chosen one are not run. Activation checkpointing (``vit.set_grad_checkpointing()``)
+        applies block by block as in the other encodings, with the same gradients."""
+        vit = self.vit
+        take = self.block_indices(indices)
+        if tensor not in ("block", "ffn"):
+            raise ValueError(f"tensor {tensor!r} is not one of 'block' (block output), 'ffn' (feed-forward output)")
+        if tensor == "ffn":
+            bad = [i for i in take if not (hasattr(vit.blocks[i], "ls2") and hasattr(vit.blocks[i], "mlp"))]
+            if bad:
+                kind = type(vit.blocks[bad[0]]).__name__
+                raise ValueError(f"tensor='ffn' needs timm Block-style blocks (mlp, ls2); block {bad[0]} is a {kind}")
+        prefix, patches = self._inputs(x, keep, mask)
+        h = vit.norm_pre(vit.pos_drop(torch.cat([prefix, patches], dim=1)))
+        outputs, ffn = [], []
+        chosen = take if tensor == "ffn" else []
+        hooks = [vit.blocks[i].ls2.register_forward_hook(lambda m, a, out: ffn.append(out)) for i in chosen]
+        try:
+            for i in range(take[-1] + 1):
+                h = run_blocks(vit.blocks[i : i + 1], h, vit.grad_checkpointing)
+                if i in take:
+                    outputs.append(ffn.pop() if tensor == "ffn" else h)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return outputs
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
