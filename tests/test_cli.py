@@ -1,17 +1,22 @@
 """The advmim command: shipped configs, composition, errors, the quickstart and the export."""
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from advmim_pl.adversarial import AEMIM
-from advmim_pl.cli import EXPORT_HELP, AdvMIMCLI, resolve_config, resolve_config_args, run, shipped_configs
+from advmim_pl.cli import AdvMIMCLI, run
+from advmim_pl.cli_commands import EXPORT_HELP, PREPARE_HELP
+from advmim_pl.cli_configs import resolve_config, resolve_config_args, shipped_configs
 from tests.helpers.config_tools import assert_contains, leaves, printed_config
 from tests.helpers.micro import MICRO_FLAGS, MICRO_VIT
 
@@ -77,8 +82,8 @@ def test_unknown_config_name_lists_the_shipped_ones():
     [
         (["--model.init_args.no_such_key", "1"], "no_such_key"),
         (["--data.init_args.batch_size", "abc"], "batch_size"),
-        (["--model.init_args.plugin.init_args.eps", "-1"], "eps"),
-        (["--model.init_args.plugin.init_args.steps", "-2"], "steps"),
+        (["--model.init_args.plugin.init_args.attack.init_args.eps", "-1"], "eps"),
+        (["--model.init_args.plugin.init_args.attack.init_args.steps", "-2"], "steps"),
         (["--model.init_args.plugin.init_args.distance", "l3"], "distance"),
         (["--model.init_args.method.init_args.mask_ratio", "1.5"], "mask_ratio"),
     ],
@@ -90,43 +95,40 @@ def test_bad_values_are_cli_errors_naming_the_key(args, named, capsys):
     assert named in capsys.readouterr().err.split("error:", 1)[1]  # in the error itself, not only the usage
 
 
-OLD_KEYS = {  # the keys of the configs before the plug-in became one block: (job, flags or a YAML overlay, new key)
-    "attack_null_flag": ("quickstart_adv.yaml", ["--attack", "null"], "--model.init_args.plugin null"),
-    "attack_flag": ("quickstart_adv.yaml", ["--attack.init_args.eps", "0.03"], "model.init_args.plugin"),
-    "attack_section": ("quickstart_adv.yaml", {"attack": {"init_args": {"steps": 2}}}, "model.init_args.plugin"),
-    "aux_weight_flag": (
-        "quickstart_adv.yaml",
-        ["--model.init_args.aux_weight", "0.5"],
-        "model.init_args.plugin.init_args.aux_weight",
-    ),
-    "aux_norm_floor_yaml": (
-        "quickstart_adv.yaml",
-        {"model": {"init_args": {"aux_norm_floor": 1.0}}},
-        "model.init_args.plugin.init_args.aux_norm_floor",
-    ),
-    "adversarial_pretraining": ("quickstart.yaml", ["--model.init_args.adversarial", "true"], "model.init_args.plugin"),
-    "adversarial_finetuning": (
-        "quickstart_finetune.yaml",
-        ["--model.init_args.adversarial", "true"],
-        "model.init_args.attack",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", OLD_KEYS)
-def test_an_old_key_is_a_one_line_error_naming_the_new_one(case, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    job, old, new = OLD_KEYS[case]
-    if isinstance(old, dict):
-        (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
-        old = ["-c", str(tmp_path / "old.yaml")]
+@pytest.mark.parametrize(
+    "flag, annotated",
+    [
+        # Lightning's own Literal-typed option (a union of three Literals and None), stable across this project
+        ("--trainer.precision", (Trainer, "precision")),
+        # the plug-in's, at its path of today
+        ("--model.init_args.plugin.init_args.attack_mask", (AEMIM, "attack_mask")),
+    ],
+)
+def test_a_bad_choice_lists_the_values_the_annotation_allows(flag, annotated, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(["fit", "-c", job, *old])
+        run(["fit", "-c", "quickstart_adv.yaml", flag, "bogus"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert err.startswith(("advmim fit: error: ", "advmim: error: ")) and err.count("\n") == 1, err
-    assert new in err.split("error: ", 1)[1], err
-    assert not (tmp_path / "runs").exists()
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    annotation = typing.get_type_hints(annotated[0].__init__)[annotated[1]]
+    allowed = [value for arg in typing.get_args(annotation) for value in typing.get_args(arg) or [arg]]
+    shown = list(dict.fromkeys("null" if value in (None, type(None)) else str(value) for value in allowed))
+    assert len(shown) >= 4
+    assert f"{flag.removeprefix('--')}: 'bogus' is not one of: {', '.join(shown)} (every option" in err, err
+
+
+def test_the_attack_mask_choices_are_the_four_masks(capsys):
+    with pytest.raises(SystemExit):
+        run(["fit", "-c", "quickstart_adv.yaml", "--model.init_args.plugin.init_args.attack_mask", "bogus"])
+    assert "is not one of: none, complement, same, independent (" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_progress_bar_flag_decides_the_always_on_bar(enabled):
+    flags = ["-c", "quickstart.yaml", "--trainer.enable_progress_bar", str(enabled).lower()]
+    cli = AdvMIMCLI(args=resolve_config_args(flags), run=False)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    assert [type(bar) for bar in bars] == ([RichProgressBar] if enabled else [])
+    assert cli.trainer.progress_bar_callback is (bars[0] if enabled else None)
 
 
 @pytest.mark.parametrize(
@@ -177,14 +179,14 @@ def test_aemim_quickstart_logs_attack_and_grids_and_exports(tmp_path, monkeypatc
             "4",
             "--trainer.limit_val_batches",
             "2",
-            "--model.init_args.plugin.init_args.log_images_every_n_steps",
+            "--model.init_args.log_images_every_n_steps",
             "5",
             "--data.init_args.num_workers",
             "0",
         ]
     )
     events = scalars(cli.trainer.logger.log_dir)
-    assert {f"aemim/{n}" for n in ("clean", "masked", "reconstruction", "adversarial", "perturbation")} <= set(
+    assert {f"images/{n}" for n in ("clean", "masked", "reconstruction", "adversarial", "perturbation")} <= set(
         events.Tags()["images"]
     )
     clean = [e.value for e in events.Scalars("attack/objective_clean")]
@@ -219,11 +221,22 @@ def test_help_lists_every_subcommand_with_a_description(capsys, monkeypatch):
         run(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "{fit,validate,test,predict,export}" in out
+    assert "{fit,validate,test,predict,export,prepare}" in out
     listed = dict(re.findall(r"^ {4}(\w+) +(\S.*)$", out.split("Available subcommands:")[1], flags=re.M))
-    assert set(listed) == {"fit", "validate", "test", "predict", "export"}
-    assert listed["export"] == EXPORT_HELP
+    assert set(listed) == {"fit", "validate", "test", "predict", "export", "prepare"}
+    assert listed["export"] == EXPORT_HELP and listed["prepare"] == PREPARE_HELP
     assert all(description[0].isupper() for description in listed.values())
+    description = " ".join(out.split("options:")[0].split())
+    assert "MAE, SimMIM, MaskFeat" in description and "AEMIM" in description
+    assert all(name in description for name in ("export", "prepare"))
+
+
+def test_prepare_help_is_its_own_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["prepare", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: advmim prepare") and "root" in out and "--num-workers" in out
 
 
 def test_export_help_names_its_arguments(capsys):
