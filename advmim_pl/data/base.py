@@ -152,6 +152,7 @@ class ImageDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._progress = (0, 0)  # (epoch, its training batches taken by the fit loop): see on_before_batch_transfer
 
     def _to_output(self) -> list[v2.Transform]:
         """Channel conversion and uint8 (C, H, W) -> float32 [0, 1] plain tensor."""
@@ -190,6 +191,22 @@ class ImageDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches of the epoch as the fit loop takes each one for its training step: after
+        Lightning's prefetch (which runs a batch ahead), so the count is what a checkpoint's position needs. The
+        batch passes unchanged."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            self._progress = (epoch, self.batches_done() + 1)
+        return batch
+
+    def batches_done(self) -> int:
+        """Training batches of the trainer's current epoch taken by the fit loop so far (a restored position
+        included); 0 without a trainer or before the epoch's first batch."""
+        epoch, done = self._progress
+        return done if self.trainer is not None and epoch == self.trainer.current_epoch else 0
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 batches (the fast JPEG paths of ImageFolder and streaming) -> float32 [0, 1], on the device after
@@ -247,8 +264,8 @@ class MapStyleDataModule(ImageDataModule):
         or at the epoch's end) holds the start of the next epoch, where Lightning's fit loop resumes."""
         if self.trainer is None:
             return {}
-        epoch = self.trainer.current_epoch
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        # a restored position (epoch, 0) already past the epoch the fit loop ends after resuming stays as it is
+        epoch, done = max(self._progress, (self.trainer.current_epoch, 0))
         if done >= self.trainer.num_training_batches:
             epoch, done = epoch + 1, 0
         return {"epoch": epoch, "batches_done": done}
@@ -256,7 +273,7 @@ class MapStyleDataModule(ImageDataModule):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Restored by Lightning before training starts; the first epoch iteration starts at this position."""
         if state_dict:
-            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
+            self._resume_at = self._progress = (state_dict["epoch"], state_dict["batches_done"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches with drop_last=True, so every batch has batch_size images; each sample's augmentation

@@ -275,10 +275,6 @@ class StreamingImageDataModule(ImageDataModule):
             self.val_set = ShardRecords(records, meta["num_samples"], self.eval_transform(), self.channels)
             self.test_set = self.val_set
 
-    def _batches_done(self) -> int:
-        trainer = self.trainer
-        return trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer is not None else 0
-
     def train_dataloader(self) -> ProgressLoader:
         """Shuffled full batches from litdata's shards of this rank, resumed at the restored position once."""
         self.check_workers()
@@ -299,17 +295,21 @@ class StreamingImageDataModule(ImageDataModule):
                 f"give fewer than batch_size={self.batch_size} per process; no full batch would be produced"
             )
         # workers are not kept across epochs: a resumed state and the epoch reach them when they start
-        self._train_loader = ProgressLoader(stream, self._batches_done, drop_last=True, **self.loader_options())
+        self._train_loader = ProgressLoader(stream, self.batches_done, drop_last=True, **self.loader_options())
         if self._resume is not None:
             self._train_loader.load_state_dict(self._resume)
             self._resume = None
         return self._train_loader
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints by Lightning: the training loader's position (``ProgressLoader.state_dict``)."""
-        return {"loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+        """Saved in checkpoints by Lightning: the training loader's position (``ProgressLoader.state_dict``) and the
+        batch count behind it, (epoch, batches of it taken)."""
+        if self._train_loader is None:
+            return {}
+        return {"loader": self._train_loader.state_dict(), "progress": list(self._progress)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restored by Lightning before training starts; the next ``train_dataloader`` starts there."""
         if state_dict:
             self._resume = state_dict["loader"]
+            self._progress = tuple(state_dict["progress"])
