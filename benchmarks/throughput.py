@@ -39,7 +39,7 @@ from peak_memory import PeakMeter, default_budget_mib, in_fresh_process, largest
 from provenance import device_info, git_commit
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from advmim_pl.adversarial import AEMIM
+from advmim_pl.adversarial import AEMIM, Attacker
 from advmim_pl.mim import MAE, SimMIM
 from advmim_pl.modules import PretrainModule
 from advmim_pl.report import ReportTable, write_report
@@ -232,7 +232,7 @@ def run_fit(
         in_chans=3,
         batch_size=batch_size,
         warmup_epochs=0,
-        plugin=None if attack_steps is None else AEMIM(steps=attack_steps, attack_mask=attack_mask),
+        plugin=None if attack_steps is None else AEMIM(Attacker(steps=attack_steps), attack_mask=attack_mask),
         compile=compile,
         activation_checkpointing=has_variant(name, CHECKPOINTED),
     )
@@ -431,6 +431,7 @@ def main() -> None:
         "--memory-budget-mib", type=float, default=None, help="for the max-batch column (default: the device's memory)"
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--tag", default="", help="appended to the file name (_<tag>), so a run keeps an earlier one")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON out
     args = parser.parse_args()
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
@@ -464,10 +465,8 @@ def main() -> None:
 
     description, slug = device_info(device)
     commit, dirty = git_commit()
-    setup = {
-        k: v for k, v in vars(args).items() if k not in ("out", "configs", "decoder_dim", "decoder_depth", "child")
-    }
-    setup.pop("decoder_heads")
+    left_out = ("out", "tag", "configs", "decoder_dim", "decoder_depth", "decoder_heads", "child")
+    setup = {k: v for k, v in vars(args).items() if k not in left_out}
     setup.update(mae_decoder=decoder, simmim_mask_patch=simmim_mask_patch(args))
     report = {
         "device": description,
@@ -485,7 +484,8 @@ def main() -> None:
     }
     suffix = ("_compile" if args.compile else "") + ("" if args.precision == "bf16-mixed" else f"_{args.precision}")
     depth = f"_depth{args.depth}" if args.depth else ""
-    stem = f"throughput_{slug}_{args.model}{depth}_{args.img_size}px_bs{args.batch_size}{suffix}"
+    tag = f"_{args.tag}" if args.tag else ""
+    stem = f"throughput_{slug}_{args.model}{depth}_{args.img_size}px_bs{args.batch_size}{suffix}{tag}"
     write_markdown(args.out, stem, report)
 
 
