@@ -52,6 +52,8 @@ def recipe(config: str, plugin: bool = True, fraction: float | None = None) -> d
         schedule: ResolutionSchedule = getattr(importlib.import_module(module), name)(**spec["init_args"])
         sizes = schedule.sizes(epochs)
     block = settings["model"]["init_args"].get("plugin") if plugin else None
+    if isinstance(block, str):  # the plug-in's block composed from its file (plugin/aemim.yaml)
+        block = yaml.safe_load((CONFIGS / block).read_text())
     options = (block or {}).get("init_args", {})
     share = options.get("batch_fraction", 1.0) if fraction is None else fraction
     windows = options.get("epochs")

@@ -47,7 +47,7 @@ QUICKSTART = [
         "module, data = cli.model, cli.datamodule\n"
         "if CHECKPOINT:\n"
         "    module = PretrainModule.load_from_checkpoint(CHECKPOINT)  # method and weights from the file\n"
-        "attack = module.plugin.attacker  # the plug-in's generic PGD engine\n"
+        "attack = module.plugin.attack  # the plug-in's generic PGD engine\n"
         "module.eval()\n"
         "print('final train loss', float(cli.trainer.callback_metrics['train/loss']))"
     ),

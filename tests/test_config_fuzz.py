@@ -30,6 +30,10 @@ def plugin(**init_args) -> dict:
     return model(plugin={"init_args": init_args})
 
 
+def attack(**init_args) -> dict:
+    return plugin(attack={"init_args": init_args})
+
+
 def data(**init_args) -> dict:
     return {"data": {"init_args": init_args}}
 
@@ -39,7 +43,7 @@ CASES = {
     # wrong types
     "str_for_int_yaml": (MAE_JOB, model(patch_size="sixteen"), ["patch_size", "sixteen"]),
     "str_for_int_flag": (MAE_JOB, ["--data.init_args.batch_size", "abc"], ["batch_size", "abc"]),
-    "list_for_float_yaml": (MAE_JOB, plugin(eps=[0.1]), ["eps"]),
+    "list_for_float_yaml": (MAE_JOB, attack(eps=[0.1]), ["eps"]),
     "list_for_float_flag": (MAE_JOB, ["--model.init_args.base_lr", "[0.1, 0.2]"], ["base_lr"]),
     "bool_for_str": (MAE_JOB, model(encoder=True), ["encoder", "True"]),
     "str_for_bool": (MAE_JOB, plugin(on_validation="sometimes"), ["on_validation", "sometimes"]),
@@ -60,11 +64,11 @@ CASES = {
     "batch_size_0": (MAE_JOB, data(batch_size=0), ["batch_size", "0"]),
     "img_size_negative": (MAE_JOB, data(img_size=-32), ["img_size", "-32"]),
     "decoder_dim_0": (MAE_JOB, method(decoder_dim=0), ["decoder_dim"]),
-    "decoder_heads_not_dividing": (MAE_JOB, method(decoder_heads=5), ["decoder_heads 5"]),
-    "steps_negative": (MAE_JOB, plugin(steps=-1), ["steps"]),
-    "eps_negative": (MAE_JOB, plugin(eps=-0.1), ["eps"]),
-    "step_size_0": (MAE_JOB, plugin(step_size=0), ["step_size"]),
-    "warmup_negative": (MAE_JOB, plugin(warmup_epochs=-1), ["warmup_epochs"]),
+    "decoder_heads_not_dividing": (MAE_JOB, method(decoder_heads=5), ["decoder_dim", "decoder_heads (5)"]),
+    "steps_negative": (MAE_JOB, attack(steps=-1), ["steps"]),
+    "eps_negative": (MAE_JOB, attack(eps=-0.1), ["eps"]),
+    "step_size_0": (MAE_JOB, attack(step_size=0), ["step_size"]),
+    "warmup_negative": (MAE_JOB, attack(warmup_epochs=-1), ["warmup_epochs"]),
     "num_workers_negative": (MAE_JOB, data(num_workers=-1), ["num_workers", "-1"]),
     "num_nodes_0": (MAE_JOB, ["--trainer.num_nodes", "0"], ["num_nodes"]),
     "channels_2": (MAE_JOB, data(channels=2), ["channels", "2"]),
@@ -79,8 +83,8 @@ CASES = {
     # sizes that do not fit together
     "patch_not_dividing_image": (MAE_JOB, model(patch_size=6), ["patch_size 6", "img_size 32"]),
     "image_not_divided_by_patch": (MAE_JOB, data(img_size=30), ["img_size 30", "patch_size 4"]),
-    "mask_patch_not_multiple_of_patch": (SIMMIM_JOB, method(mask_patch_size=6), ["mask_patch_size 6", "patch size 4"]),
-    "mask_patch_not_dividing_image": (SIMMIM_JOB, method(mask_patch_size=12), ["mask_patch_size 12", "image size 32"]),
+    "mask_patch_not_multiple_of_patch": (SIMMIM_JOB, method(mask_patch_size=6), ["mask_patch_size", "4", "got 6"]),
+    "mask_patch_not_dividing_image": (SIMMIM_JOB, method(mask_patch_size=12), ["mask_patch_size", "32", "got 12"]),
     # unknown names and class paths
     "unknown_encoder": (MAE_JOB, model(encoder="vit_nonexistent"), ["vit_nonexistent", "VisionTransformer"]),
     "unknown_data_class": (MAE_JOB, ["--data", "advmim_pl.data.NoSuchDataModule"], ["NoSuchDataModule"]),
@@ -122,20 +126,20 @@ CASES = {
     ),
     # literals
     "unknown_distance": (MAE_JOB, plugin(distance="l3"), ["distance", "l3"]),
-    "unknown_perturbation": (MAE_JOB, plugin(perturbation="salt"), ["perturbation", "salt"]),
+    "unknown_perturbation": (MAE_JOB, attack(perturbation="salt"), ["perturbation", "salt"]),
     "unknown_attack_mask": (MAE_JOB, plugin(attack_mask="half"), ["attack_mask", "half"]),
     "unknown_aux_input": (MAE_JOB, plugin(aux_input="sideways"), ["aux_input", "sideways"]),
     "unknown_branch_params": (MAE_JOB, plugin(branch_params="some"), ["branch_params", "some"]),
     "unknown_aux_decoder": (MAE_JOB, plugin(aux_decoder="both"), ["aux_decoder", "both"]),
-    "unknown_aux_target_norm": (MAE_JOB, plugin(aux_target_norm="none"), ["aux_target_norm", "none"]),
-    "negative_aux_norm_floor": (MAE_JOB, plugin(aux_norm_floor=-1.0), ["aux_norm_floor", "-1.0"]),
+    "unknown_aux_target_norm": (MAE_JOB, method(aux_target_norm="none"), ["aux_target_norm", "none"]),
+    "negative_aux_norm_floor": (MAE_JOB, method(aux_norm_floor=-1.0), ["aux_norm_floor", "-1.0"]),
     # budgets and combinations that cannot work
-    "eps_in_255_units": (MAE_JOB, plugin(eps=8), ["eps=8", "8/255 = 0.0314"]),
-    "pgd_without_budget": (MAE_JOB, plugin(eps=0.0), ["eps=0.0", "perturbation: none"]),
+    "eps_in_255_units": (MAE_JOB, attack(eps=8), ["eps=8", "8/255 = 0.0314"]),
+    "pgd_without_budget": (MAE_JOB, attack(eps=0.0), ["eps", "got 0.0", "perturbation: none"]),
     "no_start_with_one_encoder": (
         MAE_JOB,
-        plugin(random_start=False, branch_params="none"),
-        ["random_start=False", "branch_params='none'"],
+        plugin(attack={"init_args": {"random_start": False}}, branch_params="none"),
+        ["random_start: false", "branch_params", "got 'none'"],
     ),
 }
 
@@ -225,8 +229,8 @@ def test_data_module_values_are_refused_at_parse_time(overlay, named, tmp_path, 
 @pytest.mark.parametrize(
     "flag, value, line",
     [
-        ("--model.init_args.plugin.init_args.eps", "-0.01", "model.init_args.plugin.init_args.eps: Not of type "
-         "NonNegativeFloat: -0.01 does not conform to restriction v>=0"),
+        ("--model.init_args.plugin.init_args.attack.init_args.eps", "-0.01", "model.init_args.plugin.init_args.attack"
+         ".init_args.eps: Not of type NonNegativeFloat: -0.01 does not conform to restriction v>=0"),
         ("--model.init_args.method.init_args.mask_ratio", "0", "model.init_args.method.init_args.mask_ratio: Not of "
          "type OpenUnitInterval: 0 does not conform to restriction v>0 and v<1"),
         ("--model.init_args.plugin.init_args.aux_weight", "-1", "model.init_args.plugin.init_args.aux_weight: Not of "

@@ -68,7 +68,7 @@ def test_trainer_configs_compose_on_a_job(config, capsys):
         assert composed[key] == value, key
     # the job itself is untouched: same data, same plug-in
     base = leaves(printed_config(capsys, "-c", "quickstart_adv.yaml"))
-    eps = ("model", "init_args", "plugin", "init_args", "eps")
+    eps = ("model", "init_args", "plugin", "init_args", "attack", "init_args", "eps")
     for key in (("data", "init_args", "batch_size"), eps, ("model", "init_args", "encoder")):
         assert composed[key] == base[key]
     if config.stem == "tpu":  # the only model key a trainer file sets; the rest of the optimizer is the job's
@@ -88,7 +88,7 @@ def test_ddp_config_builds_a_ddp_trainer_on_cpu():
     assert strategy.process_group_backend is None  # chosen at setup: gloo on CPU, nccl on CUDA
     # the plug-in's attack goes on the trainer under DDP too (Lightning attaches configure_callbacks at fit)
     (attack,) = built.model.configure_callbacks()
-    assert type(attack).__name__ == "AdversarialTargetCallback" and attack.attacker is built.model.plugin.attacker
+    assert type(attack).__name__ == "AdversarialTargetCallback" and attack.attacker is built.model.plugin.attack
 
 
 def test_fsdp_config_builds_an_fsdp2_strategy_on_cpu():

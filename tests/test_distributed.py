@@ -64,7 +64,7 @@ class ShardRecorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
-        calls = pl_module.plugin.attacker.calls  # (x, x_a, objective(x), objective(x_a)) per crafted batch
+        calls = pl_module.plugin.attack.calls  # (x, x_a, objective(x), objective(x_a)) per crafted batch
         distances = [(x_adv - x).abs().flatten(1).amax(dim=1) for x, x_adv, *_ in calls]
         record = dict(
             rank=trainer.global_rank,
@@ -82,7 +82,7 @@ def test_ddp_ranks_craft_targets_for_their_own_shards_and_stay_in_sync(tmp_path,
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # loopback only
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     L.seed_everything(0)
-    module = micro_module(plugin=recording_plugin(eps=EPS, steps=2))
+    module = micro_module(plugin=recording_plugin(dict(eps=EPS, steps=2)))
     initial = {name: value.clone() for name, value in module.state_dict().items()}
     data = indexed_images()
     ddp_trainer = trainer(
@@ -203,7 +203,7 @@ def fit_ddp(root: Path, module: L.LightningModule, device_resident: bool, ckpt_p
 
 
 def adversarial_micro_module() -> L.LightningModule:
-    return micro_module(plugin=AEMIM(log_images_every_n_steps=0))
+    return micro_module(plugin=AEMIM())
 
 
 def resume_worker(rank: int, root: Path, port: int) -> None:

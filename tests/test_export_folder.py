@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors import safe_open
 
-from advmim_pl.adversarial import AEMIM
+from advmim_pl.adversarial import AEMIM, Attacker
 from advmim_pl.cli import run
 from advmim_pl.models.branch_norm import branch
 from tests.helpers.micro import MICRO_VIT, bundled_sample, micro_module, save, smooth_images, trainer
@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     """A micro MAE run with the plug-in, two steps on the bundled sample, saved where a run saves it
     (``version_0/checkpoints/last.ckpt``): the module and the checkpoint's path."""
     L.seed_everything(0)
-    module = micro_module(plugin=AEMIM(steps=1))
+    module = micro_module(plugin=AEMIM(attack=Attacker(steps=1)))
     t = trainer(2, limit_val_batches=0)
     t.fit(module, datamodule=bundled_sample(batch_size=8))
     ckpt = tmp_path_factory.mktemp("run") / "version_0" / "checkpoints" / "last.ckpt"
@@ -145,7 +145,8 @@ def test_model_card_names_method_attack_data_training_and_features(trained, tmp_
     assert "pipeline_tag: image-feature-extraction" in card and "library_name: timm" in card
     assert "- **Pre-training:** MAE, with the AEMIM adversarial plug-in" in card
     plugin = card.split("- **Plug-in:**\n", 1)[1].split("- **", 1)[0]  # the plug-in's settings, from its hparams
-    assert f"  - eps: {4 / 255}\n  - steps: 1\n" in plugin and "  - aux_weight: 1.0\n" in plugin
+    assert f"'eps': {4 / 255}, 'steps': 1," in plugin.split("  - attack: ", 1)[1]  # the nested attack block
+    assert "  - aux_weight: 1.0\n" in plugin
     assert "  - channels: 1\n" in card and "  - crop_scale: (0.5, 1.0)\n" in card  # the data module's options
     assert "- **Training:** 2 optimizer steps" in card
     assert "  - mask_ratio: 0.75\n" in card

@@ -37,7 +37,7 @@ JOB_ARGS = [  # the plug-in quickstart with the micro ViT, 2 batches per optimiz
     "fit", "-c", "quickstart_adv.yaml",
     *MICRO_MAE_FLAGS,
     "--model.init_args.warmup_epochs", "0.01",            # the lr schedule moves every step
-    "--model.init_args.plugin.init_args.warmup_epochs", "0.01",  # so does the eps ramp
+    "--model.init_args.plugin.init_args.attack.init_args.warmup_epochs", "0.01",  # so does the eps ramp
     "--data.init_args.batch_size", "16",
     "--data.init_args.num_workers", "1",                  # augmentation in a worker process
     "--trainer.precision", "32-true",

@@ -121,7 +121,7 @@ def fit(root: Path, strategy, method: str, ckpt_dir: str | None = None, ckpt_pat
     """``steps`` steps of ``method`` + AEMIM on 2 ranks under ``strategy``, logging into ``root``; a checkpoint
     every ``SAVED_AT`` steps into ``root / ckpt_dir`` when given. Returns this rank's record and the trainer."""
     L.seed_everything(0, verbose=False)
-    module = micro_module(method, plugin=AEMIM(log_images_every_n_steps=0), **options)
+    module = micro_module(method, plugin=AEMIM(), **options)
     record, poison = Record(), Poison()
     callbacks = [record, poison]
     if ckpt_dir:

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from advmim_pl import adversarial
-from advmim_pl.adversarial import AEMIM
+from advmim_pl.adversarial import AEMIM, Attacker
 from advmim_pl.cli import run
 from advmim_pl.reliability import CheckpointError, NonFiniteGuard, NonFiniteStop, SafeCheckpointIO, read_checkpoint
 from tests.helpers.micro import loader, micro_module, trainer
@@ -71,7 +71,7 @@ def test_out_of_memory_in_the_attack_says_what_to_change(monkeypatch):
 
     monkeypatch.setattr(adversarial.attacker, "perturb", oom)  # the engine call inside Attacker.generate
     with pytest.raises(torch.OutOfMemoryError, match="lower data.init_args.batch_size.*fewer attack steps"):
-        trainer(1).fit(micro_module(plugin=AEMIM(steps=3)), loader())
+        trainer(1).fit(micro_module(plugin=AEMIM(attack=Attacker(steps=3))), loader())
 
 
 def test_truncated_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ JOB_ARGS = [  # the plug-in quickstart with the micro ViT, a checkpoint after ev
     "-c", "quickstart_adv.yaml",
     *MICRO_MAE_FLAGS,
     "--model.init_args.warmup_epochs", "0.01",            # the lr schedule moves every step
-    "--model.init_args.plugin.init_args.warmup_epochs", "0.01",  # so does the eps ramp
+    "--model.init_args.plugin.init_args.attack.init_args.warmup_epochs", "0.01",  # so does the eps ramp
     "--data.init_args.batch_size", "16",                  # 250 batches per epoch: the kill is mid-epoch
     "--data.init_args.num_workers", "1",                  # augmentation in a worker process
     "--trainer.precision", "32-true",

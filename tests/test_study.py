@@ -51,14 +51,20 @@ def test_every_arm_composes_with_its_values(preset, arm, capsys):
     printed = printed_config(capsys, *(arg for path in paths for arg in ("-c", path)))
     expected = {}
     for path in paths:
-        expected = merged(expected, yaml.safe_load(open(resolve_config(path)).read()))
+        file = Path(resolve_config(path))
+        written = yaml.safe_load(file.read_text())
+        block = written["model"]["init_args"].get("plugin")
+        if isinstance(block, str):  # the plug-in's block composed from its file
+            written["model"]["init_args"]["plugin"] = yaml.safe_load((file.parent / block).read_text())
+        expected = merged(expected, written)
     assert_contains(printed, expected)
     plugin = printed["model"]["init_args"]["plugin"]
     assert (plugin is not None) == bool(spec.overlays)
     if plugin is not None:
         wanted = {"MAE+sign": ("sign", "none"), "MAE+AEMIM same": ("pgd", "same")}.get(arm, ("pgd", "none"))
-        assert (plugin["init_args"]["perturbation"], plugin["init_args"]["attack_mask"]) == wanted
-        assert plugin["init_args"]["eps"] == pytest.approx(4 / 255)
+        attack = plugin["init_args"]["attack"]["init_args"]
+        assert (attack["perturbation"], plugin["init_args"]["attack_mask"]) == wanted
+        assert attack["eps"] == pytest.approx(4 / 255)
 
 
 # ---- statistics, checked against closed forms ------------------------------------------------------------

@@ -105,7 +105,8 @@ def test_the_compute_matched_continuation_trains_the_seeds_measured_time_ratio_i
     assert f"--model.init_args.init_from={tmp_path / 'b.ckpt'}" in argv and "--model.init_args.base_lr=0.0003" in argv
     assert "--model.init_args.warmup_epochs=0.1" in argv and argv[argv.index("--seed_everything") + 1] == "2"
     plugin = continuation_arms.continue_command(spec, "MAE+AEMIM continued", 2, tmp_path, tmp_path, 1, [])
-    assert "study/aemim.yaml" in plugin and plugin[plugin.index("--model.init_args.plugin.init_args.seed") + 1] == "2"
+    seed = plugin.index("--model.init_args.plugin.init_args.attack.init_args.seed") + 1
+    assert "study/aemim.yaml" in plugin and plugin[seed] == "2"
     assert "--trainer.max_epochs=1" in plugin and not any(a.startswith("--trainer.max_steps") for a in plugin)
 
 

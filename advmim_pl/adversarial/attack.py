@@ -13,11 +13,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from advmim_pl.checks import choices, require
 from advmim_pl.rng import rand, randn
 
 Objective = Callable[[Tensor], Tensor]
 Perturbation = Literal["pgd", "sign", "gaussian", "uniform", "none"]
-PERTURBATIONS: tuple[str, ...] = ("pgd", "sign", "gaussian", "uniform", "none")
 MAX_EPS = 1.0  # a budget of the whole [0, 1] pixel range or more is a unit slip (8 for 8/255)
 LARGE_EPS = 32 / 255  # beyond the budgets of the robustness literature: warned
 
@@ -29,8 +29,7 @@ def check_eps(eps: float, owner: str, key: str = "eps") -> str | None:
     would cover the whole pixel range); returns a warning text for ``eps > 32/255``, else None. Both name
     the value and the likely intent (``eps / 255``).
     """
-    if eps < 0:
-        raise ValueError(f"{owner}: invalid {key}={eps!r}; expected a non-negative L-inf budget in pixel units")
+    require(eps >= 0, key, eps, "a non-negative L-inf budget in pixel units")
     if eps >= MAX_EPS:
         raise ValueError(
             f"{owner}: {key}={eps!r} is in pixel units of [0, 1] images, so the ball covers the whole pixel "
@@ -144,7 +143,7 @@ def perturb(
         return project(x + uniform_noise(x, eps, generator), x, eps), finite
     if kind == "none":
         return x.detach(), finite
-    raise ValueError(f"unknown perturbation {kind!r}: choose one of {PERTURBATIONS}")
+    raise ValueError(f"perturbation must be one of {choices(Perturbation)}, got {kind!r}")
 
 
 @contextmanager

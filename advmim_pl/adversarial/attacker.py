@@ -5,11 +5,12 @@ from typing import Any
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from advmim_pl.adversarial.attack import PERTURBATIONS, Objective, Perturbation, check_eps, frozen_eval, perturb
-from advmim_pl.checks import constructor_config, plain
+from advmim_pl.adversarial.attack import Objective, Perturbation, check_eps, frozen_eval, perturb
+from advmim_pl.checks import constructor_config, plain, require, require_choice, require_non_negative
 from advmim_pl.rng import SeededStream
 
 
@@ -53,23 +54,20 @@ class Attacker:
         warmup_epochs: NonNegativeFloat = 0.0,
         seed: int = 0,
     ) -> None:
-        owner = type(self).__name__
-        warning = check_eps(eps, owner)
+        warning = check_eps(eps, type(self).__name__)
         if warning:
             rank_zero_warn(warning)
+        require_choice(Perturbation, perturbation=perturbation)
         require(
             perturbation != "pgd" or eps > 0,
             "eps",
             eps,
-            "positive with perturbation: pgd (an attack with no budget leaves x_a = x; "
-            "use perturbation: none for the clean-target control)",
-            owner,
+            "positive with perturbation: pgd (an attack with no budget leaves x_a = x; use perturbation: none for the "
+            "clean-target control)",
         )
-        require(steps >= 0, "steps", steps, "a non-negative number of PGD steps", owner)
-        require(perturbation != "pgd" or steps >= 1, "steps", steps, "at least 1 with perturbation: pgd", owner)
-        require(step_size is None or step_size > 0, "step_size", step_size, "positive, or null for the default", owner)
-        require(warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "non-negative", owner)
-        require(perturbation in PERTURBATIONS, "perturbation", perturbation, f"one of {PERTURBATIONS}", owner)
+        require_non_negative(steps=steps, warmup_epochs=warmup_epochs)
+        require(perturbation != "pgd" or steps >= 1, "steps", steps, "at least 1 with perturbation: pgd")
+        require(step_size is None or step_size > 0, "step_size", step_size, "positive, or null for the default")
         self.eps, self.steps, self.step_size, self.random_start = eps, steps, step_size, random_start
         self.perturbation, self.warmup_epochs, self.seed = perturbation, warmup_epochs, seed
         self.stream = SeededStream()
@@ -159,7 +157,9 @@ class Attacker:
         self.stream.restore(state_dict["rng"])  # applied at the next draw, on the batch's device
 
 
-def require(ok: bool, name: str, value: Any, expected: str, owner: str) -> None:
-    """ValueError naming the class that refused, the option, its value and what it should be."""
-    if not ok:
-        raise ValueError(f"{owner}: invalid {name}={value!r}; expected {expected}")
+def attacker_from(attack: "Attacker | dict | None") -> Attacker | None:
+    """The attack an ``attack`` argument (of the AEMIM plug-in, or of FinetuneModule) gives: the ``Attacker`` itself,
+    or the one its ``{"class_path", "init_args"}`` config rebuilds (a checkpoint's hyperparameters); None stays None.
+    Its owner stores ``attack.config()`` in its own config and puts ``AdversarialTargetCallback(attack)`` on the
+    trainer (a module's ``attack_callback``)."""
+    return instantiate_class((), attack) if isinstance(attack, dict) else attack

@@ -1,20 +1,7 @@
 """Reconstruction targets and losses, as pure functions."""
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
-
-
-@dataclass(frozen=True)
-class TargetNorm:
-    """How a host method that normalises its target per patch (MAE's ``norm_pix_loss``) does it: the variance floor
-    ``var_floor`` added to each patch's variance, and the images ``stats_from`` (B, C, H, W) whose patch statistics
-    are used (None: the target's own). The default is the method's plain normalisation. Methods whose target is not
-    normalised per patch ignore it."""
-
-    var_floor: float = 0.0
-    stats_from: Tensor | None = None
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -98,4 +85,4 @@ def feature_distance(features: Tensor, target: Tensor, kind: str = "mse") -> Ten
     if kind == "kl":
         log_p, log_q = t.log_softmax(dim=-1), f.log_softmax(dim=-1)
         return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=1)
-    raise ValueError(f"unknown distance {kind!r}: choose mse, cosine or kl")
+    raise ValueError(f"distance must be one of ('mse', 'cosine', 'kl'), got {kind!r}")

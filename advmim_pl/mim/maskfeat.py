@@ -1,7 +1,8 @@
 """MaskFeat (Wei et al. 2022): predict the histograms of oriented gradients (HOG) of the masked patches.
 
-The target is a deterministic function of the image, so the plug-in's auxiliary branch, which hands the method
-the adversarial example x_a as its target images, reconstructs HOG(x_a) with no change to the plug-in.
+The target is a deterministic function of the image, so the plug-in's auxiliary branch, which asks the host for the
+targets of the adversarial example x_a, reconstructs HOG(x_a) with no change to the plug-in. MaskFeat is SimMIM with
+another target and head: it inherits SimMIM's masking, encoding and decoding.
 """
 
 import math
@@ -12,8 +13,9 @@ from jsonargparse.typing import OpenUnitInterval, PositiveInt
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from advmim_pl.mim.losses import TargetNorm, mae_loss, unpatchify, upsample_mask
-from advmim_pl.mim.methods import Mask, SimMIM
+from advmim_pl.checks import require, require_choice, require_positive
+from advmim_pl.mim.losses import mae_loss, unpatchify
+from advmim_pl.mim.methods import Host, Mask, Perturbed, SimMIM, paste
 from advmim_pl.models.vit import MaskedViT
 
 HOG_EPS = 1e-5  # L2 normalisation h / sqrt(|h|^2 + eps^2), as scikit-image's block_norm="L2"
@@ -57,12 +59,9 @@ def hog_targets(
     tile the patches, with cells_per_block (k, k) for ``patch`` and (1, 1) for ``cell``.
     """
     b, c, h, w = images.shape
-    if patch_size % cell_size:
-        raise ValueError(f"cell_size {cell_size} must divide the patch size {patch_size}")
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"the patch size {patch_size} must divide the image size {h}x{w}")
-    if norm not in ("patch", "cell"):
-        raise ValueError(f"norm must be 'patch' or 'cell', got {norm!r}")
+    require(patch_size % cell_size == 0, "cell_size", cell_size, f"a divisor of the patch size {patch_size}")
+    require(h % patch_size == 0 and w % patch_size == 0, "patch_size", patch_size, f"a divisor of {h}x{w}")
+    require_choice(HogNorm, norm=norm)
     g_row, g_col = image_gradients(images)
     magnitude = torch.hypot(g_row, g_col)
     if window:
@@ -120,9 +119,6 @@ class MaskFeat(SimMIM):
     the authors' code weights each 16-px patch by a Gaussian of std 8 px, which ``gaussian_window: true`` matches.
     """
 
-    uses_mask_token = True
-    pooling = "avg"  # the head reads only patch tokens, so no loss reads the cls token's output
-
     def __init__(
         self,
         mask_ratio: OpenUnitInterval = 0.4,
@@ -133,40 +129,33 @@ class MaskFeat(SimMIM):
         gaussian_window: bool = True,
     ) -> None:
         super().__init__(mask_ratio, mask_patch_size)
-        if cell_size <= 0 or bins <= 0:
-            raise ValueError(f"cell_size and bins must be positive, got {cell_size} and {bins}")
-        if hog_norm not in ("patch", "cell"):
-            raise ValueError(f"hog_norm must be 'patch' or 'cell', got {hog_norm!r}")
+        require_positive(cell_size=cell_size, bins=bins)
+        require_choice(HogNorm, hog_norm=hog_norm)
         self.cell_size, self.bins, self.hog_norm, self.gaussian_window = cell_size, bins, hog_norm, gaussian_window
 
     def target_dim(self, encoder: MaskedViT) -> int:
         """Length of a patch's HOG vector, after checking that ``cell_size`` divides the encoder's patches."""
-        if encoder.patch_size % self.cell_size:
-            raise ValueError(f"cell_size {self.cell_size} must divide the patch size {encoder.patch_size}")
-        return encoder.in_chans * (encoder.patch_size // self.cell_size) ** 2 * self.bins
-
-    def targets(self, images: Tensor, encoder: MaskedViT) -> Tensor:
-        """HOG targets (B, N, target_dim) of images (B, C, H, W) in pixel space, in fp32 and without gradient."""
-        with torch.no_grad():
-            p = encoder.patch_size
-            return hog_targets(images.float(), p, self.cell_size, self.bins, self.hog_norm, self.gaussian_window)
+        p = encoder.patch_size
+        require(p % self.cell_size == 0, "cell_size", self.cell_size, f"a divisor of the patch size {p}")
+        return encoder.in_chans * (p // self.cell_size) ** 2 * self.bins
 
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
         self._block(encoder)
         return HOGHead(encoder.embed_dim, self.target_dim(encoder), encoder.num_prefix_tokens)
 
-    def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
-        return decoder(latent)
+    def targets(self, host: Host, images: Tensor, perturbed: Perturbed | None = None) -> Tensor:
+        """HOG (B, N, target_dim) of images (B, C, H, W) in pixel space, fp32 and without gradient. A HOG vector is
+        L2-normalised by its definition, so a perturbation's size changes nothing."""
+        with torch.no_grad():
+            p = host.encoder.patch_size
+            return hog_targets(images.float(), p, self.cell_size, self.bins, self.hog_norm, self.gaussian_window)
 
-    def loss(self, pred, images, mask, encoder, norm=TargetNorm()) -> Tensor:
-        """Mean over masked patches of the MSE between pred (B, N, target_dim) and the HOG of ``images``
-        (B, C, H, W). HOG vectors are L2-normalised by their definition, so ``norm`` does not apply."""
-        return mae_loss(pred, self.targets(images, encoder), mask.patches, norm_pix=False)
+    def loss(self, pred: Tensor, targets: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+        """Mean over masked patches of the MSE between pred and the HOG targets, both (B, N, target_dim)."""
+        return mae_loss(pred, targets, mask.patches, norm_pix=False)
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
         """The visible pixels, and on each masked patch the predicted HOG drawn as ``hog_glyphs`` (grey)."""
         p, c = encoder.patch_size, encoder.in_chans
         glyphs = hog_glyphs(pred.detach(), p, self.cell_size, self.bins, c)
-        drawn = unpatchify(glyphs, p, 1, encoder.grid_size).expand(-1, c, -1, -1)
-        pixel_mask = upsample_mask(mask.patches, encoder.grid_size, p)
-        return (images * (1 - pixel_mask) + drawn * pixel_mask).clamp(0, 1)
+        return paste(images, unpatchify(glyphs, p, 1, encoder.grid_size).expand(-1, c, -1, -1), mask, encoder)

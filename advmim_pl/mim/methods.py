@@ -1,21 +1,34 @@
-"""Host MIM methods. Each holds its hyperparameters and maps (encoder, images, mask) to a loss.
+"""The host contract (``MIMMethod``, ``Host``) and two hosts, MAE and SimMIM.
 
-A method owns no parameters: the LightningModule builds the encoder and asks the method for decoders,
-so the same method object can serve a clean and an auxiliary branch.
+A host holds its hyperparameters and maps (encoder, images, mask) to a loss. PretrainModule builds the encoder and asks
+the host for the rest: its decoder, the modules it owns (a teacher, a target encoder, a tokenizer), its step, a hook
+after every optimizer step (an EMA update) and its checkpoint state. The AEMIM plug-in sees a host only through
+``Host``, the method bound to the module's networks: masks, passes, and the host's targets of any images.
+docs/method.md ("Adding a host") is the page to read before writing one.
 """
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
-from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveInt
 from torch import Tensor, nn
 
-from advmim_pl.checks import constructor_config
-from advmim_pl.mim.losses import TargetNorm, mae_loss, patchify, simmim_loss, unpatchify, upsample_mask
+from advmim_pl.checks import (
+    constructor_config,
+    require,
+    require_between,
+    require_choice,
+    require_non_negative,
+    require_positive,
+)
+from advmim_pl.mim.losses import mae_loss, normalize_patches, patchify, simmim_loss, unpatchify, upsample_mask
 from advmim_pl.mim.masking import block_masking, random_masking
 from advmim_pl.models.decoders import MAEDecoder, SimMIMDecoder
 from advmim_pl.models.vit import MaskedViT
+
+AuxTargetNorm = Literal["floor", "clean", "patch"]
 
 
 @dataclass
@@ -30,13 +43,39 @@ class Mask:
         return Mask(self.patches[index], None if self.keep is None else self.keep[index])
 
 
-def _check_ratio(mask_ratio: float) -> None:
-    if not 0 < mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+@dataclass(frozen=True)
+class Perturbed:
+    """What the plug-in says about the images whose targets it asks for: they lie within an L-inf ball of ``eps``
+    (pixel units) around ``clean`` (B, C, H, W). A host whose targets react to a perturbation's size reads it (MAE's
+    per-patch normalisation); the others ignore it."""
+
+    clean: Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands at the per-step hook: optimizer steps done (this one included) and the run's total."""
+
+    step: int
+    total_steps: int
+
+
+@dataclass
+class HostStep:
+    """One step of a host: the images it trained on (B, C, H, W), its mask, the clean latent (B, T, D), the decoder's
+    prediction, the targets and the loss () fp32."""
+
+    images: Tensor
+    mask: Mask
+    latent: Tensor
+    pred: Tensor
+    targets: Tensor
+    loss: Tensor
 
 
 class MIMMethod(ABC):
-    """Interface every host method implements."""
+    """What every host implements (abstract), and the hooks it may override (their defaults do nothing)."""
 
     uses_mask_token: bool = False  # whether ``encode`` needs the encoder's learned mask token
     pooling: str = "token"  # what a classifier of this method's encoder pools by default: "token" (cls) or "avg"
@@ -46,10 +85,19 @@ class MIMMethod(ABC):
         attribute of the same name. PretrainModule stores it in its hyperparameters (and so in checkpoints)."""
         return constructor_config(self)
 
+    # ---- what the host builds -----------------------------------------------------------------------
     @abstractmethod
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
-        """A freshly initialised decoder for ``encoder``."""
+        """A freshly initialised decoder for ``encoder``. The plug-in's auxiliary decoder is another one (or a copy)."""
 
+    def make_modules(self, encoder: MaskedViT) -> dict[str, nn.Module]:
+        """The modules the host owns besides its decoder (a teacher, a target encoder, a tokenizer), made from the
+        encoder as loaded by ``init_from`` and before the plug-in adds its branch norms. PretrainModule keeps them in
+        ``host_modules``: checkpoints hold them, and the optimizer trains those of their parameters that require a
+        gradient. An EMA teacher pairs its parameters with ``branch_norm.clean_named_parameters(encoder)``."""
+        return {}
+
+    # ---- masks and passes ---------------------------------------------------------------------------
     @abstractmethod
     def sample_mask(self, encoder: MaskedViT, batch: int, device: torch.device, generator=None) -> Mask:
         """A random mask for ``batch`` images."""
@@ -70,20 +118,110 @@ class MIMMethod(ABC):
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         """Token features -> the method's raw prediction."""
 
+    def attack_features(self, host: "Host", images: Tensor, view: Mask) -> Tensor:
+        """The features (B, T, D) of images (B, C, H, W) under ``view`` that the plug-in's attack objective compares
+        (the adversarial ones under the auxiliary branch, the clean target without gradient). Default: ``encode``."""
+        return self.encode(host.encoder, images, view)
+
+    # ---- targets and loss ---------------------------------------------------------------------------
     @abstractmethod
-    def loss(
-        self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT, norm: TargetNorm = TargetNorm()
-    ) -> Tensor:
-        """Scalar loss of ``pred`` against the method's targets of ``images`` (B, C, H, W) (pixels, normalised patches,
-        features, ...) on the masked patches. A method whose target is normalised per patch follows ``norm``."""
+    def targets(self, host: "Host", images: Tensor, perturbed: Perturbed | None = None) -> Tensor:
+        """The method's targets of images (B, C, H, W) in [0, 1], without gradient: pixels, normalised patches,
+        features, ... ``perturbed`` (from the plug-in) says that ``images`` are a perturbation of clean ones."""
+
+    @abstractmethod
+    def loss(self, pred: Tensor, targets: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+        """Scalar loss () fp32 of ``pred`` against ``targets`` on the masked patches."""
+
+    def step(self, host: "Host", images: Tensor, generator: torch.Generator | None = None) -> HostStep:
+        """One step: a mask from ``generator``, the clean pass, the targets and the loss. A host that masks several
+        copies of an image overrides it and returns the images its mask and latent belong to."""
+        mask = host.sample_mask(images.shape[0], images.device, generator)
+        latent = host.encode(images, mask)
+        pred = host.decode(latent, mask)
+        targets = host.targets(images)
+        return HostStep(images, mask, latent, pred, targets, host.loss(pred, targets, mask))
 
     @abstractmethod
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
         """Prediction -> image (B, C, H, W) for display: predicted masked patches, given visible ones."""
 
+    # ---- per-step hook and checkpoint state -----------------------------------------------------------
+    def after_optimizer_step(self, host: "Host", progress: Progress) -> None:
+        """Runs after every optimizer step (an EMA teacher's update, with its schedule read from ``progress``)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The host's own state besides its modules' tensors (counters, schedules), saved in checkpoints as plain
+        values and restored on resume by ``load_state_dict``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        return None
+
+
+@dataclass
+class Host:
+    """A host method bound to a module's networks: the encoder (shared by both branches), the decoder of the branch at
+    hand (the clean one, or the plug-in's auxiliary one: ``with_decoder``) and the modules the host owns. Everything
+    the plug-in does to a host goes through it."""
+
+    method: MIMMethod
+    encoder: MaskedViT
+    decoder: nn.Module
+    modules: nn.ModuleDict
+
+    def with_decoder(self, decoder: nn.Module) -> "Host":
+        return replace(self, decoder=decoder)
+
+    def networks(self) -> nn.ModuleList:
+        """Every network of the host, for a mode switch (the attack runs them in eval mode)."""
+        return nn.ModuleList([self.encoder, self.decoder, self.modules])
+
+    def sample_mask(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Mask:
+        return self.method.sample_mask(self.encoder, batch, device, generator)
+
+    def full_view(self, batch: int, device: torch.device) -> Mask:
+        return self.method.full_view(self.encoder, batch, device)
+
+    def complement(self, mask: Mask) -> Mask:
+        return self.method.complement(self.encoder, mask)
+
+    def encode(self, images: Tensor, mask: Mask) -> Tensor:
+        return self.method.encode(self.encoder, images, mask)
+
+    def decode(self, latent: Tensor, mask: Mask) -> Tensor:
+        return self.method.decode(self.decoder, latent, mask)
+
+    def attack_features(self, images: Tensor, view: Mask) -> Tensor:
+        return self.method.attack_features(self, images, view)
+
+    def targets(self, images: Tensor, perturbed: Perturbed | None = None) -> Tensor:
+        return self.method.targets(self, images, perturbed)
+
+    def loss(self, pred: Tensor, targets: Tensor, mask: Mask) -> Tensor:
+        return self.method.loss(pred, targets, mask, self.encoder)
+
+    def to_image(self, pred: Tensor, images: Tensor, mask: Mask) -> Tensor:
+        return self.method.to_image(pred, images, mask, self.encoder)
+
+
+def paste(images: Tensor, fill: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+    """images (B, C, H, W) with the masked patches taken from ``fill`` (B, C, H, W), clamped to [0, 1]."""
+    pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
+    return (images * (1 - pixel_mask) + fill.float() * pixel_mask).clamp(0, 1)
+
 
 class MAE(MIMMethod):
-    """Masked autoencoder: encoder on visible patches, transformer decoder, MSE on masked patches."""
+    """Masked autoencoder: encoder on visible patches, transformer decoder, MSE on masked patches.
+
+    ``aux_target_norm`` and ``aux_norm_floor`` say how the per-patch normalisation (``norm_pix_loss``) treats the
+    targets of a perturbed image (the plug-in's x_a, ``Perturbed``): ``floor``, the target patch's own statistics with
+    a variance floor of ``(aux_norm_floor * eps)^2``, so an eps-sized perturbation of a flat patch stays about
+    ``1 / aux_norm_floor`` in size instead of becoming unit-variance noise; ``clean``, the clean patch's statistics
+    with the same floor; ``patch``, MAE's plain normalisation. Without the plug-in they do nothing.
+    """
 
     def __init__(
         self,
@@ -92,13 +230,18 @@ class MAE(MIMMethod):
         decoder_dim: PositiveInt = 512,
         decoder_depth: NonNegativeInt = 8,
         decoder_heads: PositiveInt = 16,
+        aux_target_norm: AuxTargetNorm = "floor",
+        aux_norm_floor: NonNegativeFloat = 2.0,
     ) -> None:
-        _check_ratio(mask_ratio)
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4")
+        require_between(0, 1, "()", mask_ratio=mask_ratio)
+        divisible = decoder_dim % decoder_heads == 0 and decoder_dim % 4 == 0
+        require(divisible, "decoder_dim", decoder_dim, f"divisible by decoder_heads ({decoder_heads}) and by 4")
+        require_choice(AuxTargetNorm, aux_target_norm=aux_target_norm)
+        require_non_negative(aux_norm_floor=aux_norm_floor)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
+        self.aux_target_norm, self.aux_norm_floor = aux_target_norm, aux_norm_floor
 
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
         return MAEDecoder(
@@ -131,10 +274,20 @@ class MAE(MIMMethod):
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         return decoder(latent, mask.keep)
 
-    def loss(self, pred, images, mask, encoder, norm=TargetNorm()) -> Tensor:
-        p = encoder.patch_size
-        stats = None if norm.stats_from is None else patchify(norm.stats_from, p)
-        return mae_loss(pred, patchify(images, p), mask.patches, self.norm_pix_loss, norm.var_floor, stats)
+    def targets(self, host: Host, images: Tensor, perturbed: Perturbed | None = None) -> Tensor:
+        """Pixel patches (B, N, p*p*C) fp32, with ``norm_pix_loss`` normalised per patch (``normalize_patches``);
+        for a ``perturbed`` image as ``aux_target_norm`` says."""
+        p = host.encoder.patch_size
+        target = patchify(images, p).float()
+        if not self.norm_pix_loss:
+            return target
+        if perturbed is None or self.aux_target_norm == "patch":
+            return normalize_patches(target)
+        stats = patchify(perturbed.clean, p) if self.aux_target_norm == "clean" else None
+        return normalize_patches(target, (self.aux_norm_floor * perturbed.eps) ** 2, stats)
+
+    def loss(self, pred: Tensor, targets: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+        return mae_loss(pred, targets, mask.patches, norm_pix=False)
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
         pred = pred.float()
@@ -142,9 +295,7 @@ class MAE(MIMMethod):
             target = patchify(images, encoder.patch_size)
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             pred = pred * (var + 1e-6).sqrt() + mean
-        pred = unpatchify(pred, encoder.patch_size, encoder.in_chans, encoder.grid_size)
-        pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
-        return (images * (1 - pixel_mask) + pred * pixel_mask).clamp(0, 1)
+        return paste(images, unpatchify(pred, encoder.patch_size, encoder.in_chans, encoder.grid_size), mask, encoder)
 
 
 class SimMIM(MIMMethod):
@@ -158,21 +309,18 @@ class SimMIM(MIMMethod):
     pooling = "avg"  # the decoder drops the cls token's output, so no loss reads it (SimMIM pools patch tokens)
 
     def __init__(self, mask_ratio: OpenUnitInterval = 0.6, mask_patch_size: PositiveInt = 32) -> None:
-        _check_ratio(mask_ratio)
-        if mask_patch_size <= 0:
-            raise ValueError(f"mask_patch_size must be positive, got {mask_patch_size}")
+        require_between(0, 1, "()", mask_ratio=mask_ratio)
+        require_positive(mask_patch_size=mask_patch_size)
         self.mask_ratio = mask_ratio
         self.mask_patch_size = mask_patch_size
 
     def _block(self, encoder: MaskedViT) -> int:
         """Mask-square side in patches, after checking it fits the encoder."""
-        img_size = encoder.grid_size[0] * encoder.patch_size
-        if self.mask_patch_size % encoder.patch_size or img_size % self.mask_patch_size:
-            raise ValueError(
-                f"mask_patch_size {self.mask_patch_size} must be a multiple of the patch size "
-                f"{encoder.patch_size} and divide the image size {img_size}"
-            )
-        return self.mask_patch_size // encoder.patch_size
+        p, img_size = encoder.patch_size, encoder.grid_size[0] * encoder.patch_size
+        fits = self.mask_patch_size % p == 0 and img_size % self.mask_patch_size == 0
+        expected = f"a multiple of the patch size {p} that divides the image size {img_size}"
+        require(fits, "mask_patch_size", self.mask_patch_size, expected)
+        return self.mask_patch_size // p
 
     def make_decoder(self, encoder: MaskedViT) -> nn.Module:
         self._block(encoder)
@@ -200,10 +348,13 @@ class SimMIM(MIMMethod):
     def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
         return decoder(latent)
 
-    def loss(self, pred, images, mask, encoder, norm=TargetNorm()) -> Tensor:
-        """L1 on raw pixels: the target is not normalised per patch, so ``norm`` does not apply."""
-        return simmim_loss(pred, images, upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size))
+    def targets(self, host: Host, images: Tensor, perturbed: Perturbed | None = None) -> Tensor:
+        """The pixels themselves (B, C, H, W): not normalised, so a perturbation's size changes nothing."""
+        return images
+
+    def loss(self, pred: Tensor, targets: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+        """L1 on the masked pixels."""
+        return simmim_loss(pred, targets, upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size))
 
     def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
-        pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
-        return (images * (1 - pixel_mask) + pred.float() * pixel_mask).clamp(0, 1)
+        return paste(images, pred, mask, encoder)

@@ -2,7 +2,8 @@
 
 ``add_branch_norms(module)`` replaces every LayerNorm / BatchNorm inside ``module`` by a ``BranchNorm``
 holding two copies, ``clean`` and ``aux``. ``branch(module, "aux")`` selects the auxiliary copy for the
-duration of a ``with`` block. Everything else stays shared.
+duration of a ``with`` block. Everything else stays shared. ``clean_named_parameters`` gives the parameters under the
+names the module had before (for an EMA teacher that pairs with them), ``aux_parameters`` the auxiliary copies.
 """
 
 import copy
@@ -40,6 +41,35 @@ def add_branch_norms(module: nn.Module) -> int:
         elif not isinstance(child, BranchNorm):
             count += add_branch_norms(child)
     return count
+
+
+def branch_norms(module: nn.Module) -> dict[str, BranchNorm]:
+    """Every ``BranchNorm`` under ``module``, by its qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, BranchNorm)}
+
+
+def aux_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every auxiliary copy under ``module`` (what only the auxiliary branch trains)."""
+    return [p for norm in branch_norms(module).values() for p in norm.aux.parameters()]
+
+
+def clean_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``module``'s parameters under the names they had before ``add_branch_norms``: each ``BranchNorm``'s clean copy
+    under the layer's own name, the auxiliary copies left out. A copy of the module made before the branch norms were
+    added (an EMA teacher) has exactly these names, so it pairs with them by name."""
+    norms = branch_norms(module)
+    aux = {id(p) for p in aux_parameters(module)}
+    renamed = {(f"{name}.clean." if name else "clean."): (f"{name}." if name else "") for name in norms}
+    out = []
+    for name, param in module.named_parameters():
+        if id(param) in aux:
+            continue
+        for before, after in renamed.items():
+            if name.startswith(before):
+                name = after + name.removeprefix(before)
+                break
+        out.append((name, param))
+    return out
 
 
 @contextmanager

@@ -1,21 +1,22 @@
 """FinetuneModule: end-to-end fine-tuning of a pre-trained encoder (the MAE protocol), optionally adversarial."""
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
-from lightning.pytorch.cli import OptimizerCallable, instantiate_class
+from lightning.pytorch.cli import OptimizerCallable
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from advmim_pl.adversarial.attacker import Attacker
+from advmim_pl.adversarial.aemim import BranchParams
+from advmim_pl.adversarial.attacker import Attacker, attacker_from
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
-from advmim_pl.checks import require_non_negative
+from advmim_pl.checks import require_between, require_choice, require_non_negative
 from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.pooling import GlobalPool
 from advmim_pl.modules.classifier import ClassifierModule, soft_cross_entropy
@@ -117,20 +118,13 @@ class FinetuneModule(ClassifierModule):
         random_erasing: ClosedUnitInterval = 0.25,
         attack: Attacker | None = None,
         adv_weight: NonNegativeFloat = 1.0,
-        branch_params: Literal["norm", "none"] = "norm",
+        branch_params: BranchParams = "norm",
     ) -> None:
-        for name, value in (
-            ("label_smoothing", label_smoothing),
-            ("mixup_prob", mixup_prob),
-            ("random_erasing", random_erasing),
-        ):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        require_between(0, 1, label_smoothing=label_smoothing, mixup_prob=mixup_prob, random_erasing=random_erasing)
         require_non_negative(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, adv_weight=adv_weight)
-        if not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-        if not 0 <= randaugment_magnitude <= 30:
-            raise ValueError(f"randaugment_magnitude must be in [0, 30], got {randaugment_magnitude}")
+        require_between(0, 1, "(]", layer_decay=layer_decay)
+        require_between(0, 30, randaugment_magnitude=randaugment_magnitude)
+        require_choice(BranchParams, branch_params=branch_params)
         super().__init__(
             encoder=encoder,
             img_size=img_size,
@@ -155,7 +149,7 @@ class FinetuneModule(ClassifierModule):
         self.head = nn.Linear(self.encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
-        self.attack = instantiate_class((), attack) if isinstance(attack, dict) else attack  # dict: from hparams
+        self.attack = attacker_from(attack)  # a dict: from a checkpoint's hparams
         self.hparams.attack = self.attack and self.attack.config()  # load_from_checkpoint rebuilds the attack
         if self.attack is not None:
             self.attack_callback = AdversarialTargetCallback(self.attack)

@@ -1,25 +1,29 @@
-"""PretrainModule: MAE or SimMIM pre-training, with the AEMIM auxiliary task as an option."""
+"""PretrainModule: masked-image-modeling pre-training with any host method, with the AEMIM plug-in as an option."""
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from jsonargparse import lazy_instance
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable, instantiate_class
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.utils import make_grid
 
-from advmim_pl.adversarial.aemim import AEMIM, AuxStep
+from advmim_pl.adversarial.aemim import AEMIM, PluginOutput, StepContext
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.checks import require_non_negative, require_positive
 from advmim_pl.mim.losses import upsample_mask
-from advmim_pl.mim.methods import MAE, Mask, MIMMethod
+from advmim_pl.mim.methods import MAE, Host, HostStep, Mask, MIMMethod, Progress
+from advmim_pl.models.branch_norm import aux_parameters
 from advmim_pl.models.vit import MaskedViT
 from advmim_pl.modules.base import BaseModule
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
-from advmim_pl.rng import SeededStream, generator_for, preserved, rank_states
+from advmim_pl.rng import SeededStream, generator_for, rank_states
 from advmim_pl.schedule import weight_decay_groups
 from advmim_pl.sharding import data_parallel_mesh, is_sharded_module, mixed_precision, shard_parts
 from advmim_pl.weights import load_decoder, load_encoder, read_weights
@@ -35,14 +39,17 @@ class PretrainModule(BaseModule):
 
     The optimiser and its learning-rate schedule come from ``BaseModule``.
 
-    A step is the host method's step (one masked clean pass of encoder and decoder), plus, with a ``plugin``, the
-    plug-in's step: the attack's target pass (no-grad clean encoding of the attack's view; none for
-    ``attack_mask: same`` without drop-path, which reuses the step's clean encoding), K attack passes
-    (aux-branch encoder forward + input backward) and one auxiliary pass through the aux branch and decoder.
+    A step is the host method's step (``MIMMethod.step``: by default one masked clean pass of encoder and decoder),
+    plus, with a ``plugin``, the plug-in's step: the attack's target pass (no-grad clean encoding of the attack's
+    view; none for ``attack_mask: same`` without drop-path, which reuses the step's clean encoding), K attack passes
+    (aux-branch encoder forward + input backward) and one auxiliary pass through the aux branch and decoder. After
+    every optimizer step the host's ``after_optimizer_step`` hook runs; the modules the host owns
+    (``MIMMethod.make_modules``) live in ``host_modules`` and its other state goes into checkpoints as ``"host"``.
 
     Args:
-        method: host method (``advmim_pl.mim.MAE``, ``SimMIM`` or ``MaskFeat``) with its options, or the
-            ``{"class_path", "init_args"}`` dict of ``MIMMethod.config()`` that checkpoints store.
+        method: host method (``advmim_pl.mim.MAE``, ``SimMIM``, ``MaskFeat``, or any ``MIMMethod`` of
+            ``advmim_pl.mim``) with its options, or the ``{"class_path", "init_args"}`` dict of
+            ``MIMMethod.config()`` that checkpoints store.
         encoder: timm ViT name, e.g. ``vit_base_patch16_224``.
         img_size: input side in pixels (linked from the DataModule).
         patch_size: patch side in pixels; must divide ``img_size``.
@@ -61,6 +68,8 @@ class PretrainModule(BaseModule):
         min_lr: final lr of the cosine.
         plugin: the AEMIM plug-in (``advmim_pl.adversarial.AEMIM``) with all its options, or its
             ``{"class_path", "init_args"}`` dict that checkpoints store; None for the plain host method.
+        log_images_every_n_steps: TensorBoard grids (clean, masked, reconstruction, and with the plug-in adversarial
+            and amplified perturbation) every this many optimizer steps; 0 = never.
         compile: ``torch.compile`` the encoder blocks and the decoders (in place; checkpoint keys unchanged).
         activation_checkpointing: keep only each transformer block's input for the backward and recompute its
             internals there, in the encoder and the MAE decoders (timm's ``set_grad_checkpointing``): activation memory
@@ -95,6 +104,7 @@ class PretrainModule(BaseModule):
         warmup_epochs: NonNegativeFloat = 40.0,
         min_lr: NonNegativeFloat = 0.0,
         plugin: AEMIM | None = None,
+        log_images_every_n_steps: NonNegativeInt = 500,
         compile: bool = False,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
@@ -106,6 +116,7 @@ class PretrainModule(BaseModule):
             weight_decay=weight_decay,
             warmup_epochs=warmup_epochs,
             min_lr=min_lr,
+            log_images_every_n_steps=log_images_every_n_steps,
         )
         # {"class_path", "init_args"} dicts come from a checkpoint's hyperparameters
         method = instantiate_class((), method) if isinstance(method, dict) else method
@@ -117,10 +128,12 @@ class PretrainModule(BaseModule):
         self.decoder = method.make_decoder(self.encoder)
         if init_from is not None:
             self.load_weights(init_from)
+        # the host's own modules (a teacher, ...) start from the loaded encoder, before the plug-in's branch norms
+        self.host_modules = nn.ModuleDict(method.make_modules(self.encoder))
         self.aux_decoder = None  # the plug-in's aux norms and decoder start as the (loaded) clean ones
         if plugin is not None:
-            self.aux_decoder = plugin.build(method, self.encoder, self.decoder, copy_decoder=init_from is not None)
-            self.attack_callback = AdversarialTargetCallback(plugin.attacker, plugin.log_images_every_n_steps)
+            self.aux_decoder = plugin.build(self.host(), copy_decoder=init_from is not None)
+            self.attack_callback = AdversarialTargetCallback(plugin.attack)
         for part in (self.encoder.vit, self.decoder, self.aux_decoder):
             if hasattr(part, "set_grad_checkpointing"):  # SimMIM's and MaskFeat's linear decoders have no blocks
                 part.set_grad_checkpointing(activation_checkpointing)
@@ -147,7 +160,8 @@ class PretrainModule(BaseModule):
             strategy = self.trainer.strategy
             dtype = getattr(strategy, "param_dtype", "bf16")
             policy = mixed_precision(strategy.root_device, self.trainer.precision, dtype)
-            shard_parts((self.encoder, self.decoder, self.aux_decoder), data_parallel_mesh(self.device_mesh), policy)
+            parts = (self.encoder, self.decoder, self.aux_decoder, *self.host_modules.values())
+            shard_parts(parts, data_parallel_mesh(self.device_mesh), policy)
         if self.hparams.compile:
             for part in (self.encoder.vit.blocks, self.decoder, self.aux_decoder):
                 if part is not None:
@@ -164,23 +178,26 @@ class PretrainModule(BaseModule):
         checkpoint["init_from"] = checkpoint["hyper_parameters"]["init_from"]  # where the weights started
         checkpoint["hyper_parameters"]["init_from"] = None  # the checkpoint holds its own weights
         checkpoint["mask_rng"] = rank_states(self.trainer.strategy, self._mask_rng().get_state())  # (ranks, n)
+        checkpoint["host"] = self.method.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.mask_stream.restore(checkpoint.get("mask_rng"))  # applied at the next draw, on the model's device
+        if "host" in checkpoint:
+            self.method.load_state_dict(checkpoint["host"])
 
     # ---- the step ------------------------------------------------------------------------------------
     def _aux_decoder(self) -> torch.nn.Module:
         return self.decoder if self.aux_decoder is None else self.aux_decoder
 
-    def host_step(self, x: Tensor, generator: torch.Generator) -> tuple[Mask, Tensor, Tensor, Tensor]:
-        """The host method's step on x (B, C, H, W) under a mask drawn from ``generator``: (mask, clean latent
-        (B, T, D), prediction, loss)."""
-        method, encoder = self.method, self.encoder
+    def host(self, aux: bool = False) -> Host:
+        """The host method bound to this module's networks, with the clean decoder or (``aux``) the plug-in's."""
+        return Host(self.method, self.encoder, self._aux_decoder() if aux else self.decoder, self.host_modules)
+
+    def host_step(self, x: Tensor, generator: torch.Generator) -> HostStep:
+        """The host method's step on x (B, C, H, W) under a mask drawn from ``generator``."""
         self.follow_input_size(x.shape[-1])
-        mask = method.sample_mask(encoder, x.shape[0], x.device, generator)
-        latent = method.encode(encoder, x, mask)
-        pred = method.decode(self.decoder, latent, mask)
-        return mask, latent, pred, method.loss(pred, x, mask, encoder)
+        return self.method.step(self.host(), x, generator)
 
     def on_fit_start(self) -> None:
         """A progressive-resolution schedule of the data (``advmim_pl.data.resolution``) is checked against the patch
@@ -204,46 +221,44 @@ class PretrainModule(BaseModule):
             for decoder in (self.decoder, self.aux_decoder):
                 if hasattr(decoder, "set_grid"):  # MaskFeat's head reads tokens only
                     decoder.set_grid(self.encoder.grid_size)
+            for owned in self.host_modules.values():
+                if isinstance(owned, MaskedViT):  # a teacher or target encoder
+                    owned.set_img_size(img_size)
+
+    def plugin_context(self, step: HostStep, training: bool = True, diagnostics: bool = False) -> StepContext:
+        """What the plug-in sees of ``step``: the host with the plug-in's decoder, the step's images, mask and latent,
+        the attack's epoch (``attack_epoch``, read once per step) and this process's rank."""
+        epoch = self.attack_epoch(self.plugin.attack)
+        host, visuals = self.host(aux=True), training and self.grid_step()
+        return StepContext(
+            host, step.images, step.mask, step.latent, epoch, self.global_rank, training, diagnostics, visuals
+        )
 
     def feature_objective(
         self, x: Tensor, mask: Mask, latent: Tensor, generator: torch.Generator | None = None
     ) -> Callable[[Tensor], Tensor]:
-        """The plug-in's attack objective at this step (``AEMIM.objective``): x (B, C, H, W) under the step's
-        ``mask`` with clean latent (B, T, D) -> objective(x_adv) (B,)."""
-        return self.plugin.objective(self, self.method, self.encoder, x, mask, latent, generator)
-
-    def plugin_step(self, x: Tensor, mask: Mask, latent: Tensor) -> AuxStep:
-        """The plug-in's auxiliary step on the host step's mask and clean latent (``AEMIM.step``)."""
-        return self.plugin.step(
-            self,
-            self.method,
-            self.encoder,
-            self._aux_decoder(),
-            x,
-            mask,
-            latent,
-            self.attack_epoch(self.plugin.attacker),
-            self.global_rank,
-        )
+        """The plug-in's attack objective (``AEMIM.objective``): x (B, C, H, W) under ``mask`` with clean latent
+        (B, T, D) -> objective(x_adv) (B,)."""
+        return self.plugin.objective(self.host(aux=True), x, mask, latent, generator)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         """The host's step plus the plug-in's; returns ``{"loss"}``, plus the image grids under ``"visuals"`` on the
-        plug-in's grid steps."""
-        x = batch[0]
-        mask, latent, pred, loss_clean = self.host_step(x, self._mask_rng())
-        self.log("train/loss_clean", loss_clean)
-        loss, aux = loss_clean, None
+        grid steps (``log_images_every_n_steps``)."""
+        step = self.host_step(batch[0], self._mask_rng())
+        self.log("train/loss_clean", step.loss)
+        loss, images = step.loss, {}
         if self.plugin_active():
-            aux = self.plugin_step(x, mask, latent)
-            loss = loss_clean + self.plugin.weight(self.attack_epoch(self.plugin.attacker)) * aux.loss
-            self._log_plugin(aux)
+            diagnostics = (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0
+            out = self.plugin.step(self.plugin_context(step, diagnostics=diagnostics))
+            loss, images = step.loss + out.loss, out.images
+            self.log_plugin(out)
         elif self.plugin is not None and isinstance(self.trainer.strategy, DDPStrategy):
             # DDP without find_unused_parameters needs a gradient for every parameter: zeros for the plug-in's own,
             # which on_before_optimizer_step then drops, so that the optimizer leaves them as they are
             loss = loss + 0.0 * sum(p.sum() for p in self.plugin_parameters())
         self.log("train/loss", loss, prog_bar=True)
-        if self.attack_callback is not None and self.attack_callback.should_log_images(self.trainer):
-            return {"loss": loss, "visuals": self._visuals(x, mask, pred, aux)}
+        if self.grid_step():
+            return {"loss": loss, "visuals": self.visuals(step, images)}
         return {"loss": loss}
 
     def plugin_active(self) -> bool:
@@ -253,7 +268,7 @@ class PretrainModule(BaseModule):
     def plugin_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters only the plug-in trains: the auxiliary norms and the auxiliary decoder."""
         aux_decoder = [] if self.aux_decoder is None else list(self.aux_decoder.parameters())
-        return [p for name, p in self.encoder.named_parameters() if ".aux." in name] + aux_decoder
+        return aux_parameters(self.encoder) + aux_decoder
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Outside the plug-in's epochs its parameters have no gradient (or DDP's zeros): the optimizer skips them,
@@ -262,53 +277,51 @@ class PretrainModule(BaseModule):
             for p in self.plugin_parameters():
                 p.grad = None
 
-    def _log_plugin(self, aux: AuxStep) -> None:
-        """Training metrics of the plug-in; the attack's objectives (three no-grad passes) on the trainer's logging
-        steps only."""
-        self.plugin.attacker.record_finite(aux.attack.finite)
-        self.log("train/loss_aux", aux.loss)
-        self.log("attack/delta_linf", aux.attack.delta_linf)
-        self.log(
-            "attack/nonfinite_batches",
-            (~aux.attack.finite).float(),
-            reduce_fx="sum",
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-        )
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict(self.plugin.objectives(self, aux, self.attack_epoch(self.plugin.attacker)))
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the host's ``after_optimizer_step`` hook (an EMA update) with the steps done."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        total = self.trainer.estimated_stepping_batches
+        # Lightning counts the step once this hook has returned: this one is global_step + 1
+        progress = Progress(self.trainer.global_step + 1, int(total) if math.isfinite(total) else 0)
+        self.method.after_optimizer_step(self.host(), progress)
 
-    def _visuals(self, x: Tensor, mask: Mask, pred: Tensor, aux: AuxStep | None) -> dict[str, Tensor]:
-        """Image grids for TensorBoard: clean, masked, reconstruction, and with the plug-in its attacked images'
-        adversarial examples and amplified perturbations."""
-        encoder = self.encoder
+    def log_plugin(self, out: PluginOutput) -> None:
+        """The plug-in's training metrics, as it named them; its counts summed over the epoch."""
+        self.log_dict(out.logs)
+        for name, value in out.sums.items():
+            self.log(name, value, reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True)
+
+    def grid_step(self) -> bool:
+        """Whether this training step's image grids are wanted (a TensorBoard logger and the grid period)."""
+        n, trainer = self.hparams.log_images_every_n_steps, self._trainer
+        if not n or trainer is None:
+            return False
+        return trainer.global_step % n == 0 and isinstance(self.logger, TensorBoardLogger)
+
+    def visuals(self, step: HostStep, plugin_images: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Image grids: clean, masked, reconstruction, and the plug-in's (adversarial, amplified perturbation)."""
+        x, mask, encoder = step.images, step.mask, self.encoder
         pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
-        visuals = {
-            "clean": x,
-            "masked": x * (1 - pixel_mask),
-            "reconstruction": self.method.to_image(pred.detach(), x, mask, encoder),
-        }
-        if aux is not None:
-            x_adv = aux.attack.x_adv
-            delta = x_adv.float() - aux.x.float()
-            scale = delta.abs().amax().clamp_min(1e-12)
-            visuals["adversarial"] = x_adv
-            visuals["perturbation"] = 0.5 + 0.5 * delta / scale
+        reconstruction = self.method.to_image(step.pred.detach(), x, mask, encoder)
+        visuals = {"clean": x, "masked": x * (1 - pixel_mask), "reconstruction": reconstruction, **plugin_images}
         return {k: v.detach() for k, v in visuals.items()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Writes the grids a training step returned to TensorBoard (``images/<name>``, 16 images each)."""
+        visuals = outputs.get("visuals") if isinstance(outputs, dict) else None
+        for name, images in (visuals or {}).items():
+            grid = make_grid(images[:16].float().cpu().clamp(0, 1), nrow=8)
+            self.logger.experiment.add_image(f"images/{name}", grid, self.trainer.global_step)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Clean reconstruction loss under a mask fixed per batch index (comparable across epochs); with the
         plug-in's ``on_validation``, also the auxiliary loss on freshly crafted targets."""
         x = batch[0]
-        mask, latent, _, loss = self.host_step(x, generator_for(x.device).manual_seed(batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        step = self.host_step(x, generator_for(x.device).manual_seed(batch_idx))
+        self.log("val/loss", step.loss, prog_bar=True, sync_dist=True)
         if self.plugin is not None and self.plugin.on_validation:
-            # validation draws leave the attack's generator as it was: they never shift the training stream
-            with preserved(self.plugin.attacker.ensure_generator(x.device, self.global_rank)):
-                aux = self.plugin_step(x, mask, latent)
-            self.log("val/loss_aux", aux.loss, sync_dist=True)
-            self.log("val/delta_linf", aux.attack.delta_linf, sync_dist=True)
+            for name, value in self.plugin.step(self.plugin_context(step, training=False)).logs.items():
+                self.log(name, value, sync_dist=True)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -60,7 +60,7 @@ def pretrain_command(preset: Preset, arm: str, seed: int, folder: Path, epochs: 
     for overlay in spec.overlays:
         configs += ["-c", overlay]
     attack_seed = (
-        ["--model.init_args.plugin.init_args.seed", str(seed)] if spec.overlays else []
+        ["--model.init_args.plugin.init_args.attack.init_args.seed", str(seed)] if spec.overlays else []
     )  # its RNG follows the seed
     logger = f"--trainer.logger={{class_path: TensorBoardLogger, init_args: {{save_dir: {folder}, name: pretrain}}}}"
     limit = limit_arguments(preset)

@@ -24,17 +24,22 @@ def make_method(name: str):
     return SimMIM(mask_ratio=0.5, mask_patch_size=8)
 
 
-def make_module(method: str = "mae", init_seed: int = 0, drop_path_rate: float = 0.0, **plugin) -> PretrainModule:
-    """A micro PretrainModule, initialised from ``init_seed``, with the plug-in built from ``plugin``'s settings."""
+def make_module(
+    method: str = "mae", init_seed: int = 0, drop_path_rate: float = 0.0, attack: dict | None = None, **plugin
+) -> PretrainModule:
+    """A micro PretrainModule, initialised from ``init_seed``, with the plug-in ``AEMIM(Attacker(**attack),
+    **plugin)``."""
     torch.manual_seed(init_seed)
     options = {**MICRO, "base_lr": 0.05, "drop_path_rate": drop_path_rate}
-    return PretrainModule(method=make_method(method), plugin=AEMIM(log_images_every_n_steps=0, **plugin), **options)
+    return PretrainModule(method=make_method(method), plugin=AEMIM(Attacker(**(attack or {})), **plugin), **options)
 
 
-def set_attack(module: PretrainModule, **settings) -> Attacker:
-    """Give ``module`` a plug-in with these attack settings (view, distance, attack), keeping its branch layout."""
-    module.plugin = AEMIM(branch_params=module.plugin.branch_params, aux_decoder=module.plugin.aux_decoder, **settings)
-    return module.plugin.attacker
+def set_attack(module: PretrainModule, attack: dict | None = None, **plugin) -> Attacker:
+    """Give ``module`` the plug-in ``AEMIM(Attacker(**attack), **plugin)`` (view, distance), keeping its branch
+    layout; returns its attack."""
+    layout = {"branch_params": module.plugin.branch_params, "aux_decoder": module.plugin.aux_decoder}
+    module.plugin = AEMIM(Attacker(**(attack or {})), **layout, **plugin)
+    return module.plugin.attack
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def trained(tmp_path_factory):
 
     def get(method: str) -> PretrainModule:
         if method not in cache:
-            module = make_module(method, eps=4 / 255, steps=1)
+            module = make_module(method, attack=dict(eps=4 / 255, steps=1))
             data = TensorDataset(smooth_images(48, seed=1), torch.zeros(48, dtype=torch.long))
             trainer = quiet_trainer(6, default_root_dir=tmp_path_factory.mktemp(method))
             trainer.fit(module, DataLoader(data, batch_size=8))
@@ -61,7 +66,10 @@ def trained(tmp_path_factory):
 def attack_score(module, x, mask, latent, perturbation, distance, attack_mask) -> float:
     """Mean feature distance (the module's objective) after one attack, scored on identical masks."""
     attacker = set_attack(
-        module, eps=8 / 255, steps=3, perturbation=perturbation, distance=distance, attack_mask=attack_mask, seed=3
+        module,
+        attack=dict(eps=8 / 255, steps=3, perturbation=perturbation, seed=3),
+        distance=distance,
+        attack_mask=attack_mask,
     )
     objective = module.feature_objective(x, mask, latent)
     x_adv = attacker.generate(module, x, objective).x_adv
@@ -131,7 +139,7 @@ def prepare_untouched_case(method):
 @pytest.mark.parametrize("perturbation", ["pgd", "sign", "gaussian", "uniform"])
 def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation, attack_mask):
     module, x, mask, latent = prepare_untouched_case(method)
-    attacker = set_attack(module, eps=8 / 255, steps=2, perturbation=perturbation, attack_mask=attack_mask)
+    attacker = set_attack(module, attack=dict(eps=8 / 255, steps=2, perturbation=perturbation), attack_mask=attack_mask)
     objective = module.feature_objective(x, mask, latent)
     before = model_snapshot(module)
     rng = torch.get_rng_state()
@@ -146,7 +154,7 @@ def test_attack_leaves_model_grads_modes_and_rng_untouched(method, perturbation,
 @pytest.mark.parametrize("attack_mask", ["none", "complement", "same", "independent"])
 def test_objective_and_attack_together_leave_rng_untouched(attack_mask):
     module, x, mask, latent = prepare_untouched_case("mae")
-    attacker = set_attack(module, eps=8 / 255, steps=2, attack_mask=attack_mask)
+    attacker = set_attack(module, attack=dict(eps=8 / 255, steps=2), attack_mask=attack_mask)
     rng = torch.get_rng_state()
     before = model_snapshot(module)
     attacker.generate(module, x, module.feature_objective(x, mask, latent))
@@ -160,7 +168,7 @@ def test_attack_is_reproducible_from_its_seed(attack_mask):
     module.eval()
     outputs = []
     for _ in range(2):
-        attacker = set_attack(module, eps=8 / 255, steps=2, attack_mask=attack_mask, seed=11)
+        attacker = set_attack(module, attack=dict(eps=8 / 255, steps=2, seed=11), attack_mask=attack_mask)
         outputs.append(attacker.generate(module, x, module.feature_objective(x, mask, latent)).x_adv)
     assert torch.equal(outputs[0], outputs[1])
 
@@ -168,15 +176,16 @@ def test_attack_is_reproducible_from_its_seed(attack_mask):
 def branch_losses(module):
     """(L_clean, L_aux) of one step, written out by hand from the method's parts (no trainer)."""
     method, encoder = module.method, module.encoder
-    attacker = set_attack(module, eps=8 / 255, steps=1)
+    attacker = set_attack(module, attack=dict(eps=8 / 255, steps=1))
     x = smooth_images(4, seed=3)
     mask = method.sample_mask(encoder, 4, CPU, torch.Generator().manual_seed(1))
     latent = method.encode(encoder, x, mask)
-    loss_clean = method.loss(method.decode(module.decoder, latent, mask), x, mask, encoder)
+    clean, aux = module.host(), module.host(aux=True)
+    loss_clean = clean.loss(clean.decode(latent, mask), clean.targets(x), mask)
     result = attacker.generate(module, x, module.feature_objective(x, mask, latent))
     with branch(encoder, "aux"):
         latent_aux = method.encode(encoder, result.x_adv, mask)
-    loss_aux = method.loss(method.decode(module._aux_decoder(), latent_aux, mask), result.x_adv, mask, encoder)
+    loss_aux = aux.loss(aux.decode(latent_aux, mask), aux.targets(result.x_adv), mask)
     return loss_clean, loss_aux
 
 
@@ -234,27 +243,37 @@ def test_shared_encoder_without_branch_params(method):
 
 def test_shared_aux_decoder():
     module = make_module("mae", aux_decoder="shared")
-    assert module.aux_decoder is None and module._aux_decoder() is module.decoder
+    assert module.aux_decoder is None and module.host(aux=True).decoder is module.decoder
 
 
 @pytest.mark.parametrize(
-    "kwargs, option",
+    "owner, kwargs, message",
     [
-        (dict(eps=-1), "Attacker.*eps"),
-        (dict(steps=-1), "Attacker.*steps"),
-        (dict(distance="l3"), "AEMIM.*distance"),
-        (dict(perturbation="salt"), "Attacker.*perturbation"),
-        (dict(attack_mask="random"), "AEMIM.*attack_mask"),
-        (dict(step_size=0.0), "Attacker.*step_size"),
-        (dict(steps=0), "Attacker.*steps"),  # pgd needs at least one step
-        (dict(warmup_epochs=-0.5), "Attacker.*warmup_epochs"),
-        (dict(aux_weight=-1.0), "AEMIM.*aux_weight"),
-        (dict(aux_target_norm="batch"), "AEMIM.*aux_target_norm"),
+        (Attacker, dict(eps=-1), "eps must be a non-negative L-inf budget in pixel units, got -1"),
+        (Attacker, dict(steps=-1), "steps must be non-negative, got -1"),
+        (AEMIM, dict(distance="l3"), "distance must be one of ('mse', 'cosine', 'kl'), got 'l3'"),
+        (
+            Attacker,
+            dict(perturbation="salt"),
+            "perturbation must be one of ('pgd', 'sign', 'gaussian', 'uniform', 'none'), got 'salt'",
+        ),
+        (
+            AEMIM,
+            dict(attack_mask="random"),
+            "attack_mask must be one of ('none', 'complement', 'same', 'independent'), got 'random'",
+        ),
+        (Attacker, dict(step_size=0.0), "step_size must be positive, or null for the default, got 0.0"),
+        (Attacker, dict(steps=0), "steps must be at least 1 with perturbation: pgd, got 0"),
+        (Attacker, dict(warmup_epochs=-0.5), "warmup_epochs must be non-negative, got -0.5"),
+        (AEMIM, dict(aux_weight=-1.0), "aux_weight must be non-negative, got -1.0"),
+        (AEMIM, dict(batch_fraction=1.5), "batch_fraction must be in (0, 1], got 1.5"),
+        (MAE, dict(aux_target_norm="batch"), "aux_target_norm must be one of ('floor', 'clean', 'patch'), got 'batch'"),
     ],
 )
-def test_bad_plugin_settings_are_refused_by_the_class_that_owns_them(kwargs, option):
-    with pytest.raises(ValueError, match=option):
-        AEMIM(**kwargs)
+def test_bad_settings_are_refused_in_one_line_by_the_class_that_owns_them(owner, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        owner(**kwargs)
+    assert str(err.value) == message
 
 
 def test_the_attack_engine_knows_no_masks_or_distances():
@@ -265,7 +284,7 @@ def test_the_attack_engine_knows_no_masks_or_distances():
 
 
 def test_zero_steps_allowed_for_noise_controls():
-    assert AEMIM(steps=0, perturbation="gaussian").attacker.steps == 0
+    assert AEMIM(attack=Attacker(steps=0, perturbation="gaussian")).attack.steps == 0
 
 
 # ---- where the adversarial pixels land ----------------------------------------------------------------------
@@ -276,7 +295,7 @@ def moved_by_pgd(module, method: str, attack_mask: str) -> float:
     mask = module.method.sample_mask(module.encoder, 8, CPU, torch.Generator().manual_seed(5))
     with torch.no_grad():
         latent = module.method.encode(module.encoder, x, mask)
-    attacker = set_attack(module, eps=4 / 255, attack_mask=attack_mask, seed=3)
+    attacker = set_attack(module, attack=dict(eps=4 / 255, seed=3), attack_mask=attack_mask)
     x_adv = attacker.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
     start = project(x + uniform_noise(x, 4 / 255, torch.Generator().manual_seed(3)), x, 4 / 255)
     scored = upsample_mask(mask.patches, module.encoder.grid_size, module.encoder.patch_size).expand_as(x).bool()
@@ -312,7 +331,7 @@ def test_complement_view_shows_exactly_the_hidden_patches(method):
 def objective_rise(module, x, mask, latent, attack_mask: str, perturbation: str) -> float:
     """Mean rise of the attack objective from x to the example (default budget, one step), scored on the
     view the attack saw (``independent`` draws it from the generator: the same seed draws it again)."""
-    attacker = set_attack(module, perturbation=perturbation, attack_mask=attack_mask, seed=3)
+    attacker = set_attack(module, attack=dict(perturbation=perturbation, seed=3), attack_mask=attack_mask)
 
     def objective():
         return module.feature_objective(x, mask, latent, torch.Generator().manual_seed(9))
@@ -345,7 +364,7 @@ def test_drop_path_target_is_the_eval_mode_encoding(method, attack_mask):
     x = smooth_images(4, seed=2)
     mask = module.method.sample_mask(module.encoder, 4, CPU, torch.Generator().manual_seed(0))
     latent = module.method.encode(module.encoder, x, mask)  # training mode: drop-path active
-    attacker = set_attack(module, attack_mask=attack_mask, seed=5)
+    attacker = set_attack(module, attack=dict(seed=5), attack_mask=attack_mask)
     x_adv = attacker.generate(module, x, module.feature_objective(x, mask, latent)).x_adv
 
     method_, encoder = module.method, module.encoder
@@ -374,24 +393,24 @@ def fit(module, tmp_path, max_epochs=1, **trainer_kwargs):
 
 
 def test_no_random_start_with_a_fully_shared_encoder_is_refused():
-    with pytest.raises(ValueError, match="AEMIM: random_start=False with branch_params='none'"):
-        AEMIM(random_start=False, branch_params="none")
+    with pytest.raises(ValueError, match=r"branch_params must be norm with random_start: false .*, got 'none'"):
+        AEMIM(attack=Attacker(random_start=False), branch_params="none")
 
 
 def test_no_random_start_with_branch_norms_warns_that_the_first_step_is_zero():
     with pytest.warns(UserWarning, match="random_start=False.*identical"):
-        AEMIM(random_start=False)
+        AEMIM(attack=Attacker(random_start=False))
 
 
 @pytest.mark.parametrize("kwargs, words", [(dict(eps=2.0), "did you mean 2/255"), (dict(eps=0.0), "pgd")])
 def test_impossible_budgets_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
-        AEMIM(**kwargs)
+        Attacker(**kwargs)
 
 
 def test_a_large_budget_warns():
     with pytest.warns(UserWarning, match="eps=0.2"):
-        AEMIM(eps=0.2)
+        AEMIM(attack=Attacker(eps=0.2))
 
 
 def test_training_stream_ignores_logging_and_validation_settings(tmp_path):
@@ -400,7 +419,7 @@ def test_training_stream_ignores_logging_and_validation_settings(tmp_path):
     weights = []
     for log_every, val_every in ((1, 1), (3, 2)):
         torch.manual_seed(0)
-        module = make_module("mae", attack_mask="independent", on_validation=True, seed=1)
+        module = make_module("mae", attack=dict(seed=1), attack_mask="independent", on_validation=True)
         fit(
             module,
             tmp_path / f"{log_every}-{val_every}",

@@ -98,15 +98,15 @@ def test_a_batch_fraction_attacks_and_reconstructs_exactly_that_share(monkeypatc
 
 
 def test_the_attack_gain_is_logged_on_the_attacked_images(monkeypatch):
-    module = micro_module(plugin=AEMIM(batch_fraction=0.5, eps=8 / 255))
+    module = micro_module(plugin=AEMIM(attack=Attacker(eps=8 / 255), batch_fraction=0.5))
     seen = []
-    objectives = AEMIM.objectives
+    diagnostics = AEMIM.diagnostics
 
-    def spy(plugin, model, aux, epoch):
-        seen.append(aux.x.shape[0])
-        return objectives(plugin, model, aux, epoch)
+    def spy(plugin, host, x, *args):
+        seen.append(x.shape[0])
+        return diagnostics(plugin, host, x, *args)
 
-    monkeypatch.setattr(AEMIM, "objectives", spy)
+    monkeypatch.setattr(AEMIM, "diagnostics", spy)
     fit = trainer(2)
     fit.fit(module, loader(n=16))
     assert seen == [4, 4]  # the three objectives ran on the 4 attacked images, not the batch of 8

@@ -122,8 +122,8 @@ def test_positions_follow_the_grid_and_parameters_keep_their_shapes(sincos):
     torch.testing.assert_close(table, expected)
     torch.testing.assert_close(module.decoder.position_table(), sincos_2d(32, (6, 6), 1).unsqueeze(0))
     x = torch.rand(4, 1, 24, 24)
-    mask, latent, pred, loss = module.host_step(x, torch.Generator().manual_seed(0))
-    assert latent.shape == (4, 1 + 9, 64) and pred.shape == (4, 36, 16) and torch.isfinite(loss)
+    step = module.host_step(x, torch.Generator().manual_seed(0))
+    assert step.latent.shape == (4, 1 + 9, 64) and step.pred.shape == (4, 36, 16) and torch.isfinite(step.loss)
     assert {name: p.shape for name, p in module.named_parameters()} == shapes
     module.follow_input_size(32)
     assert encoder.position_table() is encoder.vit.pos_embed  # back at the built grid: the parameter itself

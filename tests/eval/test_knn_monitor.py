@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from advmim_pl.adversarial import AEMIM
+from advmim_pl.adversarial import AEMIM, Attacker
 from advmim_pl.errors import EvaluationInputError
 from advmim_pl.eval import KNNMonitor
 from advmim_pl.models.branch_norm import branch
@@ -38,7 +38,7 @@ def reference_accuracy(module, monitor: KNNMonitor, branch_name: str, pooling: s
 def test_the_clean_and_aux_accuracies_agree_with_scikit_learn():
     L.seed_everything(0)
     data = bundled_sample()
-    module = micro_module(plugin=AEMIM(eps=8 / 255), mean=data.mean, std=data.std, batch_size=64)
+    module = micro_module(plugin=AEMIM(attack=Attacker(eps=8 / 255)), mean=data.mean, std=data.std, batch_size=64)
     monitor = KNNMonitor(bank_size=600, query_size=300)
     t = trainer(-1, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0)
     t.fit(module, datamodule=data)

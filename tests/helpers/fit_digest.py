@@ -7,7 +7,8 @@ A refactoring that must not change what training computes runs this before and a
 
 Each case is a seeded 3-step CPU fit (fp32, one thread) of the micro ViT on fixed smooth images. The plug-in is built
 through whichever constructor the checkout has: attack settings flattened into ``AEMIM(**settings)``, or nested as
-``AEMIM(attack=Attacker(**settings))``. Only ``advmim_pl`` is imported, so the script runs against any checkout.
+``AEMIM(attack=Attacker(**settings))``; the auxiliary target's normalisation goes to the plug-in or to MAE, whichever
+takes it. Only ``advmim_pl`` is imported, so the script runs against any checkout.
 """
 
 import argparse
@@ -37,9 +38,9 @@ MICRO = dict(
     warmup_epochs=0,
 )
 METHODS = {
-    "mae": lambda: MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4),
-    "simmim": lambda: SimMIM(mask_patch_size=8),
-    "maskfeat": lambda: MaskFeat(mask_patch_size=8, cell_size=2),
+    "mae": lambda **options: MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4, **options),
+    "simmim": lambda **options: SimMIM(mask_patch_size=8, **options),
+    "maskfeat": lambda **options: MaskFeat(mask_patch_size=8, cell_size=2, **options),
 }
 # name: (method, attack settings, plug-in settings)
 CASES = {
@@ -57,10 +58,18 @@ CASES = {
 
 def plugin(attack: dict, options: dict) -> AEMIM:
     """The plug-in with these settings, through the constructor this checkout has."""
-    parameter = inspect.signature(AEMIM.__init__).parameters["attack"]
-    if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+    parameters = inspect.signature(AEMIM.__init__).parameters
+    options = {k: v for k, v in options.items() if k in parameters}
+    if parameters["attack"].kind is inspect.Parameter.VAR_KEYWORD:
         return AEMIM(**options, **attack)
     return AEMIM(attack=Attacker(**attack), **options)
+
+
+def host(method: str, options: dict):
+    """The host with those of ``options`` its constructor takes (the plug-in's options that moved to the host)."""
+    make = METHODS[method]
+    parameters = inspect.signature(type(make()).__init__).parameters
+    return make(**{k: v for k, v in options.items() if k in parameters})
 
 
 def images(n: int = 24, seed: int = 0) -> torch.Tensor:
@@ -74,7 +83,8 @@ def fit(case: str, steps: int = 3) -> dict[str, str]:
     """{state_dict key: sha256 of the tensor's bytes} after ``steps`` optimizer steps of ``case``."""
     method, attack, options = CASES[case]
     L.seed_everything(0, verbose=False)
-    module = PretrainModule(method=METHODS[method](), plugin=plugin(attack, options), **MICRO)
+    method = host(method, options)
+    module = PretrainModule(method=method, plugin=plugin(attack, options), **MICRO)
     x = images()
     data = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=8, shuffle=False)
     trainer = L.Trainer(

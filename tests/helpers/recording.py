@@ -1,7 +1,5 @@
 """Recorders: an attacker that records what it crafted, and a module that records the images it trained on."""
 
-import inspect
-
 import lightning as L
 import torch
 
@@ -10,14 +8,13 @@ from advmim_pl.adversarial import AEMIM, Attacker
 
 class RecordingAttacker(Attacker):
     """An ``Attacker`` that keeps every crafted x_a (``crafted``), the autocast dtype the attack ran under
-    (``autocast``), and per call (x, x_a, objective(x), objective(x_a)) (``calls``)."""
+    (``autocast``), and per call (x, x_a, objective(x), objective(x_a)) (``calls``). It has ``Attacker``'s constructor,
+    so configs and checkpoints record its settings as a plain one's, and it pickles (``ddp_spawn``)."""
 
-    def __init__(self, **settings) -> None:
-        super().__init__(**settings)
-        self.crafted, self.autocast, self.calls = [], [], []
-
-    # Attacker's named settings, so that config() and checkpoints record them as the plain Attacker's
-    __init__.__signature__ = inspect.signature(Attacker.__init__)
+    def __getattr__(self, name: str) -> list:
+        if name not in ("crafted", "autocast", "calls"):
+            raise AttributeError(name)
+        return self.__dict__.setdefault(name, [])
 
     def generate(self, model, x, objective, epoch=None, rank=0):
         device = x.device.type
@@ -31,12 +28,9 @@ class RecordingAttacker(Attacker):
         return result
 
 
-def recording_plugin(**settings) -> AEMIM:
-    """``AEMIM(**settings)`` whose attacker is a ``RecordingAttacker`` with the same attack settings (swapped in
-    before the plug-in reaches a module, which puts ``plugin.attacker`` on the trainer)."""
-    plugin = AEMIM(**settings)
-    plugin.attacker = RecordingAttacker(**plugin.attacker.settings())
-    return plugin
+def recording_plugin(attack: dict | None = None, **options) -> AEMIM:
+    """``AEMIM(attack=RecordingAttacker(**attack), **options)``: the plug-in whose attack records what it crafts."""
+    return AEMIM(attack=RecordingAttacker(**(attack or {})), **options)
 
 
 class RecordBatches(L.LightningModule):

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from skimage.feature import hog
 
-from advmim_pl.adversarial import AEMIM
+from advmim_pl.adversarial import AEMIM, Attacker, StepContext
 from advmim_pl.cli import AdvMIMCLI, resolve_config_args
 from advmim_pl.data import SyntheticDataModule
 from advmim_pl.mim import MaskFeat
@@ -96,20 +96,20 @@ def test_a_vertical_edge_is_drawn_as_vertical_strokes():
 
 
 def test_bad_sizes_fail_naming_the_value():
-    with pytest.raises(ValueError, match="cell_size 3 must divide the patch size 16"):
+    with pytest.raises(ValueError, match="^cell_size must be a divisor of the patch size 16, got 3$"):
         hog_targets(torch.rand(1, 3, 32, 32), 16, 3)
-    with pytest.raises(ValueError, match="patch size 16 must divide the image size 40x32"):
+    with pytest.raises(ValueError, match="^patch_size must be a divisor of 40x32, got 16$"):
         hog_targets(torch.rand(1, 3, 40, 32), 16, 8)
-    with pytest.raises(ValueError, match="cell_size 3 must divide the patch size 4"):
+    with pytest.raises(ValueError, match="^cell_size must be a divisor of the patch size 4, got 3$"):
         PretrainModule(method=MaskFeat(mask_patch_size=8, cell_size=3), **MICRO)
-    with pytest.raises(ValueError, match="hog_norm must be 'patch' or 'cell', got 'block'"):
+    with pytest.raises(ValueError, match=r"^hog_norm must be one of \('patch', 'cell'\), got 'block'$"):
         MaskFeat(hog_norm="block")
 
 
-def maskfeat_module(seed: int = 0, **plugin) -> PretrainModule:
+def maskfeat_module(seed: int = 0) -> PretrainModule:
     torch.manual_seed(seed)
     method = MaskFeat(mask_patch_size=8, cell_size=2)
-    return PretrainModule(method=method, plugin=AEMIM(**{"eps": 8 / 255, **plugin}), **MICRO)
+    return PretrainModule(method=method, plugin=AEMIM(Attacker(eps=8 / 255)), **MICRO)
 
 
 def test_one_plugin_step_reconstructs_the_hog_of_the_adversarial_example():
@@ -117,9 +117,10 @@ def test_one_plugin_step_reconstructs_the_hog_of_the_adversarial_example():
     method, encoder, x = module.method, module.encoder, smooth_images(8, seed=0)
     mask = method.sample_mask(encoder, 8, x.device, torch.Generator().manual_seed(0))
     latent = method.encode(encoder, x, mask)
-    aux = module.plugin.step(module, method, encoder, module.aux_decoder, x, mask, latent)
-    x_a = aux.attack.x_adv
-    assert torch.isfinite(aux.loss) and 0 < (x_a - x).abs().max() <= 8 / 255 + 1e-6
+    out = module.plugin.step(StepContext(module.host(aux=True), x, mask, latent, visuals=True))
+    x_a, loss = out.images["adversarial"], out.logs["train/loss_aux"]
+    assert torch.equal(out.loss, loss)  # aux_weight 1, no warm-up
+    assert torch.isfinite(loss) and 0 < (x_a - x).abs().max() <= 8 / 255 + 1e-6
 
     # the auxiliary loss is the MSE, on the masked patches, of the aux branch's prediction from x_a to HOG(x_a)
     with torch.no_grad(), branch(encoder, "aux"):
@@ -129,11 +130,11 @@ def test_one_plugin_step_reconstructs_the_hog_of_the_adversarial_example():
     def mse_to(images: torch.Tensor) -> torch.Tensor:
         return (pred - hog_targets(images, 4, 2, BINS, "patch", window=True)).pow(2).mean(-1)[masked].mean()
 
-    torch.testing.assert_close(aux.loss, mse_to(x_a))
-    assert (mse_to(x) - aux.loss).abs() > 1e-3 * aux.loss  # HOG(x) is another target: x_a moved it
+    torch.testing.assert_close(loss, mse_to(x_a))
+    assert (mse_to(x) - loss).abs() > 1e-3 * loss  # HOG(x) is another target: x_a moved it
     assert pred.shape == (8, 64, 36) and masked.sum() == 8 * 24  # 6 of 16 squares of 2 x 2 patches (40%)
 
-    aux.loss.backward()
+    loss.backward()
     grads = {name: p.grad for name, p in module.named_parameters()}
     for name in ("encoder.vit.blocks.0.attn.qkv.weight", "encoder.mask_token", "aux_decoder.proj.weight"):
         assert grads[name] is not None and torch.isfinite(grads[name]).all() and grads[name].abs().sum() > 0, name
@@ -168,7 +169,7 @@ def test_a_resumed_maskfeat_plugin_run_ends_where_the_uninterrupted_one_does(tmp
     resumed = fit_plugin(tmp_path / "resumed", half, seed=1)  # other initial weights: all must come from the file
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
-    assert resumed.plugin.attacker.generator.get_state().equal(straight.plugin.attacker.generator.get_state())
+    assert resumed.plugin.attack.generator.get_state().equal(straight.plugin.attack.generator.get_state())
     assert resumed.mask_stream.generator.get_state().equal(straight.mask_stream.generator.get_state())
     loaded = PretrainModule.load_from_checkpoint(half)
     assert type(loaded.method) is MaskFeat and loaded.method.config() == straight.method.config()

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.mim import MAE, Host, Perturbed, SimMIM
 from advmim_pl.mim.losses import (
-    TargetNorm,
     feature_distance,
     mae_loss,
     normalize_patches,
@@ -232,12 +231,16 @@ def test_mae_loss_normalises_with_the_floor_and_the_given_statistics():
     torch.testing.assert_close(mae_loss(pred, target, mask, True), mae_loss(pred, target, mask, True, 0.0, None))
 
 
-def test_the_methods_normalise_their_targets_as_the_target_norm_says(micro_encoder, images):
-    """MAE's per-patch target with a TargetNorm: the floor added to the variance of the patches of ``stats_from``
-    (computed here from the definition); the default is the plain norm_pix_loss. SimMIM's raw pixels ignore it."""
+@pytest.mark.parametrize("aux_target_norm", ["floor", "clean", "patch"])
+def test_mae_normalises_a_perturbed_target_as_aux_target_norm_says(micro_encoder, images, aux_target_norm):
+    """MAE's per-patch target of a perturbed image (what the plug-in asks for): a variance floor of
+    ``(aux_norm_floor * eps)^2`` and the statistics of the image itself (``floor``) or of the clean one (``clean``),
+    or the plain norm_pix_loss (``patch``, and any target of an unperturbed image); computed here from the
+    definition. SimMIM's raw pixels ignore the perturbation."""
     encoder, g = micro_encoder(), torch.Generator().manual_seed(2)
-    x, stats_images = images(4, seed=1), images(4, seed=2)
-    mae = MAE(norm_pix_loss=True)
+    x, clean = images(4, seed=1), images(4, seed=2)
+    mae = MAE(norm_pix_loss=True, aux_target_norm=aux_target_norm, aux_norm_floor=3.0)
+    host = Host(mae, encoder, torch.nn.Identity(), torch.nn.ModuleDict())
     mask = mae.sample_mask(encoder, 4, CPU, g)
     pred = torch.randn(4, 64, 16, generator=g)  # (B, N, p*p*C): 8 x 8 patches of 4 x 4 grey pixels
 
@@ -247,13 +250,12 @@ def test_the_methods_normalise_their_targets_as_the_target_norm_says(micro_encod
         error = ((pred - (target - mean) / (var + 1e-6 + floor).sqrt()) ** 2).mean(-1)
         return (error * mask.patches).sum() / mask.patches.sum()
 
-    torch.testing.assert_close(
-        mae.loss(pred, x, mask, encoder, TargetNorm(0.3, stats_images)), expected(0.3, stats_images)
-    )
-    torch.testing.assert_close(mae.loss(pred, x, mask, encoder, TargetNorm(0.3)), expected(0.3, x))
-    torch.testing.assert_close(mae.loss(pred, x, mask, encoder), expected(0.0, x))
+    eps = 0.1
+    floor = 0.0 if aux_target_norm == "patch" else (3.0 * eps) ** 2
+    stats = clean if aux_target_norm == "clean" else x
+    perturbed = host.targets(x, Perturbed(clean, eps))
+    torch.testing.assert_close(host.loss(pred, perturbed, mask), expected(floor, stats))
+    torch.testing.assert_close(host.loss(pred, host.targets(x), mask), expected(0.0, x))
     simmim = SimMIM(mask_patch_size=8)
-    mask = simmim.sample_mask(encoder, 4, CPU, g)
-    pred = torch.rand(4, 1, 32, 32, generator=g)
-    plain = simmim.loss(pred, x, mask, encoder)
-    assert torch.equal(simmim.loss(pred, x, mask, encoder, TargetNorm(0.3, stats_images)), plain)
+    host = Host(simmim, encoder, torch.nn.Identity(), torch.nn.ModuleDict())
+    assert torch.equal(host.targets(x, Perturbed(clean, eps)), host.targets(x))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from advmim_pl.adversarial import AEMIM
+from advmim_pl.adversarial import AEMIM, Attacker
 from advmim_pl.models import checkpointing
 from advmim_pl.models.branch_norm import BranchNorm
 from tests.helpers.micro import bundled_sample, loader, micro_module, trainer
@@ -27,7 +27,7 @@ def first_gradients(checkpointed: bool, plugin: bool, method: str = "mae") -> di
     L.seed_everything(0)
     module = micro_module(
         method,
-        plugin=AEMIM(steps=2) if plugin else None,
+        plugin=AEMIM(attack=Attacker(steps=2)) if plugin else None,
         activation_checkpointing=checkpointed,
         drop_path_rate=0.1,  # the recompute must draw the forward's stochastic-depth masks
     )

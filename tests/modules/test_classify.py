@@ -42,7 +42,7 @@ def plugin_checkpoint(tmp_path_factory) -> tuple[str, PretrainModule]:
     """A PretrainModule trained 3 steps with the plug-in (aux norms present), saved by a Trainer."""
     path = tmp_path_factory.mktemp("pretrain") / "adv.ckpt"
     L.seed_everything(0)
-    module = micro_module(plugin=AEMIM(eps=8 / 255))
+    module = micro_module(plugin=AEMIM(attack=Attacker(eps=8 / 255)))
     t = trainer(3)
     t.fit(module, loader())
     t.save_checkpoint(path)

@@ -49,7 +49,7 @@ def fit(method: str, compile: bool) -> Record:
     counters.clear()
     L.seed_everything(0, verbose=False)
     record = Record()
-    module = micro_module(method, plugin=AEMIM(log_images_every_n_steps=0), compile=compile)
+    module = micro_module(method, plugin=AEMIM(), compile=compile)
     trainer(STEPS, [record]).fit(module, loader(8 * STEPS))
     return record
 

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
-from advmim_pl.adversarial import AEMIM, AdversarialTargetCallback
+from advmim_pl.adversarial import AEMIM, AdversarialTargetCallback, Attacker
 from advmim_pl.cli import run
 from advmim_pl.export import export_encoder, load_exported
 from advmim_pl.mim import SimMIM
@@ -28,14 +28,14 @@ def fit_from_seed(module: PretrainModule, steps: int) -> PretrainModule:
 
 def test_lambda_zero_gives_the_baseline_update():
     base = fit_from_seed(micro_module(), 4)
-    plug = fit_from_seed(micro_module(plugin=AEMIM(aux_weight=0.0, eps=8 / 255, steps=2)), 4)
+    plug = fit_from_seed(micro_module(plugin=AEMIM(attack=Attacker(eps=8 / 255, steps=2), aux_weight=0.0)), 4)
     plug_encoder = clean_state_dict(plug.encoder.state_dict())
     for name, value in base.encoder.state_dict().items():
         torch.testing.assert_close(plug_encoder[name], value, msg=name)
     for name, value in base.decoder.state_dict().items():
         torch.testing.assert_close(plug.decoder.state_dict()[name], value, msg=name)
     # and the plug-in with lambda > 0 does change the update
-    plug = fit_from_seed(micro_module(plugin=AEMIM(eps=8 / 255, steps=2)), 4)
+    plug = fit_from_seed(micro_module(plugin=AEMIM(attack=Attacker(eps=8 / 255, steps=2))), 4)
     blocks = "vit.blocks.0.attn.qkv.weight"
     assert not torch.allclose(plug.encoder.state_dict()[blocks], base.encoder.state_dict()[blocks])
 
@@ -47,8 +47,8 @@ def test_mixed_precision_has_no_nan(dtype, method):
     name = "bf16-mixed" if dtype == torch.bfloat16 else "16-mixed"
     scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
     L.seed_everything(0)
-    module = micro_module(method, plugin=recording_plugin(steps=2))
-    attack = module.plugin.attacker
+    module = micro_module(method, plugin=recording_plugin(dict(steps=2)))
+    attack = module.plugin.attack
     losses = []
 
     class Record(L.Callback):
@@ -66,16 +66,16 @@ def test_resume_continues_the_attack_rng(tmp_path):
     # mid-grey images and uniform noise: x_a depends on the attacker's RNG stream only
     grey = DataLoader(TensorDataset(torch.full((24, 1, 32, 32), 0.5), torch.zeros(24, dtype=torch.long)), batch_size=8)
     settings = dict(perturbation="uniform", eps=8 / 255)
-    straight = micro_module(plugin=recording_plugin(**settings))
+    straight = micro_module(plugin=recording_plugin(settings))
     trainer(6).fit(straight, grey)
 
-    first = micro_module(plugin=recording_plugin(**settings))
+    first = micro_module(plugin=recording_plugin(settings))
     t = trainer(3)
     t.fit(first, grey)
     t.save_checkpoint(tmp_path / "half.ckpt")
-    resumed = micro_module(plugin=recording_plugin(**settings), seed=1)
+    resumed = micro_module(plugin=recording_plugin(settings), seed=1)
     trainer(6).fit(resumed, grey, ckpt_path=tmp_path / "half.ckpt")
-    straight, first, resumed = (m.plugin.attacker for m in (straight, first, resumed))
+    straight, first, resumed = (m.plugin.attack for m in (straight, first, resumed))
 
     assert len(resumed.crafted) == 3
     for a, b in zip(straight.crafted, first.crafted + resumed.crafted, strict=True):
@@ -85,12 +85,12 @@ def test_resume_continues_the_attack_rng(tmp_path):
 
 
 def test_the_plugin_puts_its_own_attack_on_the_trainer():
-    module = micro_module(plugin=AEMIM(steps=1))
+    module = micro_module(plugin=AEMIM(attack=Attacker(steps=1)))
     t = trainer(1)
     t.fit(module, loader())
     attacks = [c for c in t.callbacks if isinstance(c, AdversarialTargetCallback)]
-    assert attacks == [module.attack_callback] and attacks[0].attacker is module.plugin.attacker
-    assert module.plugin.attacker.generator is not None  # the attack ran, with the module's own attacker
+    assert attacks == [module.attack_callback] and attacks[0].attacker is module.plugin.attack
+    assert module.plugin.attack.generator is not None  # the attack ran, with the module's own attacker
     t = trainer(1)
     t.fit(micro_module(), loader())
     assert not any(isinstance(c, AdversarialTargetCallback) for c in t.callbacks)  # the baseline has none
@@ -98,7 +98,7 @@ def test_the_plugin_puts_its_own_attack_on_the_trainer():
 
 def test_nonfinite_attack_gradient_falls_back_and_never_reaches_weights():
     L.seed_everything(0)
-    module = micro_module(plugin=recording_plugin(steps=1))
+    module = micro_module(plugin=recording_plugin(dict(steps=1)))
     objective = module.plugin.objective
 
     def poisoned(*args, **kwargs):
@@ -106,7 +106,7 @@ def test_nonfinite_attack_gradient_falls_back_and_never_reaches_weights():
         return lambda x_adv: clean(x_adv) * torch.tensor(float("nan"))
 
     module.plugin.objective = poisoned
-    attack = module.plugin.attacker
+    attack = module.plugin.attack
     with pytest.warns(UserWarning, match="non-finite attack gradient"):
         trainer(3).fit(module, loader())
     assert attack.nonfinite_batches == 3
@@ -118,7 +118,7 @@ def test_nonfinite_attack_gradient_falls_back_and_never_reaches_weights():
 
 def test_export_keeps_only_the_clean_branch(tmp_path):
     L.seed_everything(0)
-    module = micro_module(plugin=AEMIM(steps=1))
+    module = micro_module(plugin=AEMIM(attack=Attacker(steps=1)))
     t = trainer(5)
     t.fit(module, loader())
     t.save_checkpoint(tmp_path / "adv.ckpt")
@@ -139,7 +139,7 @@ def test_export_keeps_only_the_clean_branch(tmp_path):
 
 
 def test_load_from_checkpoint_rebuilds_the_method_and_the_weights(tmp_path, monkeypatch):
-    module = micro_module("simmim", plugin=AEMIM(steps=1))
+    module = micro_module("simmim", plugin=AEMIM(attack=Attacker(steps=1)))
     t = trainer(2)
     t.fit(module, loader())
     t.save_checkpoint(tmp_path / "plain.ckpt")
@@ -190,8 +190,8 @@ def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
 
 
 def test_validation_batches_get_adversarial_targets_when_asked():
-    module = micro_module(plugin=recording_plugin(on_validation=True, eps=8 / 255))
-    attack = module.plugin.attacker
+    module = micro_module(plugin=recording_plugin(dict(eps=8 / 255), on_validation=True))
+    attack = module.plugin.attack
     t = trainer(3, inference_mode=False, limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=0)
     t.fit(module, loader(), loader(n=16, seed=1))
     assert len(attack.crafted) == 3 + 2  # three training batches, two validation batches
