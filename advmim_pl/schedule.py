@@ -1,6 +1,7 @@
 """Learning-rate rules of the reference recipes, as pure functions."""
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -18,13 +19,78 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def steps_per_epoch(trainer) -> int:
-    """Optimizer steps in one epoch of ``trainer`` (Lightning steps on the last batch of a short accumulation)."""
-    if trainer.num_training_batches == math.inf and trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()  # what trainer.estimated_stepping_batches does when it needs the length
+@dataclass(frozen=True)
+class EpochSteps:
+    """Optimizer steps per epoch: ``varying[e]`` in each of the first ``len(varying)`` epochs, ``steady`` in every
+    later one (progressive resolution with a scaled batch changes the steps per epoch; otherwise ``varying`` is
+    empty)."""
+
+    varying: tuple[int, ...]
+    steady: int
+
+    def of(self, epoch: int) -> int:
+        """Optimizer steps in ``epoch``."""
+        return self.varying[epoch] if epoch < len(self.varying) else self.steady
+
+    def before(self, epoch: float) -> float:
+        """Optimizer steps before the fractional ``epoch`` (2.5: epochs 0 and 1, and half of epoch 2)."""
+        if not self.varying:
+            return epoch * self.steady
+        whole = int(epoch)
+        head = sum(self.varying[:whole]) + max(whole - len(self.varying), 0) * self.steady
+        return head + (epoch - whole) * self.of(whole)
+
+    def epoch_at(self, step: int) -> float:
+        """The fractional epoch at optimizer ``step``, the inverse of ``before``."""
+        for epoch, steps in enumerate(self.varying):
+            if step < steps:
+                return epoch + step / steps
+            step -= steps
+        return len(self.varying) + step / self.steady
+
+
+def limited(batches: int, limit: int | float) -> int:
+    """Training batches of an epoch of ``batches`` under the trainer's ``limit_train_batches`` (a count, or a
+    fraction of the epoch), as Lightning applies it."""
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def epoch_steps(trainer) -> EpochSteps:
+    """Optimizer steps per epoch of ``trainer``'s fit (Lightning steps on the last batch of a short accumulation).
+    A map-style data module gives each epoch's batches itself (``batches_per_epoch``, which a resolution schedule
+    that scales the batch varies); any other training loader has one length for every epoch."""
+
+    def steps_of(batches: int) -> int:
+        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+
+    data = trainer.datamodule
+    if hasattr(data, "batches_per_epoch"):
+        schedule = data.resolution
+        horizon = schedule.horizon if schedule is not None and schedule.scale_batch else 0
+        # from the horizon on, every epoch has the last one's steps
+        steps = [steps_of(limited(data.batches_per_epoch(e), trainer.limit_train_batches)) for e in range(horizon + 1)]
+        return EpochSteps(tuple(steps[:-1]), steps[-1])
     if trainer.num_training_batches == math.inf:
-        raise ValueError("warm-up in epochs needs a training DataLoader with a length; set warmup_epochs: 0")
-    return max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
+        trainer.estimated_stepping_batches  # noqa: B018  (sets up the training loader when max_epochs is set)
+    if trainer.num_training_batches == math.inf:
+        raise ValueError(
+            "warm-up in epochs needs the length of an epoch: train from a map-style data module, or give a "
+            "training DataLoader with a length and max_epochs; or set warmup_epochs: 0"
+        )
+    return EpochSteps((), steps_of(trainer.num_training_batches))
+
+
+def total_steps(trainer, steps: EpochSteps | None) -> int:
+    """Optimizer steps of the whole fit: ``max_steps``, or ``max_epochs`` epochs of ``steps``, whichever ends first
+    (Lightning's ``estimated_stepping_batches`` where every epoch has the same steps, or ``steps`` is None)."""
+    if steps is None or not steps.varying:
+        return max(int(trainer.estimated_stepping_batches), 1)
+    limits = [trainer.max_steps] if trainer.max_steps not in (None, -1) else []
+    if trainer.max_epochs not in (None, -1):
+        limits.append(math.ceil(steps.before(trainer.max_epochs)))
+    if not limits:
+        raise ValueError("a batch scaled with the resolution needs max_epochs or max_steps for its schedule")
+    return max(min(limits), 1)
 
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token")

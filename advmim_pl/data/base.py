@@ -244,11 +244,36 @@ class MapStyleDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self._resume_at: tuple[int, int] | None = None  # set by load_state_dict when resuming
 
-    def _training_order(self, size: int) -> TrainingOrder:
-        """The order of this process's training batches over ``size`` samples, for either data path."""
+    def _ranks(self) -> tuple[int, int]:
+        """(this process's rank, the world size); (0, 1) without a trainer."""
         trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return TrainingOrder(size, self.batch_size, global_seed(), rank, world_size, self._position)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _training_order(self, size: int) -> TrainingOrder:
+        """The order of this process's training batches over ``size`` samples in the epoch about to start, for
+        either data path."""
+        trainer = self.trainer
+        if self.resolution is not None and self.resolution.scale_batch and trainer is not None:
+            if trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(
+                    "the resolution schedule scales the batch with the side (scale_batch: true), so each epoch needs "
+                    "a training loader of its own batch size: set the trainer's reload_dataloaders_every_n_epochs "
+                    f"to 1 (it is {trainer.reload_dataloaders_every_n_epochs})"
+                )
+        # the fit loop's epoch, also on a resume that starts with the end of an epoch: its loader must have that
+        # epoch's length, so that the loop sees the epoch complete and moves on to the next (with a loader of its own)
+        batch_size = self.epoch_batch_size(trainer.current_epoch if trainer is not None else 0)
+        return TrainingOrder(size, batch_size, global_seed(), *self._ranks(), self._position)
+
+    def epoch_batch_size(self, epoch: int) -> int:
+        """Images per training batch (per process) in ``epoch``: ``batch_size``, or the resolution schedule's
+        scaled batch (``ResolutionSchedule.batch``)."""
+        return self.batch_size if self.resolution is None else self.resolution.batch(epoch, self.batch_size)
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        """Training batches of this process in ``epoch`` (full batches only); after ``setup``."""
+        _, world_size = self._ranks()
+        return len(self.train_set) // world_size // self.epoch_batch_size(epoch)
 
     def _position(self) -> tuple[int, int]:
         """(epoch, batches of it already trained) where an epoch's iteration starts: the restored checkpoint's
@@ -287,13 +312,13 @@ class MapStyleDataModule(ImageDataModule):
                 "with drop_last=True no batch would be produced"
             )
         self.check_workers()
-        sampler = ResumableSampler(self._training_order(len(dataset)), self.resolution)
+        order = self._training_order(len(dataset))
         return DataLoader(
             SeededSamples(dataset),
-            sampler=sampler,
+            sampler=ResumableSampler(order, self.resolution),
             drop_last=True,
             persistent_workers=self.num_workers > 0,
-            **self.loader_options(),
+            **{**self.loader_options(), "batch_size": order.batch_size},
         )
 
 

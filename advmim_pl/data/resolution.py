@@ -2,6 +2,12 @@
 (DailyMAE, Wu et al. 2024, arXiv:2404.00509; FastMIM pre-trains at 128 px). A data module with a ``resolution``
 schedule crops each training sample of epoch ``e`` to ``size(e)``; the model follows the size of what it is given.
 The size is a function of the epoch alone, so a resumed run, any worker and every rank agree on it.
+
+With ``scale_batch``, the batch grows as the side shrinks, ``batch_size * (final / size)^2`` images (rounded down),
+so that every step sees about the pixels of a full-resolution batch: fewer, larger steps in the low-resolution
+epochs. The steps per epoch then change with the epoch; the learning-rate schedule counts them epoch by epoch
+(``advmim_pl.schedule.EpochSteps``), and the trainer must rebuild its training loader every epoch
+(``reload_dataloaders_every_n_epochs: 1``).
 """
 
 from typing import Any
@@ -12,7 +18,10 @@ from torchvision.transforms import v2
 
 
 class ResolutionSchedule:
-    """The training images' side per 0-based epoch (``size``); the last one is the data module's ``img_size``."""
+    """The training images' side per 0-based epoch (``size``); the last one is the data module's ``img_size``.
+    ``scale_batch``: whether the batch grows as the side shrinks (``batch``)."""
+
+    scale_batch: bool = False
 
     def size(self, epoch: int) -> int:
         raise NotImplementedError
@@ -26,6 +35,13 @@ class ResolutionSchedule:
     def horizon(self) -> int:
         """The first epoch from which the size is ``final``."""
         raise NotImplementedError
+
+    def batch(self, epoch: int, batch_size: int) -> int:
+        """Images per batch (per process) in ``epoch`` for ``batch_size`` at the final side: ``batch_size`` as it is,
+        or with ``scale_batch`` ``floor(batch_size * (final / size(epoch))^2)``, the final side's pixels per step."""
+        if not self.scale_batch:
+            return batch_size
+        return batch_size * self.final**2 // self.size(epoch) ** 2
 
     def sizes(self, epochs: int) -> list[int]:
         """The side of each of the first ``epochs`` epochs."""
@@ -45,9 +61,10 @@ class StepResolution(ResolutionSchedule):
 
     Args:
         steps: [epoch, img_size] pairs, the first at epoch 0, epochs increasing.
+        scale_batch: the batch grows as the side shrinks (module docstring).
     """
 
-    def __init__(self, steps: list[tuple[NonNegativeInt, PositiveInt]]) -> None:
+    def __init__(self, steps: list[tuple[NonNegativeInt, PositiveInt]], scale_batch: bool = False) -> None:
         epochs = [epoch for epoch, _ in steps]
         if not steps or epochs[0] != 0 or epochs != sorted(set(epochs)) or min(size for _, size in steps) < 1:
             raise ValueError(
@@ -55,6 +72,7 @@ class StepResolution(ResolutionSchedule):
                 "increasing and sizes positive, e.g. [[0, 160], [320, 192], [640, 224]]"
             )
         self.steps = [(int(epoch), int(size)) for epoch, size in steps]
+        self.scale_batch = scale_batch
 
     def size(self, epoch: int) -> int:
         return next(size for start, size in reversed(self.steps) if epoch >= start)
@@ -78,6 +96,7 @@ class LinearResolution(ResolutionSchedule):
         end_epoch: first epoch at ``end_size``.
         start_epoch: last epoch at ``start_size``.
         multiple: every side is a multiple of this.
+        scale_batch: the batch grows as the side shrinks (module docstring).
     """
 
     def __init__(
@@ -87,6 +106,7 @@ class LinearResolution(ResolutionSchedule):
         end_epoch: PositiveInt,
         start_epoch: NonNegativeInt = 0,
         multiple: PositiveInt = 16,
+        scale_batch: bool = False,
     ) -> None:
         if not 0 <= start_epoch < end_epoch:
             raise ValueError(f"LinearResolution: start_epoch {start_epoch} must be below end_epoch {end_epoch}")
@@ -95,6 +115,7 @@ class LinearResolution(ResolutionSchedule):
                 raise ValueError(f"LinearResolution: {name} {value} must be a positive multiple of {multiple}")
         self.start_size, self.end_size, self.multiple = start_size, end_size, multiple
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.scale_batch = scale_batch
 
     def size(self, epoch: int) -> int:
         if epoch <= self.start_epoch:

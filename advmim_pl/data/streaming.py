@@ -243,6 +243,12 @@ class StreamingImageDataModule(ImageDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if self.resolution is not None and self.resolution.scale_batch:
+            raise ValueError(
+                "streaming data: the resolution schedule's scale_batch is not supported (litdata's resumable loader "
+                "state holds one batch size for the run); use scale_batch: false, or an ImageFolder/in-memory data "
+                "module"
+            )
         self.train_dir, self.val_dir = train_dir, val_dir
         self.options = {"cache_dir": cache_dir, "storage_options": storage_options or {}}
         self.meta = open_shards(train_dir, "train_dir", **self.options)[1]

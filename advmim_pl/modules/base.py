@@ -16,7 +16,7 @@ from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.checks import plain
 from advmim_pl.modules.clipping import UnscaledClipping
-from advmim_pl.schedule import scaled_lr, steps_per_epoch, warmup_cosine
+from advmim_pl.schedule import EpochSteps, epoch_steps, limited, scaled_lr, total_steps, warmup_cosine
 
 
 class BaseModule(UnscaledClipping, L.LightningModule):
@@ -35,6 +35,7 @@ class BaseModule(UnscaledClipping, L.LightningModule):
         super().__init__()
         self.optimizer_factory = optimizer
         self.attack_callback: AdversarialTargetCallback | None = None
+        self._epoch_steps: EpochSteps | None = None  # the fit's optimizer steps per epoch, once asked for
 
     def configure_callbacks(self) -> list:
         """The module's attack on the trainer (its checkpoint state, warnings and image grids), if it has one."""
@@ -47,13 +48,44 @@ class BaseModule(UnscaledClipping, L.LightningModule):
         self.hparams.update(replaced)
         self.hparams.update(plain(dict(self.hparams)))
 
+    def epoch_steps(self) -> EpochSteps:
+        """The fit's optimizer steps per epoch (``advmim_pl.schedule.epoch_steps``), worked out once per fit."""
+        if self._epoch_steps is None:
+            self._epoch_steps = epoch_steps(self.trainer)
+        return self._epoch_steps
+
     def attack_epoch(self, attacker: Attacker) -> float | None:
-        """The fractional training epoch that ``attacker``'s warm-up reads (optimizer steps / steps per epoch; host
-        arithmetic, no sync), or None when it has no warm-up (which then needs no loader length) or no trainer."""
-        trainer = self._trainer
-        if not attacker.warmup_epochs or trainer is None:
+        """The fractional training epoch that ``attacker``'s warm-up reads (the trainer's optimizer steps placed in
+        the fit's steps per epoch; host arithmetic, no sync), or None when it has no warm-up (which then needs no
+        loader length)."""
+        if not attacker.warmup_epochs:
             return None
-        return trainer.global_step / steps_per_epoch(trainer)
+        return self.epoch_steps().epoch_at(self.trainer.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse (one line) a resume that Lightning would get wrong: a checkpoint written at the last batch of an
+        epoch, before its end, where a batch scaled with the resolution changes the next epoch's length (Lightning
+        2.6 then counts the finished epoch's batches as done in the next one)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # loaded outside a fit (load_from_checkpoint): nothing resumes
+            return
+        data = trainer.datamodule
+        if not getattr(getattr(data, "resolution", None), "scale_batch", False):
+            return
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = fit.get("epoch_progress", {}).get("current", {}), fit.get("epoch_loop.batch_progress", {})
+        if not batches.get("is_last_batch") or epochs.get("processed", 0) >= epochs.get("started", 0):
+            return  # mid-epoch, or written at the epoch's end: both resume exactly
+        epoch = epochs["started"] - 1
+        lengths = [limited(data.batches_per_epoch(e), trainer.limit_train_batches) for e in (epoch, epoch + 1)]
+        if lengths[0] != lengths[1]:
+            raise ValueError(
+                f"this checkpoint was written at the last batch of epoch {epoch}, before the epoch's end, and the "
+                f"scaled batch changes the next epoch from {lengths[0]} to {lengths[1]} batches: Lightning would "
+                "resume that epoch short. Resume from the checkpoint written at the end of the epoch "
+                "(ModelCheckpoint(save_on_train_epoch_end=True)) or from one written mid-epoch"
+            )
 
     # ---- optimisation -------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -68,10 +100,19 @@ class BaseModule(UnscaledClipping, L.LightningModule):
         for group in groups:
             group["lr"] = lr * group.setdefault("lr_scale", 1.0)
         optimizer = self.optimizer_factory(groups)
-        total_steps = max(int(trainer.estimated_stepping_batches), 1)  # also sets num_training_batches
-        warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch(trainer)) if hp.warmup_epochs else 0
+        self._epoch_steps = None  # a new fit: its loader may differ from the last one's
+        scaled = getattr(getattr(trainer.datamodule, "resolution", None), "scale_batch", False)
+        total = total_steps(trainer, self.epoch_steps() if scaled else None)
         min_ratio = hp.min_lr / lr if lr > 0 else 0.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
-        )
+
+        def factor(step: int) -> float:
+            if not hp.warmup_epochs:
+                return warmup_cosine(step, 0, total, min_ratio)
+            if step == 0:  # the warm-up's start, whatever its length
+                return 0.0
+            # the warm-up's length, read from step 1 on: the fit loop has set up its training loader by then (a
+            # DataLoader given to fit has no length before)
+            return warmup_cosine(step, math.ceil(self.epoch_steps().before(hp.warmup_epochs)), total, min_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
