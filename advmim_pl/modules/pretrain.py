@@ -293,10 +293,8 @@ class PretrainModule(BaseModule):
 
     def grid_step(self) -> bool:
         """Whether this training step's image grids are wanted (a TensorBoard logger and the grid period)."""
-        n, trainer = self.hparams.log_images_every_n_steps, self._trainer
-        if not n or trainer is None:
-            return False
-        return trainer.global_step % n == 0 and isinstance(self.logger, TensorBoardLogger)
+        n = self.hparams.log_images_every_n_steps  # the logger is None without a trainer
+        return bool(n) and isinstance(self.logger, TensorBoardLogger) and self.trainer.global_step % n == 0
 
     def visuals(self, step: HostStep, plugin_images: dict[str, Tensor]) -> dict[str, Tensor]:
         """Image grids: clean, masked, reconstruction, and the plug-in's (adversarial, amplified perturbation)."""
