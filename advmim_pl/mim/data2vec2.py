@@ -1,267 +1,226 @@
-"""data2vec 2.0 for images (Baevski, Babu, Hsu, Auli 2022, arXiv:2212.07525), as standalone pieces.
+"""data2vec 2.0 (Baevski, Babu, Hsu, Auli 2022, arXiv:2212.07525) as a host: multi-mask student, EMA teacher.
 
-A student encoder sees M masked versions of each image ("multi-mask"); a teacher, an exponential moving average (EMA)
-of the student, encodes the unmasked image once; a light convolutional decoder predicts, from the student's visible
-tokens, the teacher's contextualised targets at the masked positions, with an L2 loss. The pieces here:
-
-- ``encode_targets`` / ``teacher_targets``: the targets from the teacher's top-K blocks;
-- ``ema_decay`` / ``ema_update``: the teacher's schedule and update;
-- ``Data2Vec2Decoder``: the convolutional decoder;
-- ``repeat_for_masks``: one image's targets shared by its M masked versions;
-- ``regression_loss`` / ``cls_loss``: the losses.
-
-The settings are those of the released data2vec 2.0 ViT-B image config (``base_images_only_task.yaml`` of the authors'
-data2vec 2.0 code) and are named as such below: top K = 10 of 12 blocks,
-the feed-forward output before the last residual as each block's target tensor (the released model's blocks are
-post-norm; in timm's pre-norm blocks the same branch is ``ls2(mlp(norm2(h)))``), instance norm per block, then a layer
-norm of the average, EMA decay 0.9998 -> 0.99999 over the first 100k of 375,300 updates, M = 16 masks per image, a
-decoder of 6 convolutions (kernel 3, 16 groups, 768 channels), masked positions filled with N(0, 0.01^2) noise, and a
-class-token loss of weight 0.01. Its masking (inverse block masking, mask_prob 0.8, mask_length 3) is not here: the
-pieces take any keep indices and (B, N) masks.
+The pieces (targets, EMA, decoder, losses) and the released settings they follow are in
+``advmim_pl.mim.data2vec2_parts``; this module puts them together behind the host contract (docs/method.md, "Adding a
+host", and its "data2vec 2.0" section).
 """
 
-import math
-from collections.abc import Callable, Sequence
-from typing import Literal
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, OpenUnitInterval, PositiveInt
 from torch import Tensor, nn
 
-from advmim_pl.checks import require_non_negative, require_positive
+from advmim_pl.checks import require, require_between, require_choice, require_non_negative, require_positive
+from advmim_pl.mim.data2vec2_parts import (
+    Data2Vec2Decoder,
+    branch_aux_entry,
+    clean_branch_name,
+    cls_loss,
+    ema_decay,
+    ema_update,
+    encode_targets,
+    regression_loss,
+    repeat_for_masks,
+)
+from advmim_pl.mim.masking import random_masking
+from advmim_pl.mim.methods import Host, Mask, MIMMethod, Perturbed, Progress, paste
 from advmim_pl.models.vit import MaskedViT
+from advmim_pl.rng import generator_for
+
+TargetTensor = Literal["ffn", "block"]
 
 
-def teacher_targets(layer_outputs: Sequence[Tensor], final_norm: bool = True) -> Tensor:
-    """Targets from the teacher's top-K block outputs: K tensors (B, N, D) of patch tokens (no prefix tokens) ->
-    (B, N, D), float32.
+@dataclass
+class MultiMask(Mask):
+    """M masks for each of B images: patches (B, M, N) float, 1 = masked; keep (B, M, K) kept indices, sorted.
+    ``noise_seed`` seeds the decoder's noise at the masked positions: drawn with the masks from the step's generator,
+    so a resumed run decodes with the noise the uninterrupted one used, and the plug-in's auxiliary pass under the
+    same masks gets the same noise."""
 
-    Each block's output is instance-normalised: per sample and channel, over the N tokens, ``(y - mean) /
-    sqrt(var + 1e-5)`` with the biased variance and no affine parameters (``F.instance_norm`` on (B, D, N)). The K are
-    averaged, and with ``final_norm`` the average is layer-normalised over the D channels of each token (no affine,
-    eps 1e-5). That is the released image config's ``instance_norm_target_layer: true``, ``layer_norm_targets: true``
-    (and ``layer_norm_target_layer: false``: no layer norm per block)."""
-    if not layer_outputs:
-        raise ValueError("layer_outputs is empty: give the outputs of at least one teacher block")
-    shape = layer_outputs[0].shape
-    if len(shape) != 3 or any(y.shape != shape for y in layer_outputs):
-        raise ValueError(
-            f"layer outputs must all be (B, N, D) of one shape; got {[tuple(y.shape) for y in layer_outputs]}"
-        )
-    if shape[1] < 2:
-        raise ValueError(f"instance norm over tokens needs at least 2 tokens, got N={shape[1]}")
-    total = sum(F.instance_norm(y.float().transpose(1, 2)).transpose(1, 2) for y in layer_outputs)
-    average = total / len(layer_outputs)
-    return F.layer_norm(average, average.shape[-1:]) if final_norm else average
+    noise_seed: int = 0
+
+    def select(self, index: Tensor) -> "MultiMask":
+        """The masks of the images ``index`` (k,) picks, all M of each."""
+        return MultiMask(self.patches[index], self.keep[index], self.noise_seed)
 
 
-@torch.no_grad()
-def encode_targets(
-    teacher: MaskedViT,
-    images: Tensor,
-    top_k: int = 10,
-    tensor: Literal["block", "ffn"] = "ffn",
-    final_norm: bool = True,
-) -> Tensor:
-    """The teacher's targets of unmasked images (B, C, H, W) in [0, 1] -> (B, N, D) float32, without gradient.
+class Data2Vec2(MIMMethod):
+    """data2vec 2.0 for images: a student encodes M masked views of each image (visible patches only, MAE-style); a
+    convolutional decoder (``Data2Vec2Decoder``) predicts, at every masked position, the targets an EMA teacher of
+    the student computes from the unmasked image: the average of its top ``top_k`` blocks' ``target_tensor``,
+    instance-normalised per block and layer-normalised after averaging (``encode_targets``). The loss is
+    ``regression_loss`` on the masked positions plus ``cls_weight`` times the class-token loss (``cls_loss``).
 
-    The teacher encodes every patch; the outputs of its last ``top_k`` blocks (``MaskedViT.forward_blocks``; by
-    default the feed-forward output before each block's last residual connection, data2vec's target tensor) lose
-    their prefix tokens and go through ``teacher_targets``. Put the teacher in eval mode first, as the released code
-    does (no stochastic depth or dropout in the targets)."""
-    outputs = teacher.forward_blocks(images, top_k, tensor=tensor)
-    return teacher_targets([y[:, teacher.num_prefix_tokens :] for y in outputs], final_norm)
+    Shapes: a step's B images give a ``MultiMask`` (B, M, ...); ``encode`` -> (B, M, P + K, D) (each image repeated
+    M times, ``repeat_for_masks``); ``decode`` -> (B, M, P + N, D), the student's P prefix-token outputs (the class
+    token first: the class-token loss's prediction) followed by the decoder's N predictions; ``targets`` -> (B, N, D),
+    one teacher pass per image, shared by its M views inside ``loss``. Masks are uniform random per view
+    (``mask_ratio``); the paper's inverse block masking is not implemented.
 
+    Teacher (``make_modules``): a copy of the encoder as ``init_from`` loaded it, without gradient (so not in the
+    optimizer), run in eval mode. After every optimizer step, ``teacher <- d * teacher + (1 - d) * student``
+    (``ema_update``) over the student's clean parameters, pairing by name without the plug-in's auxiliary norms, with
+    d = ``ema_decay(updates, ema_anneal_steps, ema_start, ema_end)`` and ``updates`` the updates done before, kept
+    in checkpoints (``state_dict``).
 
-def repeat_for_masks(x: Tensor, num_masks: int) -> Tensor:
-    """Each sample repeated ``num_masks`` times, copies adjacent: (B, ...) -> (B * M, ...), row ``b * M + m`` is
-    sample ``b``. Used on the images the student encodes (each copy gets its own mask) and on the teacher's targets
-    (B, N, D), which the M masked versions of an image share: the teacher runs once per image, not per mask."""
-    require_positive(num_masks=num_masks)
-    return x.repeat_interleave(num_masks, dim=0)
+    With the AEMIM plug-in: ``HostStep.images`` are the B images, not their B * M views, so the plug-in crafts one x_a
+    per image, and ``targets(x_a)`` is one teacher pass per image, shared by its M views: shared are x_a and the
+    teacher's targets of it; not shared are the auxiliary branch's student passes, one per view (B * M), as in the
+    clean branch. The attack's features (``attack_features``) are the student's final tokens under the attack's view,
+    its V views of an image concatenated along the tokens (B, V * (P + K), D): one view for ``attack_mask: none`` (the
+    whole image, B passes per PGD step), the step's M masks (or their complements, or M fresh ones) otherwise
+    (B * M passes per PGD step). ``Perturbed`` changes nothing: the teacher's features of x_a are the targets.
 
-
-def ema_decay(step: int, total: int, start: float = 0.9998, end: float = 0.99999) -> float:
-    """The teacher's EMA decay at optimizer step ``step``: linear from ``start`` at step 0 to ``end`` at step
-    ``total``, then ``end``, as the released code anneals it. The defaults are the values of the released ViT-B image
-    config, whose ``total`` (``ema_anneal_end_step``) is 100,000 of its 375,300 updates, not the whole run."""
-    require_positive(total=total)
-    require_non_negative(step=step)
-    for name, value in (("start", start), ("end", end)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} decay must be in [0, 1], got {value}")
-    if step >= total:
-        return end
-    return start + (end - start) * step / total
-
-
-def branch_aux_entry(name: str) -> bool:
-    """``skip`` for ``ema_update`` when the student carries the AEMIM plug-in's ``BranchNorm`` layers: their
-    auxiliary copies (a ``aux`` name segment), which the teacher, an encoder of the clean branch, does not have."""
-    return "aux" in name.split(".")
-
-
-def clean_branch_name(name: str) -> str:
-    """``rename`` for ``ema_update`` with such a student: a clean copy's name without its ``clean`` segment, which is
-    the plain encoder's name (as ``clean_state_dict`` maps checkpoints)."""
-    return ".".join(part for part in name.split(".") if part != "clean")
-
-
-@torch.no_grad()
-def ema_update(
-    teacher: nn.Module,
-    student: nn.Module,
-    decay: float,
-    skip: Callable[[str], bool] | None = None,
-    rename: Callable[[str], str] | None = None,
-) -> None:
-    """``teacher <- decay * teacher + (1 - decay) * student``, in place, for every parameter; buffers (running
-    statistics) are copied from the student.
-
-    Entries pair by name: the student's ``name`` is the teacher's ``rename(name)`` (default: the same name). Student
-    entries for which ``skip(name)`` is true are left out (e.g. ``branch_aux_entry``: the plug-in's auxiliary norms).
-    Every other entry of either module must have a partner of the same shape, else a ValueError names it: a teacher
-    entry without a student partner would silently stop following the student."""
-    if not 0 <= decay <= 1:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    skip = skip or (lambda name: False)
-    rename = rename or (lambda name: name)
-    for kind, teacher_entries, student_entries in (
-        ("parameter", dict(teacher.named_parameters()), student.named_parameters()),
-        ("buffer", dict(teacher.named_buffers()), student.named_buffers()),
-    ):
-        pairs = {}
-        for name, value in student_entries:
-            if skip(name):
-                continue
-            target = rename(name)
-            if target not in teacher_entries:
-                raise ValueError(
-                    f"student {kind} {name!r} has no teacher {kind} {target!r}; pass skip= to leave it out"
-                )
-            pairs[target] = value
-        missing = sorted(set(teacher_entries) - set(pairs))
-        if missing:
-            raise ValueError(f"teacher {kind} {missing[0]!r} has no student partner ({len(missing)} such entries)")
-        for target, value in pairs.items():
-            mine = teacher_entries[target]
-            if mine.shape != value.shape:
-                raise ValueError(
-                    f"teacher {kind} {target!r} is {tuple(mine.shape)}, the student's {tuple(value.shape)}"
-                )
-            if kind == "buffer" or not mine.is_floating_point():
-                mine.copy_(value)
-            else:
-                mine.lerp_(value.to(mine.dtype), 1 - decay)
-
-
-class ConvLayer(nn.Module):
-    """One decoder layer on a token grid (B, C_in, h, w) -> (B, C_out, h, w): a grouped ``kernel`` x ``kernel``
-    convolution (same padding), a layer norm over channels without affine parameters (eps 1e-5), GELU, and the
-    layer's input added back when ``C_in == C_out``."""
-
-    def __init__(self, in_dim: int, out_dim: int, kernel: int, groups: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2, groups=groups)
-        self.residual = in_dim == out_dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x)
-        y = F.gelu(F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2]).permute(0, 3, 1, 2))
-        return x + y if self.residual else y
-
-
-class Data2Vec2Decoder(nn.Module):
-    """data2vec 2.0's convolutional decoder for images.
-
-    Student token features (B, P + K, D_enc) (P prefix tokens, dropped) and keep indices (B, K) -> predictions
-    (B, N, D_target) at every position of the (h, w) patch grid. The K visible tokens are scattered into the grid;
-    the masked positions get ``N(0, mask_noise_std^2)`` noise (zeros with 0), no learned token and no positions, as
-    in the released code (the convolutions see where a token sits). The grid (B, D_enc, h, w), row-major as the
-    patches, goes through ``depth`` ``ConvLayer``s of ``decoder_dim`` channels (the first adds no residual when
-    ``D_enc != decoder_dim``) and a linear projection to ``target_dim`` (default ``D_enc``). Without ``keep`` the
-    latent already holds all N tokens (a mask-token encoding). Released image config (ViT-B): 6 layers, kernel 3,
-    16 groups, 768 channels, noise std 0.01. ``set_grid`` follows progressive resolution; the weights do not depend
-    on the grid.
+    Args:
+        num_masks: M, masked views per image (paper: 16; ``clone_batch`` of the released config).
+        mask_ratio: fraction of patches hidden in each view (paper: 0.8).
+        top_k: teacher blocks averaged into the targets, the last ones (paper: 10 of ViT-B's 12); at most the depth.
+        target_tensor: ``ffn``, each block's feed-forward output before its last residual (the paper's), or
+            ``block``, the block's output (``MaskedViT.forward_blocks``).
+        decoder_dim: channels of the decoder's convolutions (paper: 768).
+        decoder_depth: convolution layers of the decoder (paper: 6).
+        decoder_kernel: odd kernel side of those convolutions (paper: 3).
+        decoder_groups: convolution groups; divides ``decoder_dim`` and the encoder's width (paper: 16).
+        mask_noise_std: std of the noise the decoder puts at masked positions (paper: 0.01).
+        ema_start: teacher EMA decay at the first update (paper: 0.9998).
+        ema_end: decay from ``ema_anneal_steps`` updates on (paper: 0.99999).
+        ema_anneal_steps: updates over which the decay rises linearly (paper: 100,000).
+        cls_weight: weight of the class-token loss (paper: 0.01), on its sum over the step's B * M views, as the
+            released code scales it (``cls_loss``'s docstring); 0 turns it off. Needs an encoder with a class token.
     """
 
     def __init__(
         self,
-        embed_dim: int,
-        grid_size: tuple[int, int],
-        num_prefix_tokens: int = 1,
-        decoder_dim: int = 768,
-        depth: int = 6,
-        kernel: int = 3,
-        groups: int = 16,
-        target_dim: int | None = None,
-        mask_noise_std: float = 0.01,
+        num_masks: PositiveInt = 16,
+        mask_ratio: OpenUnitInterval = 0.8,
+        top_k: PositiveInt = 10,
+        target_tensor: TargetTensor = "ffn",
+        decoder_dim: PositiveInt = 768,
+        decoder_depth: PositiveInt = 6,
+        decoder_kernel: PositiveInt = 3,
+        decoder_groups: PositiveInt = 16,
+        mask_noise_std: NonNegativeFloat = 0.01,
+        ema_start: ClosedUnitInterval = 0.9998,
+        ema_end: ClosedUnitInterval = 0.99999,
+        ema_anneal_steps: PositiveInt = 100_000,
+        cls_weight: NonNegativeFloat = 0.01,
     ) -> None:
-        super().__init__()
-        require_positive(embed_dim=embed_dim, decoder_dim=decoder_dim, depth=depth, kernel=kernel, groups=groups)
-        require_non_negative(num_prefix_tokens=num_prefix_tokens, mask_noise_std=mask_noise_std)
-        if kernel % 2 == 0:
-            raise ValueError(f"kernel {kernel} must be odd (same padding keeps the grid), e.g. {kernel + 1}")
-        if embed_dim % groups or decoder_dim % groups:
-            raise ValueError(f"groups {groups} must divide embed_dim {embed_dim} and decoder_dim {decoder_dim}")
-        self.num_prefix_tokens, self.mask_noise_std = num_prefix_tokens, mask_noise_std
-        self.grid_size = tuple(grid_size)
-        dims = [embed_dim] + [decoder_dim] * depth
-        self.layers = nn.Sequential(
-            *[ConvLayer(a, b, kernel, groups) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        require_positive(num_masks=num_masks, top_k=top_k, decoder_dim=decoder_dim, decoder_depth=decoder_depth)
+        require_positive(decoder_groups=decoder_groups, ema_anneal_steps=ema_anneal_steps)
+        require_between(0, 1, "()", mask_ratio=mask_ratio)
+        require_between(0, 1, "[]", ema_start=ema_start, ema_end=ema_end)
+        require_non_negative(mask_noise_std=mask_noise_std, cls_weight=cls_weight)
+        require_choice(TargetTensor, target_tensor=target_tensor)
+        require(decoder_kernel > 0 and decoder_kernel % 2 == 1, "decoder_kernel", decoder_kernel, "odd (e.g. 3)")
+        require(decoder_dim % decoder_groups == 0, "decoder_dim", decoder_dim, f"a multiple of {decoder_groups}")
+        self.num_masks, self.mask_ratio, self.top_k, self.target_tensor = num_masks, mask_ratio, top_k, target_tensor
+        self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
+        self.decoder_kernel, self.decoder_groups, self.mask_noise_std = decoder_kernel, decoder_groups, mask_noise_std
+        self.ema_start, self.ema_end, self.ema_anneal_steps = ema_start, ema_end, ema_anneal_steps
+        self.cls_weight = cls_weight
+        self.updates = 0  # teacher updates done: the EMA schedule's position, kept in checkpoints
+
+    # ---- what the host builds -------------------------------------------------------------------------
+    def make_decoder(self, encoder: MaskedViT) -> nn.Module:
+        depth = len(encoder.vit.blocks)
+        require(self.top_k <= depth, "top_k", self.top_k, f"at most the encoder's depth {depth}")
+        has_cls = getattr(encoder.vit, "cls_token", None) is not None
+        require(has_cls or self.cls_weight == 0, "cls_weight", self.cls_weight, "0 for an encoder without class token")
+        return Data2Vec2Decoder(
+            encoder.embed_dim,
+            encoder.grid_size,
+            encoder.num_prefix_tokens,
+            self.decoder_dim,
+            self.decoder_depth,
+            self.decoder_kernel,
+            self.decoder_groups,
+            mask_noise_std=self.mask_noise_std,
         )
-        self.proj = nn.Linear(decoder_dim, target_dim or embed_dim)
 
-    def set_grid(self, grid_size: tuple[int, int]) -> None:
-        """Decode a patch grid of ``grid_size`` from now on (progressive resolution)."""
-        self.grid_size = tuple(grid_size)
+    def make_modules(self, encoder: MaskedViT) -> dict[str, nn.Module]:
+        """The teacher: a copy of the encoder (as loaded, before the plug-in's branch norms), without gradient."""
+        return {"teacher": copy.deepcopy(encoder).requires_grad_(False)}
 
-    def forward(self, latent: Tensor, keep: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        tokens = latent[:, self.num_prefix_tokens :]
-        (h, w), (b, k, d) = self.grid_size, tokens.shape
-        if keep is None:
-            if k != h * w:
-                raise ValueError(f"{k} tokens without keep indices do not fill the {h}x{w} grid ({h * w} patches)")
-            full = tokens
-        else:
-            if keep.shape != (b, k):
-                raise ValueError(f"keep is {tuple(keep.shape)}, expected ({b}, {k}) for {k} visible tokens")
-            if self.mask_noise_std > 0:
-                noise = torch.randn(b, h * w, d, generator=generator, device=tokens.device, dtype=tokens.dtype)
-                full = noise * self.mask_noise_std
-            else:
-                full = tokens.new_zeros(b, h * w, d)
-            full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), tokens)
-        fmap = self.layers(full.transpose(1, 2).reshape(b, d, h, w))
-        return self.proj(fmap.flatten(2).transpose(1, 2))
+    # ---- masks and passes -------------------------------------------------------------------------------
+    def sample_mask(self, encoder: MaskedViT, batch: int, device: torch.device, generator=None) -> MultiMask:
+        """``num_masks`` uniform random masks per image, then the decoder's noise seed, all from ``generator``."""
+        keep, mask = random_masking(batch * self.num_masks, encoder.num_patches, self.mask_ratio, device, generator)
+        source = device if generator is None else generator.device
+        seed = int(torch.randint(2**62, (1,), device=source, generator=generator))
+        views = (batch, self.num_masks)
+        return MultiMask(mask.unflatten(0, views), keep.unflatten(0, views), seed)
 
+    def full_view(self, encoder: MaskedViT, batch: int, device: torch.device) -> MultiMask:
+        """One view per image that hides nothing: patches (B, 1, N) zeros, keep (B, 1, N)."""
+        n = encoder.num_patches
+        keep = torch.arange(n, device=device).expand(batch, 1, n)
+        return MultiMask(torch.zeros(batch, 1, n, device=device), keep)
 
-def regression_loss(pred: Tensor, target: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
-    """L2 regression of the teacher's targets at the masked positions: pred, target (B, N, D), mask (B, N) 1 = masked
-    -> a scalar (fp32), the mean over masked positions of ``scale * sum_d (pred - target)^2``.
+    def complement(self, encoder: MaskedViT, mask: Mask) -> MultiMask:
+        """Each view's complement: the patches it hides, and only those, visible."""
+        hidden = encoder.num_patches - mask.keep.shape[-1]  # the same count for every view
+        keep = mask.patches.argsort(dim=-1, descending=True, stable=True)[..., :hidden].sort(dim=-1).values
+        return MultiMask(1 - mask.patches, keep, mask.noise_seed)
 
-    ``scale`` defaults to ``1 / sqrt(D)``, as the released code (``loss_scale: null``); the loss per masked token
-    summed over channels and averaged over masked tokens is how its criterion normalises (by the masked-token count).
-    With M masks per image pass the repeated targets (``repeat_for_masks``) and the (B * M, N) masks."""
-    if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must be one (B, N, D) shape")
-    if mask.shape != pred.shape[:2]:
-        raise ValueError(f"mask is {tuple(mask.shape)}, expected {tuple(pred.shape[:2])} (1 = masked)")
-    scale = 1 / math.sqrt(pred.shape[-1]) if scale is None else scale
-    per_token = (pred.float() - target.float()).square().sum(dim=-1) * scale
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+    def encode(self, encoder: MaskedViT, images: Tensor, mask: Mask) -> Tensor:
+        """Images (B, C, H, W) under V views (B, V, ...) -> (B, V, P + K, D): each image repeated V times."""
+        b, v = mask.keep.shape[:2]
+        latent = encoder.forward_visible(repeat_for_masks(images, v), mask.keep.flatten(0, 1))
+        return latent.unflatten(0, (b, v))
 
+    def decode(self, decoder: nn.Module, latent: Tensor, mask: Mask) -> Tensor:
+        """(B, M, P + K, D) -> (B, M, P + N, D): the P prefix-token outputs, then the decoder's N predictions, the
+        masked positions' noise drawn from ``mask.noise_seed``."""
+        noise = generator_for(latent.device).manual_seed(mask.noise_seed)
+        pred = decoder(latent.flatten(0, 1), mask.keep.flatten(0, 1), noise).unflatten(0, latent.shape[:2])
+        prefix = latent[:, :, : decoder.num_prefix_tokens]
+        return torch.cat([prefix.to(pred.dtype), pred], dim=2)
 
-def cls_loss(cls_pred: Tensor, targets: Tensor, scale: float | None = None) -> Tensor:
-    """The class-token loss: the student's class token (B, D) regresses the mean over tokens of its image's targets
-    (B, N, D) -> a scalar (fp32), the mean over samples of ``scale * sum_d (pred - mean target)^2``, ``scale``
-    defaulting to ``1 / sqrt(D)``. The released image config's weight 0.01 multiplies a sum over the B * M rows of a
-    GPU's batch (its criterion scales the term by the masked-token count that the gradient is later divided by), so
-    by our reading it amounts to a weight of ``0.01 * B * M`` (B per GPU: 16 * 16 there) on this mean."""
-    if targets.dim() != 3 or cls_pred.shape != (targets.shape[0], targets.shape[2]):
-        raise ValueError(
-            f"cls_pred {tuple(cls_pred.shape)} must be (B, D) for targets (B, N, D) {tuple(targets.shape)}"
-        )
-    scale = 1 / math.sqrt(cls_pred.shape[-1]) if scale is None else scale
-    return ((cls_pred.float() - targets.float().mean(dim=1)).square().sum(dim=-1) * scale).mean()
+    def attack_features(self, host: Host, images: Tensor, view: Mask) -> Tensor:
+        """The student's final tokens of images (B, C, H, W) under the V views of ``view``, concatenated per image
+        along the tokens: (B, V * (P + K), D), so that a per-image distance averages over the views."""
+        return self.encode(host.encoder, images, view).flatten(1, 2)
+
+    # ---- targets and loss ---------------------------------------------------------------------------------
+    def targets(self, host: Host, images: Tensor, perturbed: Perturbed | None = None) -> Tensor:
+        """The teacher's targets (B, N, D) fp32 of the unmasked images (B, C, H, W), in eval mode and without
+        gradient (``encode_targets``); for the plug-in's x_a the teacher's features of x_a (``perturbed`` unused)."""
+        teacher = host.modules["teacher"]
+        mode = teacher.training
+        teacher.eval()
+        try:
+            return encode_targets(teacher, images, self.top_k, self.target_tensor)
+        finally:
+            teacher.train(mode)
+
+    def loss(self, pred: Tensor, targets: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+        """``regression_loss`` of the N predictions of each of the B * M views against its image's targets (B, N, D)
+        at its masked positions, plus ``cls_weight`` times the sum over the views of the class-token loss."""
+        b, m = mask.patches.shape[:2]
+        rows, shared = pred.flatten(0, 1), repeat_for_masks(targets, m)
+        loss = regression_loss(rows[:, encoder.num_prefix_tokens :], shared, mask.patches.flatten(0, 1))
+        if self.cls_weight > 0:
+            loss = loss + self.cls_weight * b * m * cls_loss(rows[:, 0], shared)
+        return loss
+
+    def to_image(self, pred: Tensor, images: Tensor, mask: Mask, encoder: MaskedViT) -> Tensor:
+        """The images with the patches the first of their M masks hides in grey (0.5): the predictions are teacher
+        features, which have no picture."""
+        first = Mask(mask.patches[:, 0])
+        return paste(images, torch.full_like(images, 0.5), first, encoder)
+
+    # ---- per-step hook and checkpoint state -----------------------------------------------------------------
+    def after_optimizer_step(self, host: Host, progress: Progress) -> None:
+        """The teacher's EMA update toward the student's clean parameters (buffers copied), decay by ``ema_decay``."""
+        decay = ema_decay(self.updates, self.ema_anneal_steps, self.ema_start, self.ema_end)
+        ema_update(host.modules["teacher"], host.encoder, decay, skip=branch_aux_entry, rename=clean_branch_name)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]

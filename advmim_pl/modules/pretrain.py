@@ -299,7 +299,8 @@ class PretrainModule(BaseModule):
     def visuals(self, step: HostStep, plugin_images: dict[str, Tensor]) -> dict[str, Tensor]:
         """Image grids: clean, masked, reconstruction, and the plug-in's (adversarial, amplified perturbation)."""
         x, mask, encoder = step.images, step.mask, self.encoder
-        pixel_mask = upsample_mask(mask.patches, encoder.grid_size, encoder.patch_size)
+        first = mask.patches.reshape(x.shape[0], -1, encoder.num_patches)[:, 0]  # of a multi-mask host's M masks
+        pixel_mask = upsample_mask(first, encoder.grid_size, encoder.patch_size)
         reconstruction = self.method.to_image(step.pred.detach(), x, mask, encoder)
         visuals = {"clean": x, "masked": x * (1 - pixel_mask), "reconstruction": reconstruction, **plugin_images}
         return {k: v.detach() for k, v in visuals.items()}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmim_pl.mim.data2vec2 import (
+from advmim_pl.mim.data2vec2_parts import (
     ConvLayer,
     Data2Vec2Decoder,
     branch_aux_entry,

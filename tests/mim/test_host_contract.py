@@ -115,7 +115,15 @@ class EMATeacher(MIMMethod):
 HOSTS = hosts()  # after EMATeacher: the shipped hosts, a host added to advmim_pl.mim, and the toy
 # constructor arguments that size a host for the micro ViT (2 blocks, 64 wide, 32-px grey images, 4-px patches), set
 # when a host takes them; a new host whose defaults do not fit names its small values here
-SMALL = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4, "mask_patch_size": 8, "cell_size": 2}
+SMALL = {
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 4,
+    "mask_patch_size": 8,
+    "cell_size": 2,
+    "top_k": 2,
+    "num_masks": 2,
+}
 EPS = 8 / 255
 
 
