@@ -297,9 +297,10 @@ class PretrainModule(BaseModule):
         return bool(n) and isinstance(self.logger, TensorBoardLogger) and self.trainer.global_step % n == 0
 
     def visuals(self, step: HostStep, plugin_images: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Image grids: clean, masked, reconstruction, and the plug-in's (adversarial, amplified perturbation)."""
+        """Image grids: clean, masked, reconstruction, and the plug-in's (adversarial, amplified perturbation). A host
+        with several masks per image (patches (B, M, N)) shows its images under the first."""
         x, mask, encoder = step.images, step.mask, self.encoder
-        first = mask.patches.reshape(x.shape[0], -1, encoder.num_patches)[:, 0]  # of a multi-mask host's M masks
+        first = mask.patches.reshape(x.shape[0], -1, encoder.num_patches)[:, 0]
         pixel_mask = upsample_mask(first, encoder.grid_size, encoder.patch_size)
         reconstruction = self.method.to_image(step.pred.detach(), x, mask, encoder)
         visuals = {"clean": x, "masked": x * (1 - pixel_mask), "reconstruction": reconstruction, **plugin_images}

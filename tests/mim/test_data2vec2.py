@@ -413,11 +413,15 @@ def test_the_step_loss_is_the_per_view_regression_plus_the_summed_class_token_lo
     torch.testing.assert_close(step.loss.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_with_the_plugin_one_adversarial_image_and_one_teacher_pass_per_image_serve_its_views(images):
+@pytest.mark.parametrize("attack_mask, views", [("none", 1), ("same", 3), ("complement", 3), ("independent", 3)])
+def test_with_the_plugin_one_adversarial_image_and_one_teacher_pass_per_image_serve_its_views(
+    attack_mask, views, images
+):
     """M = 3: the clean step encodes the 4 images' 12 views and the teacher the 4 images once; the plug-in crafts 4
-    x_a (attack passes of 4 images, one whole view each), the teacher encodes them once, the auxiliary pass all 12
-    views."""
+    x_a, its attack passes encoding 4 images under 1 whole view each (``none``) or 3 views each (the others), the
+    teacher encodes the x_a once, the auxiliary pass all 12 views; the attack's features hold the views' tokens."""
     module = host_module(num_masks=3).train()
+    module.plugin.attack_mask = attack_mask
     batches = {"teacher": [], "student": []}
     for name, encoder_ in (("teacher", module.host_modules["teacher"]), ("student", module.encoder)):
         encoder_.vit.patch_embed.register_forward_hook(lambda m, i, o, name=name: batches[name].append(len(i[0])))
@@ -427,8 +431,24 @@ def test_with_the_plugin_one_adversarial_image_and_one_teacher_pass_per_image_se
     assert batches == {"teacher": [4], "student": [12]}
     batches["teacher"].clear(), batches["student"].clear()
     out = module.plugin.step(StepContext(module.host(aux=True), step.images, step.mask, step.latent, visuals=True))
-    assert out.images["adversarial"].shape == x.shape and batches["teacher"] == [4]
-    assert len(batches["student"]) >= 3 and batches["student"] == [4] * (len(batches["student"]) - 1) + [12]
+    x_a = out.images["adversarial"]
+    assert x_a.shape == x.shape and 0 < (x_a - x).abs().max() <= 8 / 255 + 1e-6 and batches["teacher"] == [4]
+    passes = batches["student"]
+    assert len(passes) >= 3 and passes == [4 * views] * (len(passes) - 1) + [12]
+    view = module.plugin.attack_view(module.host(), x, step.mask, step.latent)[0]
+    shown = {"none": 64, "complement": 64 - 12}.get(attack_mask, 12)  # a view shows 12 of the 64 patches
+    features = module.host().attack_features(x, view)
+    assert view.keep.shape == (4, views, shown) and features.shape == (4, views * (1 + shown), 64)
+
+
+def test_the_complement_of_each_view_shows_exactly_the_patches_it_hides():
+    module = host_module(plugin=False, num_masks=3)
+    mask = module.host().sample_mask(2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    other = module.host().complement(mask)
+    assert torch.equal(other.patches, 1 - mask.patches) and other.keep.shape == (2, 3, 64 - 12)
+    for b in range(2):
+        for m in range(3):
+            assert torch.equal(other.keep[b, m], mask.patches[b, m].nonzero().flatten())
 
 
 def test_init_from_fills_the_teacher_with_the_loaded_encoder(tmp_path):
@@ -478,13 +498,15 @@ def test_bad_settings_are_one_clear_error(method, options, message):
         host_module(plugin=False, options=options, **method)
 
 
-def test_the_grid_greys_the_patches_the_first_view_hides(images):
+def test_the_grids_grey_or_hide_the_patches_the_first_view_hides(images):
     module = host_module(plugin=False)
     x = images(batch=2)
     step = module.host_step(x, torch.Generator().manual_seed(0))
     shown = module.method.to_image(step.pred, x, step.mask, module.encoder)
     hidden = step.mask.patches[:, 0].reshape(2, 1, 8, 8).repeat_interleave(4, 2).repeat_interleave(4, 3).bool()
     assert torch.equal(shown[hidden], torch.full_like(shown[hidden], 0.5)) and torch.equal(shown[~hidden], x[~hidden])
+    grids = module.visuals(step, {})  # the module's grids: the masked one under the first view too
+    assert torch.equal(grids["reconstruction"], shown) and torch.equal(grids["masked"], x * ~hidden)
 
 
 @pytest.mark.long
