@@ -74,21 +74,21 @@ class Data2Vec2(MIMMethod):
     whole image, B passes per PGD step), the step's M masks (or their complements, or M fresh ones) otherwise
     (B * M passes per PGD step). ``Perturbed`` changes nothing: the teacher's features of x_a are the targets.
 
-    Args:
-        num_masks: M, masked views per image (paper: 16; ``clone_batch`` of the released config).
-        mask_ratio: fraction of patches hidden in each view (paper: 0.8).
-        top_k: teacher blocks averaged into the targets, the last ones (paper: 10 of ViT-B's 12); at most the depth.
-        target_tensor: ``ffn``, each block's feed-forward output before its last residual (the paper's), or
+    Args (released: the value of the authors' ViT-B image config, ``base_images_only_task.yaml``):
+        num_masks: M, masked views per image (released: 16; ``clone_batch`` of the released config).
+        mask_ratio: fraction of patches hidden in each view (released: 0.8).
+        top_k: teacher blocks averaged into the targets, the last ones (released: 10 of ViT-B's 12); at most the depth.
+        target_tensor: ``ffn``, each block's feed-forward output before its last residual (the released config's), or
             ``block``, the block's output (``MaskedViT.forward_blocks``).
-        decoder_dim: channels of the decoder's convolutions (paper: 768).
-        decoder_depth: convolution layers of the decoder (paper: 6).
-        decoder_kernel: odd kernel side of those convolutions (paper: 3).
-        decoder_groups: convolution groups; divides ``decoder_dim`` and the encoder's width (paper: 16).
-        mask_noise_std: std of the noise the decoder puts at masked positions (paper: 0.01).
-        ema_start: teacher EMA decay at the first update (paper: 0.9998).
-        ema_end: decay from ``ema_anneal_steps`` updates on (paper: 0.99999).
-        ema_anneal_steps: updates over which the decay rises linearly (paper: 100,000).
-        cls_weight: weight of the class-token loss (paper: 0.01), on its sum over the step's B * M views, as the
+        decoder_dim: channels of the decoder's convolutions (released: 768).
+        decoder_depth: convolution layers of the decoder (released: 6).
+        decoder_kernel: odd kernel side of those convolutions (released: 3).
+        decoder_groups: convolution groups; divides ``decoder_dim`` and the encoder's width (released: 16).
+        mask_noise_std: std of the noise the decoder puts at masked positions (released: 0.01).
+        ema_start: teacher EMA decay at the first update (released: 0.9998).
+        ema_end: decay from ``ema_anneal_steps`` updates on (released: 0.99999).
+        ema_anneal_steps: updates over which the decay rises linearly (released: 100,000).
+        cls_weight: weight of the class-token loss (released: 0.01), on its sum over the step's B * M views, as the
             released code scales it (``cls_loss``'s docstring); 0 turns it off. Needs an encoder with a class token.
     """
 
