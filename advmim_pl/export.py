@@ -33,15 +33,26 @@ def model_args(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in timm_kwargs(hparams).items() if k != "model_name"}
 
 
-def project_metadata(hparams: dict[str, Any]) -> dict[str, Any]:
+def project_metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """What this project reads back from an export besides the weights: the create-model arguments, the pixel
-    normalisation and the pre-training method's class name (MAE / SimMIM, for the pooling)."""
+    normalisation, the pre-training method's class name (MAE / SimMIM, for the pooling) and the resolution it was
+    trained at (``training_resolution``)."""
+    hparams = checkpoint["hyper_parameters"]
     return {
         "timm_kwargs": timm_kwargs(hparams),
         "mean": list(hparams["mean"]),
         "std": list(hparams["std"]),
         "method": method_name(hparams),
+        "resolution": training_resolution(checkpoint),
     }
+
+
+def training_resolution(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The side the encoder is exported at, ``final`` (its ``img_size``: the last epochs' side under progressive
+    resolution), and the data module's progressive-resolution schedule that led there (``{"class_path",
+    "init_args"}``), or None when every epoch trained at ``final``."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    return {"final": checkpoint["hyper_parameters"]["img_size"], "schedule": data.get("resolution")}
 
 
 def read_pretraining(ckpt_path: str | Path) -> dict[str, Any]:
@@ -88,10 +99,7 @@ def export_encoder(ckpt_path: str | Path, output: str | Path) -> Path:
     checkpoint = read_pretraining(ckpt_path)
     state = clean_encoder(checkpoint).state_dict()
     # safetensors metadata maps str to str: the lists and dicts as JSON
-    metadata = {
-        k: v if isinstance(v, str) else json.dumps(v)
-        for k, v in project_metadata(checkpoint["hyper_parameters"]).items()
-    }
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in project_metadata(checkpoint).items()}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(output), metadata=metadata)
@@ -126,7 +134,7 @@ def write_folder(checkpoint: dict[str, Any], ckpt_path: Path, folder: Path, load
     save_for_hf(
         model,
         str(folder),
-        model_config={"advmim": project_metadata(hparams)},
+        model_config={"advmim": project_metadata(checkpoint)},
         model_args=model_args(hparams),
         safe_serialization=True,
     )
@@ -171,6 +179,14 @@ def push_encoder(ckpt_path: str | Path, repo_id: str, public: bool = False, revi
     return Pushed(str(getattr(commit, "commit_url", commit)), private, revision)
 
 
+def progressive_note(schedule: dict[str, Any] | None) -> str:
+    """The card's note on a progressive-resolution schedule (its class and arguments), or "" without one."""
+    if schedule is None:
+        return ""
+    name = schedule["class_path"].rpartition(".")[2]
+    return f"; trained with progressive resolution ({name} {schedule['init_args']}), exported at the final side"
+
+
 def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Module, load_name: str) -> dict[str, Any]:
     """The model card of an exported encoder, as ``render_card`` takes it: the method (and the attack's
     settings when the plug-in was on), the pre-training options, the data, how long it trained, and the
@@ -187,7 +203,8 @@ def model_card(checkpoint: dict[str, Any], ckpt_path: Path, model: torch.nn.Modu
         details["Plug-in"] = plugin_settings(checkpoint) or "not recorded in the checkpoint"
     details |= {
         "Params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "Image size": f"{size} x {size}, {chans} channel{'s' if chans > 1 else ''}, {hparams['patch_size']}-px patches",
+        "Image size": f"{size} x {size}, {chans} channel{'s' if chans > 1 else ''}, {hparams['patch_size']}-px patches"
+        + progressive_note(training_resolution(checkpoint)["schedule"]),
         "Pixel normalisation": f"[0, 1] images, mean {list(hparams['mean'])}, std {list(hparams['std'])}",
         "Data": data_description(checkpoint),
         "Training": training_length(checkpoint),

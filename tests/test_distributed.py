@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from advmim_pl.adversarial import AEMIM
 from advmim_pl.data import SyntheticDataModule
+from advmim_pl.data.resolution import StepResolution
 from advmim_pl.data.resumable import TrainingOrder
 from tests.helpers.micro import loader, micro_module, trainer
 from tests.helpers.ranks import deadline
@@ -170,22 +171,27 @@ class Regression(L.LightningModule):
 
 
 class BatchLabels(L.Callback):
-    """Records the labels of every training batch, in the order they are trained."""
+    """Records the labels and the side of every training batch, in the order they are trained."""
 
     def __init__(self) -> None:
         self.labels: list[list[int]] = []
+        self.sides: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.labels.append(batch[1].tolist())
+        self.sides.append(batch[0].shape[-1])
 
 
-def fit_ddp(root: Path, module: L.LightningModule, device_resident: bool, ckpt_path: Path | None = None):
-    """2 epochs on IndexedSynthetic in this DDP process, with a checkpoint at every batch's end (``step/``) and at
-    every validation (``val/``). Returns (global step, final weights, this rank's trained labels)."""
+def fit_ddp(
+    root: Path, module: L.LightningModule, device_resident: bool, ckpt_path: Path | None = None, **data_options
+):
+    """2 epochs on IndexedSynthetic (with ``data_options``) in this DDP process, with a checkpoint at every batch's end
+    (``step/``) and at every validation (``val/``). Returns (global step, final weights, this rank's trained labels,
+    the sides of its batches)."""
     L.seed_everything(0, verbose=False)
     data = IndexedSynthetic(
         num_samples=RESUME_N, num_val_samples=8, batch_size=RESUME_BATCH, img_size=32, channels=1, num_workers=0,
-        pin_memory=False, device_resident=device_resident,
+        pin_memory=False, device_resident=device_resident, **data_options,
     )  # fmt: skip
     batches = BatchLabels()
     checkpoints = [
@@ -199,11 +205,20 @@ def fit_ddp(root: Path, module: L.LightningModule, device_resident: bool, ckpt_p
     ddp_trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     ddp_trainer.strategy.barrier()  # every checkpoint is on disk before any rank lists them
     weights = {name: value.detach().clone() for name, value in module.state_dict().items()}
-    return ddp_trainer.global_step, weights, batches.labels
+    return ddp_trainer.global_step, weights, batches.labels, batches.sides
 
 
 def adversarial_micro_module() -> L.LightningModule:
     return micro_module(plugin=AEMIM())
+
+
+PROGRESSIVE = StepResolution([[0, 24], [1, 32]])  # epoch 0 at 24 px, the switch to 32 px at step 2 (epoch 1's start)
+ARMS = {  # name: (module, data options)
+    "regression": (Regression, {}),
+    "mae": (micro_module, {}),
+    "mae_adv": (adversarial_micro_module, {}),
+    "mae_adv_progressive": (adversarial_micro_module, {"resolution": PROGRESSIVE}),
+}
 
 
 def resume_worker(rank: int, root: Path, port: int) -> None:
@@ -215,14 +230,14 @@ def resume_worker(rank: int, root: Path, port: int) -> None:
         NODE_RANK="0", LOCAL_RANK=str(rank), RANK=str(rank),
     )  # fmt: skip
     runs = {}
-    for name, make in (("regression", Regression), ("mae", micro_module), ("mae_adv", adversarial_micro_module)):
+    for name, (make, options) in ARMS.items():
         for device_resident in (False, True):
             straight = root / name / str(device_resident) / "straight"
-            runs[name, device_resident, "straight"] = fit_ddp(straight, make(), device_resident)
+            runs[name, device_resident, "straight"] = fit_ddp(straight, make(), device_resident, **options)
             for checkpoint in sorted(straight.rglob("*.ckpt")):
                 where = checkpoint.relative_to(straight).as_posix()
                 resumed = straight.parent / "resumed" / where
-                runs[name, device_resident, where] = fit_ddp(resumed, make(), device_resident, checkpoint)
+                runs[name, device_resident, where] = fit_ddp(resumed, make(), device_resident, checkpoint, **options)
     torch.save(runs, root / f"rank{rank}.pt")
 
 
@@ -235,21 +250,25 @@ def ddp_resumes(tmp_path_factory) -> list[dict]:
     return [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-def check_resumes(ranks: list[dict], name: str, device_resident: bool) -> None:
+def check_resumes(ranks: list[dict], name: str, device_resident: bool, sides: tuple[int, ...] = (32,) * 4) -> None:
+    """Every rank's run resumed from each checkpoint ends as the uninterrupted one, having trained the batches it had
+    left, at the ``sides`` of the uninterrupted run's 4 steps."""
     checkpoints = {"step/step=1.ckpt", "step/step=2.ckpt", "step/step=3.ckpt", "step/step=4.ckpt",
                    "val/step=2.ckpt", "val/step=4.ckpt"}  # fmt: skip
     for rank, runs in enumerate(ranks):
-        step, weights, labels = runs[name, device_resident, "straight"]
+        step, weights, labels, trained_sides = runs[name, device_resident, "straight"]
+        assert trained_sides == list(sides), f"rank {rank}"
         # each rank trained its own share of TrainingOrder, not a share of a share
         order = TrainingOrder(RESUME_N, RESUME_BATCH, seed=0, rank=rank, world_size=WORLD, position=lambda: (0, 0))
         assert step == 4 and labels == order.batches(0).tolist() + order.batches(1).tolist()
         resumed = {where for (n, d, where) in runs if (n, d) == (name, device_resident) and where != "straight"}
         assert resumed == checkpoints
         for where in sorted(checkpoints):
-            resumed_step, resumed_weights, resumed_labels = runs[name, device_resident, where]
+            resumed_step, resumed_weights, resumed_labels, resumed_sides = runs[name, device_resident, where]
             done = int(where.split("=")[1].removesuffix(".ckpt"))
             assert resumed_step == step, f"rank {rank}, resumed from {where}"
             assert resumed_labels == labels[done:], f"rank {rank}, resumed from {where}"
+            assert resumed_sides == list(sides[done:]), f"rank {rank}, resumed from {where}"
             for key, value in weights.items():
                 assert torch.equal(resumed_weights[key], value), f"rank {rank}, resumed from {where}: {key}"
 
@@ -264,3 +283,9 @@ def test_ddp_pretraining_resumed_from_any_checkpoint_ends_as_the_uninterrupted_o
     """Each rank's mask and attack generators are saved (rank 0 writes the checkpoint), so each resumes its own."""
     check_resumes(ddp_resumes, "mae", device_resident)
     check_resumes(ddp_resumes, "mae_adv", device_resident)
+
+
+@pytest.mark.parametrize("device_resident", [False, True], ids=["dataloader", "device_resident"])
+def test_ddp_progressive_resolution_resumes_exactly_across_the_switch(ddp_resumes, device_resident):
+    """Checkpoints mid-epoch at 24 px (step 1), at the switch (step 2 and its validation) and after it at 32 px."""
+    check_resumes(ddp_resumes, "mae_adv_progressive", device_resident, sides=(24, 24, 32, 32))

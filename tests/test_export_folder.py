@@ -100,8 +100,10 @@ def test_folder_holds_the_metadata_of_the_single_file(trained, tmp_path):
         "mean": json.loads(meta["mean"]),
         "std": json.loads(meta["std"]),
         "method": meta["method"],
+        "resolution": json.loads(meta["resolution"]),
     }
     assert advmim["method"] == "MAE" and advmim["mean"] == [0.5] and advmim["std"] == [0.25]
+    assert advmim["resolution"] == {"final": 32, "schedule": None}  # trained at one side
 
 
 @pytest.mark.parametrize(

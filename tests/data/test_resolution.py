@@ -1,6 +1,7 @@
 """Progressive resolution: the schedules, every data path cropping each epoch to its size (persistent workers
 included), the model following the size with unchanged parameters, and exact resumes across a switch."""
 
+import json
 import logging
 
 import lightning as L
@@ -175,6 +176,18 @@ def test_the_progressive_quickstart_switches_lowers_the_loss_and_resumes_exactly
     loss = [e.value for e in events.Scalars("train/loss")]
     assert len(loss) == 12 and sum(loss[-3:]) < 0.75 * sum(loss[:3]), loss
     checkpoints = tmp_path / "runs" / "advmim" / "version_0" / "checkpoints"
+    # the export is at the final side, and its metadata and card say how it got there
+    run(["export", str(checkpoints / "last.ckpt"), "encoder"])
+    config = json.loads((tmp_path / "encoder" / "config.json").read_text())
+    assert config["advmim"]["resolution"] == {
+        "final": 32,
+        "schedule": {
+            "class_path": "advmim_pl.data.resolution.StepResolution",
+            "init_args": {"steps": [[0, 24], [1, 32]], "scale_batch": False},
+        },
+    }
+    assert config["pretrained_cfg"]["input_size"] == [1, 32, 32]
+    assert "trained with progressive resolution (StepResolution" in (tmp_path / "encoder" / "README.md").read_text()
     final = straight.model.state_dict()
     for step in (4, 7):  # mid-epoch at 24 px; the first step after the switch to 32 px
         (ckpt,) = checkpoints.glob(f"*-{step}.ckpt")
