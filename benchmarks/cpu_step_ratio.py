@@ -7,7 +7,7 @@ ratio within 1.15x of it. The configurations are timed in interleaved rounds and
 so slow drifts of a shared machine hit all of them alike. Default: ViT-Tiny (192-d, 12 blocks), 32 px,
 patch 4, batch 64, bf16 autocast.
 
-    python benchmarks/cpu_step_ratio.py [--steps 8] [--rounds 2] [--configs "MAE,MAE+AEMIM PGD-1"]
+    python benchmarks/cpu_step_ratio.py [--steps 8] [--rounds 2] [--configs "MAE,MAE+AEMIM PGD-1"] [--tag NAME]
 """
 
 import argparse
@@ -43,13 +43,14 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON figures")
+    parser.add_argument("--tag", default="", help="appended to the file name (cpu_step_ratio_TAG.json)")
     args = parser.parse_args()
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     names = sorted({*names, *(CONFIGS[n][3] for n in names if CONFIGS[n][3])}, key=list(CONFIGS).index)
-    args.accelerator, args.decoder_dim, args.decoder_depth, args.decoder_heads = "cpu", None, None, None
+    args.accelerator, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.depth = "cpu", *[None] * 4
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     decoder = decoder_choice(args)
 
@@ -72,7 +73,7 @@ def main() -> None:
         ratios = f"{time_x:>8.2f}{flop_x:>8.2f}{over:>8.2f} {'ok' if over <= TARGET else 'OVER'}" if base else ""
         print(f"{name:<32}{1000 * seconds[name]:>9.1f}{flops[name] / 1e9:>8.2f}{ratios}")
     print(f"target: time x within {TARGET}x of FLOP x (the arithmetic floor)")
-    out = Path(args.out) / "cpu_step_ratio.json"
+    out = Path(args.out) / f"cpu_step_ratio{'_' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": description, "commit": commit, "args": vars(args), "results": rows}, indent=2))
     print(f"wrote {out}")

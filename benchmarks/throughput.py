@@ -40,7 +40,7 @@ from provenance import device_info, git_commit
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from advmim_pl.adversarial import AEMIM, Attacker
-from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.mim import MAE, Data2Vec2, SimMIM
 from advmim_pl.modules import PretrainModule
 from advmim_pl.report import ReportTable, write_report
 from advmim_pl.sharding import FSDP2Strategy
@@ -58,6 +58,8 @@ CONFIGS = {
     "SimMIM+AEMIM PGD-1": ("simmim", 1, "none", "SimMIM"),
     "SimMIM+AEMIM PGD-1 complement": ("simmim", 1, "complement", "SimMIM"),
     "SimMIM+AEMIM PGD-1 same": ("simmim", 1, "same", "SimMIM"),
+    "data2vec 2.0": ("data2vec2", None, None, None),
+    "data2vec 2.0+AEMIM PGD-1": ("data2vec2", 1, "none", "data2vec 2.0"),
 }
 CHECKPOINTED = " +ckpt"  # suffix of a configuration name: the same with activation checkpointing
 SHARDED = " +fsdp2"  # suffix of a configuration name: the same under FSDP2 on the one device
@@ -169,8 +171,12 @@ def encoder_kwargs(args: argparse.Namespace) -> dict:
 
 
 def make_method(kind: str, args: argparse.Namespace, decoder: dict):
+    """The host of a configuration. data2vec 2.0 has its released ViT-B settings (16 masks per image, top 10 blocks,
+    6 convolutions) with the MAE decoder's width for the encoder (``decoder_choice``)."""
     if kind == "mae":
         return MAE(decoder_dim=decoder["dim"], decoder_depth=decoder["depth"], decoder_heads=decoder["heads"])
+    if kind == "data2vec2":
+        return Data2Vec2(top_k=min(10, args.depth or 12), decoder_dim=decoder["dim"])  # timm's ViTs: 12 blocks and up
     return SimMIM(mask_patch_size=simmim_mask_patch(args))
 
 
