@@ -52,7 +52,8 @@ from advmim_pl.reliability import (
 TRUST_VARIABLE = "ADVMIM_TRUSTED_CHECKPOINTS"
 LIGHTNING_METADATA = "meta.pt"  # Lightning's non-tensor part of a sharded folder (torch's own is ".metadata")
 DCP_METADATA = ".metadata"
-FORWARD_METHODS = ("forward_tokens", "forward_visible", "forward_masked")  # MaskedViT's entry points besides forward
+# MaskedViT's entry points besides forward
+FORWARD_METHODS = ("forward_tokens", "forward_visible", "forward_masked", "forward_blocks")
 KEPT_KEYS = ("hyper_parameters", "datamodule_hyper_parameters", "epoch", "global_step", "init_from")
 
 
@@ -106,8 +107,9 @@ def shard_parts(parts: Iterable[nn.Module | None], mesh: DeviceMesh, policy: Mix
     ``blocks`` sequence, the encoder's under ``vit``), one for an encoder's patch embedding (whose input is cast to
     the policy's dtype) and one for its final norm (which read-outs call after the encoder pass), then the part
     itself, which holds the rest (embeddings, tokens, heads) and is a root of its own: the LightningModule runs no
-    forward. A ``MaskedViT``'s ``forward_tokens``, ``forward_visible`` and ``forward_masked`` gather its parameters
-    like ``forward``. Returns the number of units. ``mesh``: a one-dimensional data-parallel mesh."""
+    forward. A ``MaskedViT``'s ``forward_tokens``, ``forward_visible``, ``forward_masked`` and ``forward_blocks``
+    gather its parameters like ``forward``. Returns the number of units. ``mesh``: a one-dimensional data-parallel
+    mesh."""
     options: dict[str, Any] = {"mesh": mesh} | ({"mp_policy": policy} if policy is not None else {})
     units = 0
     for part in parts:
@@ -121,7 +123,10 @@ def shard_parts(parts: Iterable[nn.Module | None], mesh: DeviceMesh, policy: Mix
             if any(True for _ in child.parameters()):
                 fully_shard(child, **options)
                 units += 1
-        fully_shard(part, **options)
+        # a part without a backward (a frozen teacher) reshards after each forward, as its blocks do; a root would
+        # otherwise keep its gathered parameters until a backward that never comes
+        frozen = not any(p.requires_grad for p in part.parameters())
+        fully_shard(part, **options, **({"reshard_after_forward": True} if frozen else {}))
         units += 1
         for name in FORWARD_METHODS:
             if hasattr(part, name):

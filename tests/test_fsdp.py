@@ -1,5 +1,6 @@
-"""FSDP2 (``advmim_pl.sharding.FSDP2Strategy``) on 2 CPU processes (gloo), against DDP: MAE and SimMIM, both with
-the AEMIM plug-in (its branch norms and its PGD input gradient through sharded blocks), and MAE with the bf16
+"""FSDP2 (``advmim_pl.sharding.FSDP2Strategy``) on 2 CPU processes (gloo), against DDP: MAE, SimMIM and data2vec 2.0
+(its EMA teacher sharded like the student), each with the AEMIM plug-in (its branch norms and its PGD input gradient
+through sharded blocks), and MAE with the bf16
 policy of GPU runs forced onto the CPU.
 
 All Trainer runs happen in one launch of 2 processes, started as torchrun would (``fsdp_runs``); each rank saves
@@ -55,7 +56,7 @@ STEPS, SAVED_AT = 4, 2  # 64 images, 8 per rank and step: 4 steps in one epoch; 
 BLOCK_WEIGHT = "encoder.vit.blocks.0.attn.qkv.weight"
 AUX_NORM = "encoder.vit.blocks.0.norm1.aux.weight"  # a BranchNorm's auxiliary copy, inside a sharded block
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32: DDP all-reduces, FSDP2 reduce-scatters; summation orders may differ
-HOSTS = ("mae", "simmim")
+HOSTS = ("mae", "simmim", "data2vec2")  # data2vec 2.0: its EMA teacher sharded like the student
 LAUNCH_DEADLINE = 300  # the launch takes ~35 s alone on 2 cores; slower beside the other -n 2 worker
 
 
@@ -188,8 +189,8 @@ def worker(rank: int, root: Path, port: int, public: Path) -> None:
             del os.environ[TRUST_VARIABLE]
             # ... and public timm weights
             out["init_public"] = fit(runs / "init", FSDP2Strategy(), method, steps=1, init_from=str(public))[0]
-        else:  # SimMIM: resumed from a copy elsewhere, in a folder the user trusts
-            elsewhere = root / "elsewhere_simmim" / saved.name
+        else:  # SimMIM, data2vec 2.0: resumed from a copy elsewhere, in a folder the user trusts
+            elsewhere = root / f"elsewhere_{method}" / saved.name
             if rank == 0:
                 shutil.copytree(saved, elsewhere)
             fsdp_trainer.strategy.barrier()

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from advmim_pl.data import BundledSampleDataModule
-from advmim_pl.mim import MAE, SimMIM
+from advmim_pl.mim import MAE, Data2Vec2, SimMIM
 from advmim_pl.modules import PretrainModule
 
 MICRO_VIT = dict(depth=2, embed_dim=64, num_heads=4)  # timm kwargs of the micro ViT body
@@ -38,8 +38,12 @@ SAMPLE = {**ENCODER, "mean": (0.2860,), "std": (0.3530,)}  # the micro encoder w
 
 def micro_module(method: str = "mae", seed: int = 0, **overrides) -> PretrainModule:
     torch.manual_seed(seed)
-    host = MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4) if method == "mae" else SimMIM(mask_patch_size=8)
-    return PretrainModule(method=host, **{**MICRO, **overrides})
+    hosts = {
+        "mae": lambda: MAE(decoder_dim=32, decoder_depth=1, decoder_heads=4),
+        "simmim": lambda: SimMIM(mask_patch_size=8),
+        "data2vec2": lambda: Data2Vec2(num_masks=2, top_k=2, decoder_dim=32, decoder_depth=1),
+    }
+    return PretrainModule(method=hosts[method](), **{**MICRO, **overrides})
 
 
 def save(module: L.LightningModule, path) -> str:
