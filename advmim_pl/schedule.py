@@ -3,6 +3,7 @@
 import math
 from dataclasses import dataclass
 
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 
@@ -93,20 +94,20 @@ def total_steps(trainer, steps: EpochSteps | None) -> int:
     return max(min(limits), 1)
 
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token")
+# full parameter names without weight decay besides 1-d ones (fnmatch, as timm matches them): positions and tokens
+NO_DECAY_PATTERNS = ("*pos_embed", "*cls_token", "*reg_token", "*mask_token")
 
 
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two parameter groups: decayed weights, and biases/norms (ndim <= 1), positions and tokens with 0.
+    """Two parameter groups: decayed weights, then biases/norms (ndim <= 1), positions and tokens
+    (``NO_DECAY_PATTERNS``) with 0, split by timm's ``param_groups_weight_decay``.
 
     Frozen parameters (``requires_grad=False``) are left out.
     """
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # a unit decay: timm puts every parameter in one no-decay group when the decay is 0, and the groups stay two
+    groups = param_groups_weight_decay(module, 1.0, no_weight_decay_list=NO_DECAY_PATTERNS)
+    params = {group["weight_decay"]: group["params"] for group in groups}
+    return [
+        {"params": params.get(1.0, []), "weight_decay": weight_decay},
+        {"params": params.get(0.0, []), "weight_decay": 0.0},
+    ]

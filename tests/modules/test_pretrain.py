@@ -189,6 +189,25 @@ def test_lr_is_scaled_by_total_batch_and_follows_warmup_cosine():
     assert any(p is simmim.encoder.mask_token for p in weight_decay_groups(simmim, 0.05)[1]["params"])
 
 
+@pytest.mark.parametrize("method", ["mae", "simmim", "data2vec2"])
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+def test_weight_decay_groups_split_the_names_as_the_hand_written_rule_did(method, weight_decay):
+    """timm's param_groups_weight_decay with the name patterns gives the groups of the rule this project wrote by
+    hand before: no decay for 1-d parameters and for names ending in a position or token name; frozen ones (a
+    fixed sin-cos table, an EMA teacher) in neither group."""
+    module = micro_module(method, plugin=AEMIM())
+    names = {id(p): n for n, p in module.named_parameters()}
+    tokens = ("pos_embed", "cls_token", "reg_token", "mask_token")
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    want_no_decay = sorted(n for n, p in trainable if p.ndim <= 1 or n.split(".")[-1] in tokens)
+    want_decay = sorted(n for n, p in trainable if n not in want_no_decay)
+    decay, no_decay = weight_decay_groups(module, weight_decay)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (weight_decay, 0.0)
+    assert sorted(names[id(p)] for p in decay["params"]) == want_decay
+    assert sorted(names[id(p)] for p in no_decay["params"]) == want_no_decay
+    assert want_decay and any(n.split(".")[-1] in tokens for n in want_no_decay)  # work for the patterns too
+
+
 def test_validation_batches_get_adversarial_targets_when_asked():
     module = micro_module(plugin=recording_plugin(dict(eps=8 / 255), on_validation=True))
     attack = module.plugin.attack
