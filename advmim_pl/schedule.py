@@ -94,8 +94,9 @@ def total_steps(trainer, steps: EpochSteps | None) -> int:
     return max(min(limits), 1)
 
 
-# full parameter names without weight decay besides 1-d ones (fnmatch, as timm matches them): positions and tokens
-NO_DECAY_PATTERNS = ("*pos_embed", "*cls_token", "*reg_token", "*mask_token")
+# full parameter names without weight decay besides 1-d ones (fnmatch, as timm matches them): positions and tokens;
+# pre-training and fine-tuning share them
+NO_DECAY_PATTERNS = ("*pos_embed", "*cls_token", "*reg_token", "*dist_token", "*mask_token")
 
 
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:

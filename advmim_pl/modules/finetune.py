@@ -21,6 +21,7 @@ from advmim_pl.models.branch_norm import Branch, add_branch_norms, branch
 from advmim_pl.models.pooling import GlobalPool
 from advmim_pl.modules.classifier import ClassifierModule, soft_cross_entropy
 from advmim_pl.pixel_stats import IMAGENET_MEAN, IMAGENET_STD
+from advmim_pl.schedule import NO_DECAY_PATTERNS
 
 
 def finetune_adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -239,10 +240,9 @@ class FinetuneModule(ClassifierModule):
     def param_groups(self) -> list[dict]:
         """Layer-wise lr decay groups (each with ``lr_scale``); no weight decay on 1-d parameters, positions
         and tokens."""
-        no_decay = [f"encoder.vit.{name}" for name in ("pos_embed", "cls_token", "reg_token", "dist_token")]
         return param_groups_layer_decay(
             self,
             weight_decay=self.hparams.weight_decay,
-            no_weight_decay_list=no_decay,
+            no_weight_decay_list=NO_DECAY_PATTERNS,
             layer_decay=self.hparams.layer_decay,
         )

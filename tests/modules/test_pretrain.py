@@ -197,7 +197,7 @@ def test_weight_decay_groups_split_the_names_as_the_hand_written_rule_did(method
     fixed sin-cos table, an EMA teacher) in neither group."""
     module = micro_module(method, plugin=AEMIM())
     names = {id(p): n for n, p in module.named_parameters()}
-    tokens = ("pos_embed", "cls_token", "reg_token", "mask_token")
+    tokens = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     want_no_decay = sorted(n for n, p in trainable if p.ndim <= 1 or n.split(".")[-1] in tokens)
     want_decay = sorted(n for n, p in trainable if n not in want_no_decay)
