@@ -56,6 +56,12 @@ def limited(batches: int, limit: int | float) -> int:
     return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
 
+def scales_batch(data) -> bool:
+    """Whether the data module ``data`` has a resolution schedule that scales the batch with the side (its epochs
+    then differ in length)."""
+    return getattr(getattr(data, "resolution", None), "scale_batch", False)
+
+
 def epoch_steps(trainer) -> EpochSteps:
     """Optimizer steps per epoch of ``trainer``'s fit (Lightning steps on the last batch of a short accumulation).
     A map-style data module gives each epoch's batches itself (``batches_per_epoch``, which a resolution schedule
@@ -66,8 +72,7 @@ def epoch_steps(trainer) -> EpochSteps:
 
     data = trainer.datamodule
     if hasattr(data, "batches_per_epoch"):
-        schedule = data.resolution
-        horizon = schedule.horizon if schedule is not None and schedule.scale_batch else 0
+        horizon = data.resolution.horizon if scales_batch(data) else 0
         # from the horizon on, every epoch has the last one's steps
         steps = [steps_of(limited(data.batches_per_epoch(e), trainer.limit_train_batches)) for e in range(horizon + 1)]
         return EpochSteps(tuple(steps[:-1]), steps[-1])

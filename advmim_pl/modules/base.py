@@ -16,7 +16,7 @@ from advmim_pl.adversarial.attacker import Attacker
 from advmim_pl.adversarial.callback import AdversarialTargetCallback
 from advmim_pl.checks import plain
 from advmim_pl.modules.clipping import UnscaledClipping
-from advmim_pl.schedule import EpochSteps, epoch_steps, limited, scaled_lr, total_steps, warmup_cosine
+from advmim_pl.schedule import EpochSteps, epoch_steps, limited, scaled_lr, scales_batch, total_steps, warmup_cosine
 
 
 class BaseModule(UnscaledClipping, L.LightningModule):
@@ -71,7 +71,7 @@ class BaseModule(UnscaledClipping, L.LightningModule):
         except RuntimeError:  # loaded outside a fit (load_from_checkpoint): nothing resumes
             return
         data = trainer.datamodule
-        if not getattr(getattr(data, "resolution", None), "scale_batch", False):
+        if not scales_batch(data):
             return
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         epochs, batches = fit.get("epoch_progress", {}).get("current", {}), fit.get("epoch_loop.batch_progress", {})
@@ -101,8 +101,7 @@ class BaseModule(UnscaledClipping, L.LightningModule):
             group["lr"] = lr * group.setdefault("lr_scale", 1.0)
         optimizer = self.optimizer_factory(groups)
         self._epoch_steps = None  # a new fit: its loader may differ from the last one's
-        scaled = getattr(getattr(trainer.datamodule, "resolution", None), "scale_batch", False)
-        total = total_steps(trainer, self.epoch_steps() if scaled else None)
+        total = total_steps(trainer, self.epoch_steps() if scales_batch(trainer.datamodule) else None)
         min_ratio = hp.min_lr / lr if lr > 0 else 0.0
 
         def factor(step: int) -> float:
